@@ -1,0 +1,44 @@
+"""merge-core: token-merging ops with ToMe's API, CUDA-aware, plus model adapters.
+
+Switch from ToMe by changing the import: ``import merge_core as tome``; ``merge_core.patch.timm(model)``.
+"""
+
+from . import patch
+from .attention import proportional_attention
+from .binned import binned_soft_matching
+from .matching import (
+    bipartite_soft_matching,
+    do_nothing,
+    kth_bipartite_soft_matching,
+    random_bipartite_soft_matching,
+)
+from .merge import (
+    merge_source,
+    merge_source_index,
+    merge_wavg,
+    pool_by_source,
+    source_index_to_dense,
+    unmerge_to_source,
+)
+from .penalty import TokenPairPenalty
+from .schedule import keep_rate_schedule, parse_r, tokens_per_layer
+
+__all__ = [
+    "patch",
+    "bipartite_soft_matching",
+    "binned_soft_matching",
+    "do_nothing",
+    "keep_rate_schedule",
+    "kth_bipartite_soft_matching",
+    "merge_source",
+    "merge_source_index",
+    "merge_wavg",
+    "parse_r",
+    "pool_by_source",
+    "proportional_attention",
+    "random_bipartite_soft_matching",
+    "source_index_to_dense",
+    "tokens_per_layer",
+    "TokenPairPenalty",
+    "unmerge_to_source",
+]

@@ -1,0 +1,120 @@
+"""Proportional attention: softmax(q k^T * scale + log(size) on the key axis) v.
+
+Backends, all exact (they agree in tests and with attention over duplicated keys):
+
+- ``reference``: explicit softmax in the input dtype (ToMe's formulation).
+- ``sdpa``: ``F.scaled_dot_product_attention`` with a float mask (B, 1, 1, N); memory-efficient
+  kernels accept it, FlashAttention does not.
+- ``flex``: FlexAttention with a key-bias ``score_mod`` (compiled on CUDA; eager elsewhere).
+- ``channel``: one extra head channel carries log(size): q' = [q, 1/scale], k' = [k, log s], so
+  scale * q'.k' = scale * q.k + log s, padded to a multiple of 8 so FlashAttention still runs.
+- ``auto``: the fastest measured backend for the device (see ``choose_backend``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "reference", "sdpa", "flex", "channel")
+
+
+def _key_bias(size: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """log(size) as (B, N) in q's dtype; accepts size shaped (B, N) or (B, N, 1)."""
+    if size.dim() == q.dim() - 1 and size.shape[-1] == 1:
+        size = size[..., 0]
+    if size.shape != (q.shape[0], q.shape[-2]):
+        raise ValueError(
+            f"size must have shape (B, N) or (B, N, 1) with B={q.shape[0]}, N={q.shape[-2]}, got {tuple(size.shape)}"
+        )
+    return size.log().to(q.dtype)
+
+
+def reference_attention(q, k, v, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    attn = (q * scale) @ k.transpose(-2, -1) + bias[:, None, None, :]
+    return attn.softmax(dim=-1) @ v
+
+
+def sdpa_attention(q, k, v, bias: torch.Tensor, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    mask = bias[:, None, None, :].expand(q.shape[0], 1, q.shape[-2], k.shape[-2])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+
+
+def channel_attention(q, k, v, bias: torch.Tensor, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    head_dim = q.shape[-1]
+    pad = 8
+    extra_q = q.new_zeros(*q.shape[:-1], pad)
+    extra_q[..., 0] = 1.0 / scale
+    extra_k = k.new_zeros(*k.shape[:-1], pad)
+    extra_k[..., 0] = bias[:, None, :]
+    q2 = torch.cat([q, extra_q], dim=-1)
+    k2 = torch.cat([k, extra_k], dim=-1)
+    v2 = F.pad(v, (0, pad))
+    out = F.scaled_dot_product_attention(q2, k2, v2, dropout_p=dropout_p, scale=scale)
+    return out[..., :head_dim]
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_attention_bias(q, k, v, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + bias[b, kv_idx]
+
+    fn = _compiled_flex() if q.is_cuda else flex_attention
+    return fn(q, k, v, score_mod=score_mod, scale=scale)
+
+
+def choose_backend(q: torch.Tensor, dropout_p: float = 0.0) -> str:
+    """Pick the backend measured fastest for this input (see README benchmarks)."""
+    if not q.is_cuda:
+        return "sdpa"
+    if dropout_p > 0.0:
+        return "sdpa"
+    return "channel" if q.shape[-1] + 8 <= 256 else "sdpa"
+
+
+def proportional_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    size: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention over (B, H, N, D) with ``log(size)`` added to every key's logit.
+
+    ``size=None`` means every token has size 1 (plain SDPA).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if q.dim() != 4 or k.shape != q.shape[:-1] + (k.shape[-1],) or k.shape[-1] != q.shape[-1]:
+        raise ValueError(
+            f"q, k must be (B, H, N, D) with equal shapes, got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if size is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    bias = _key_bias(size, q)
+    if backend == "auto":
+        backend = choose_backend(q, dropout_p)
+    if backend == "reference":
+        return reference_attention(q, k, v, bias, scale)
+    if backend == "flex":
+        if dropout_p:
+            raise ValueError("dropout_p must be 0 with backend='flex'")
+        return flex_attention_bias(q, k, v, bias, scale)
+    if backend == "channel":
+        return channel_attention(q, k, v, bias, scale, dropout_p)
+    return sdpa_attention(q, k, v, bias, scale, dropout_p)
