@@ -1,0 +1,45 @@
+"""Loop-based re-statement of ToMe's bipartite soft matching, written from the paper and code reading.
+
+Independent of merge_core's vectorised code: used as the oracle for equality tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def reference_merge(
+    metric: torch.Tensor, x: torch.Tensor, r: int, class_token: bool, distill_token: bool
+) -> tuple[torch.Tensor, torch.Tensor, list[list[list[int]]]]:
+    """Returns (merged x by size-weighted mean, sizes, groups of original indices) for (B, N, C) inputs."""
+    batch, n, _ = metric.shape
+    protected = int(class_token) + int(distill_token)
+    r = min(r, (n - protected) // 2)
+    outs, sizes, all_groups = [], [], []
+    for bi in range(batch):
+        m = metric[bi] / metric[bi].norm(dim=-1, keepdim=True)
+        a_ids = list(range(0, n, 2))
+        b_ids = list(range(1, n, 2))
+        best = []
+        for ai in a_ids:
+            if class_token and ai == 0:
+                best.append((float("-inf"), b_ids[0], ai))
+                continue
+            scores = [float("-inf") if (distill_token and bj == 1) else float(m[ai] @ m[bj]) for bj in b_ids]
+            top = max(range(len(b_ids)), key=lambda j: (scores[j], -j))
+            best.append((scores[top], b_ids[top], ai))
+        order = sorted(range(len(best)), key=lambda i: (-best[i][0], i))
+        merged_src = [best[i] for i in order[:r]]
+        unmerged = [best[i][2] for i in order[r:]]
+        if protected:
+            unmerged.sort()
+        groups = {bj: [bj] for bj in b_ids}
+        for _, bj, ai in merged_src:
+            groups[bj].append(ai)
+        ordered = [[ai] for ai in unmerged] + [sorted(groups[bj]) for bj in b_ids]
+        if distill_token:
+            ordered = [ordered[0], ordered[len(unmerged)]] + ordered[1 : len(unmerged)] + ordered[len(unmerged) + 1 :]
+        all_groups.append(ordered)
+        outs.append(torch.stack([x[bi, g].mean(0) for g in ordered]))
+        sizes.append(torch.tensor([[float(len(g))] for g in ordered]))
+    return torch.stack(outs), torch.stack(sizes), all_groups
