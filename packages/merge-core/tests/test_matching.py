@@ -2,9 +2,9 @@ import math
 
 import pytest
 import torch
+from reference_tome import reference_merge  # noqa: I001
 
 import merge_core as mc
-from reference_tome import reference_merge  # noqa: I001
 
 
 def _inputs(batch=3, n=17, c=8, seed=0, dtype=torch.float32):
