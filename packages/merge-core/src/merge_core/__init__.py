@@ -22,6 +22,7 @@ from .merge import (
 )
 from .penalty import TokenPairPenalty
 from .schedule import keep_rate_schedule, parse_r, tokens_per_layer
+from .visualize import make_visualization
 
 __all__ = [
     "patch",
@@ -30,6 +31,7 @@ __all__ = [
     "do_nothing",
     "keep_rate_schedule",
     "kth_bipartite_soft_matching",
+    "make_visualization",
     "merge_source",
     "merge_source_index",
     "merge_wavg",
