@@ -46,3 +46,9 @@ def test_bad_inputs():
         mc.proportional_attention(q, k, v, size[:, :4])
     with pytest.raises(ValueError, match="q, k must be"):
         mc.proportional_attention(q[0], k[0], v[0], size)
+
+
+def test_device_mismatch_is_named():
+    q, k, v, size = _qkv()
+    with pytest.raises(ValueError, match="size is on meta but q is on cpu"):
+        mc.proportional_attention(q, k, v, size.to("meta"))

@@ -22,7 +22,7 @@ from .merge import (
 )
 from .penalty import TokenPairPenalty
 from .schedule import keep_rate_schedule, parse_r, tokens_per_layer
-from .visualize import make_visualization
+from .vis import make_visualization
 
 __all__ = [
     "patch",

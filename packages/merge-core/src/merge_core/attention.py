@@ -103,6 +103,9 @@ def proportional_attention(
         raise ValueError(
             f"q, k must be (B, H, N, D) with equal shapes, got {tuple(q.shape)} and {tuple(k.shape)}"
         )
+    for name, tensor in (("k", k), ("v", v), ("size", size)):
+        if tensor is not None and tensor.device != q.device:
+            raise ValueError(f"{name} is on {tensor.device} but q is on {q.device}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if size is None:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
