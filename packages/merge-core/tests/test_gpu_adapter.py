@@ -1,0 +1,46 @@
+"""CUDA checks of the adapter and attention backends (run on the GPU machine; skipped in CI)."""
+
+import pytest
+import timm
+import torch
+
+import merge_core as mc
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_patched_vit_on_cuda(dtype):
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False).cuda().to(dtype).eval()
+    x = torch.randn(8, 3, 224, 224, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        expected = model(x)
+        mc.patch.timm(model, prop_attn=False)
+        model.r = 0
+        torch.testing.assert_close(model(x), expected)
+        model.r = 16
+        merged = model(x)
+    assert merged.shape == expected.shape and torch.isfinite(merged).all()
+    assert model._merge_info["size"].shape[1] == 197 - 12 * 16
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex", "channel"])
+def test_attention_backends_on_cuda(backend):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(4, 6, 101, 64, device="cuda", dtype=torch.float16, generator=g) for _ in range(3))
+    size = torch.randint(1, 6, (4, 101, 1), device="cuda", generator=g).half()
+    expected = mc.proportional_attention(q.float(), k.float(), v.float(), size.float(), backend="reference")
+    out = mc.proportional_attention(q, k, v, size, backend=backend)
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_matching_cuda_equals_cpu():
+    g = torch.Generator().manual_seed(0)
+    metric, x = torch.randn(16, 197, 64, generator=g), torch.randn(16, 197, 32, generator=g)
+    merge_cpu, _ = mc.bipartite_soft_matching(metric, 16, class_token=True)
+    merge_gpu, _ = mc.bipartite_soft_matching(metric.cuda(), 16, class_token=True)
+    cpu, size_cpu = mc.merge_wavg(merge_cpu, x)
+    gpu, size_gpu = mc.merge_wavg(merge_gpu, x.cuda())
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(size_gpu.cpu(), size_cpu)
