@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -20,6 +21,22 @@ from ._checks import check_count, check_same_tokens, check_tokens
 
 MergeFn = Callable[..., torch.Tensor]
 ScoreMod = Callable[[torch.Tensor], torch.Tensor]
+
+
+class MergePlan(NamedTuple):
+    """Indices of one bipartite matching, attached to its ``merge`` closure as ``merge.plan``.
+
+    ``merge_wavg`` hands it to the fused gather/scatter kernel (``merge_core.kernels``).
+    """
+
+    unm_idx: torch.Tensor
+    src_idx: torch.Tensor
+    dst_idx: torch.Tensor
+    protected_a: int
+    protected_b: int
+    r: int
+    shape: torch.Size
+    device: torch.device
 
 
 def do_nothing(x: torch.Tensor, mode: str | None = None) -> torch.Tensor:
@@ -133,6 +150,8 @@ def bipartite_soft_matching(
         out.scatter_(dim=-2, index=(2 * src_idx).expand(n, r, c), src=src)
         return out.reshape(*lead, t, c)
 
+    if not torch.compiler.is_compiling():  # under torch.compile the torch ops are traced and fused
+        merge.plan = MergePlan(unm_idx, src_idx, dst_idx, protected_a, protected_b, r, shape, device)
     return merge, unmerge
 
 

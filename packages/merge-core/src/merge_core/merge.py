@@ -11,6 +11,12 @@ def merge_wavg(
     merge: MergeFn, x: torch.Tensor, size: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted average merge, as ToMe: returns the merged ``x`` and the new ``size`` (..., N', 1)."""
+    plan = None if torch.compiler.is_compiling() else getattr(merge, "plan", None)
+    if plan is not None:
+        from . import kernels
+
+        if kernels.use_fused_merge(x, size):  # one fused gather/scatter launch (CUDA, Triton)
+            return kernels.fused_merge_wavg(plan, x, size)
     if size is None:
         size = torch.ones_like(x[..., 0, None])
     x = merge(x * size, mode="sum")

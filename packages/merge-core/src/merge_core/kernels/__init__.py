@@ -1,14 +1,131 @@
-"""Fused CUDA (Triton) kernels for the hot path; the torch ops in ``matching``/``merge`` are the reference."""
+"""Fused CUDA (Triton) kernels for the hot path; the torch ops in ``matching``/``merge`` are the reference.
+
+Two kernels (``merge_core.kernels._triton``):
+
+- ``fused_best_destinations``: normalise + cosine similarity + per-row max/argmax in one pass, tiled over
+  the destination tokens, so the (Na x Nb) score matrix is never written to memory. Protected rows/columns
+  and ``TokenPairPenalty`` score mods are applied inside the kernel. Tie-break: the *first* destination
+  index with the maximal score (what ``torch.max(dim=-1)`` documents). The kernel rounds the normalised
+  metric and the score to the input dtype at the same points as the torch path, so in practice it picks
+  the same pairs; on exact near-ties (a difference in the last fp16/bf16 bit caused by a different
+  accumulation order) the two paths may pick different but equally scored destinations.
+- ``fused_merge_wavg``: the gather/scatter of ToMe's size-weighted merge in one launch: unmerged tokens are
+  copied to their output slot, each destination sums its own and its sources' ``size * x`` (fp32
+  accumulation) and divides once. Outputs equal the torch path within the input dtype's rounding (the
+  torch path rounds ``x * size`` and the partial sums to fp16/bf16; the kernel accumulates in fp32).
+
+Dispatch: ``auto`` (default) uses the kernels for CUDA tensors when Triton imports and we are not inside
+``torch.compile`` tracing (Inductor then fuses the torch reference itself). ``set_mode("never")`` or
+``MERGE_CORE_KERNELS=never`` forces the torch path; ``"always"`` also runs them on CPU tensors, which needs
+``TRITON_INTERPRET=1`` (set before the first kernel call) and is how the CPU tests exercise the kernels.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+
 import torch
+
+MODES = ("auto", "always", "never")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_METRIC_DIM = 512
+
+_mode = os.environ.get("MERGE_CORE_KERNELS", "auto")
+if _mode not in MODES:  # pragma: no cover - configuration error
+    raise ValueError(f"MERGE_CORE_KERNELS must be one of {MODES}, got {_mode!r}")
+
+
+def set_mode(mode: str) -> None:
+    """Choose when kernels run: ``auto`` (CUDA tensors), ``always`` (any device), ``never`` (torch only)."""
+    global _mode
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    _mode = mode
+
+
+def get_mode() -> str:
+    return _mode
+
+
+@contextlib.contextmanager
+def kernel_mode(mode: str) -> Iterator[None]:
+    """Context manager form of ``set_mode`` (restores the previous mode)."""
+    previous = _mode
+    set_mode(mode)
+    try:
+        yield
+    finally:
+        set_mode(previous)
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the environment
+        return False
+    return True
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
+
+
+def _device_ok(t: torch.Tensor) -> bool:
+    if _mode == "never" or _compiling():
+        return False
+    if _mode == "auto" and not t.is_cuda:
+        return False
+    return triton_available()
 
 
 def use_fused_match(a: torch.Tensor, score_mod: object | None) -> bool:
     """Whether ``best_destinations`` should take the fused kernel for these inputs."""
-    return False
+    if not _device_ok(a) or a.dtype not in _FLOAT_DTYPES or a.shape[-1] > MAX_METRIC_DIM:
+        return False
+    if score_mod is None:
+        return True
+    from ..penalty import TokenPairPenalty
+
+    return isinstance(score_mod, TokenPairPenalty) and score_mod.phi.device == a.device
 
 
-def fused_best_destinations(a, b, protected_a, protected_b, score_mod):  # pragma: no cover - see issue 3
-    raise NotImplementedError
+def fused_best_destinations(a, b, protected_a=0, protected_b=0, score_mod=None):
+    """(best_score, best_index) of every ``a`` row over ``b`` rows, without the score matrix in memory."""
+    from ._triton import best_destinations
+
+    return best_destinations(a, b, protected_a, protected_b, score_mod)
+
+
+def use_fused_merge(x: torch.Tensor, size: torch.Tensor | None) -> bool:
+    """Whether ``merge_wavg`` should take the fused gather/scatter kernel for these inputs."""
+    if not _device_ok(x) or x.dtype not in _FLOAT_DTYPES:
+        return False
+    if size is None:
+        return True
+    return size.dtype == x.dtype and size.device == x.device and size.shape == x.shape[:-1] + (1,)
+
+
+def fused_merge_wavg(plan, x: torch.Tensor, size: torch.Tensor | None):
+    """Size-weighted merge of ``x`` (and ``size``) with a bipartite ``MergePlan`` in one kernel launch."""
+    from ._triton import merge_wavg
+
+    return merge_wavg(plan, x, size)
+
+
+__all__ = [
+    "MODES",
+    "fused_best_destinations",
+    "fused_merge_wavg",
+    "get_mode",
+    "kernel_mode",
+    "set_mode",
+    "triton_available",
+    "use_fused_match",
+    "use_fused_merge",
+]

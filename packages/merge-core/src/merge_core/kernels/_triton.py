@@ -1,0 +1,321 @@
+"""Triton kernels (imported lazily: importing ``merge_core`` never imports Triton).
+
+Written for this package from the ToMe paper's description of bipartite soft matching; no ToMe code.
+Block sizes are fixed heuristics (no autotuning), so a fresh GPU machine compiles each kernel once
+per dtype and block configuration.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._checks import check_same_tokens
+
+_SCORE_MODS = {None: 0, "shifted": 1, "guide": 2}
+
+
+@triton.jit
+def _round(x, DTYPE: tl.constexpr):
+    """Round an fp32 value to the input dtype and back (mimics one torch op in that dtype)."""
+    return x.to(DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _normalised_rows(ptr, rows, rmask, ch, cmask, stride_n, DTYPE: tl.constexpr):
+    """Load rows (BLOCK, BLOCK_C) and divide them by their L2 norm, rounding like ``m / m.norm()``."""
+    x = tl.load(ptr + rows[:, None] * stride_n + ch[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+    x = x.to(tl.float32)
+    norm = _round(tl.sqrt_rn(tl.sum(x * x, axis=1)), DTYPE)
+    norm = tl.where(rmask, norm, 1.0)
+    return tl.math.div_rn(x, norm[:, None]).to(DTYPE)
+
+
+@triton.jit
+def _best_dst_kernel(
+    a_ptr,
+    b_ptr,
+    phi_ptr,
+    best_ptr,
+    idx_ptr,
+    Na,
+    Nb,
+    C,
+    stride_ab,
+    stride_an,
+    stride_bb,
+    stride_bn,
+    stride_phib,
+    protected_a,
+    protected_b,
+    alpha,
+    SCORE_MOD: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    DTYPE: tl.constexpr = a_ptr.dtype.element_ty
+    pid_m = tl.program_id(0)
+    bid = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < Na
+    ch = tl.arange(0, BLOCK_C)
+    cmask = ch < C
+    a_n = _normalised_rows(a_ptr + bid * stride_ab, rows, rmask, ch, cmask, stride_an, DTYPE)
+    if SCORE_MOD != 0:
+        phi_a = _round(tl.load(phi_ptr + bid * stride_phib + 2 * rows, mask=rmask, other=0.0).to(tl.float32), DTYPE)
+    best = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    best_idx = tl.zeros([BLOCK_M], tl.int32)
+    for n0 in range(0, Nb, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        nmask = cols < Nb
+        b_n = _normalised_rows(b_ptr + bid * stride_bb, cols, nmask, ch, cmask, stride_bn, DTYPE)
+        if DOT_F32:  # fp32 inputs, or bf16 under the CPU interpreter (its bf16 dot is broken)
+            s = tl.dot(a_n.to(tl.float32), tl.trans(b_n.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(a_n, tl.trans(b_n))
+        s = _round(s, DTYPE)  # torch's matmul returns scores in the input dtype
+        if SCORE_MOD != 0:
+            phi_b = tl.load(phi_ptr + bid * stride_phib + 2 * cols + 1, mask=nmask, other=0.0).to(tl.float32)
+            phi_max = tl.maximum(phi_a[:, None], _round(phi_b, DTYPE)[None, :])
+            keep = _round(1.0 - _round(alpha * phi_max, DTYPE), DTYPE)
+            if SCORE_MOD == 1:  # "shifted": (cos + 1) / 2 first
+                s = _round(_round(s + 1.0, DTYPE) * 0.5, DTYPE)
+            s = _round(s * keep, DTYPE)
+        blocked = (rows[:, None] < protected_a) | (cols[None, :] < protected_b) | (cols[None, :] >= Nb)
+        s = tl.where(blocked, float("-inf"), s)
+        m = tl.max(s, axis=1)
+        arg = tl.min(tl.where(s == m[:, None], cols[None, :], 2147483647), axis=1)
+        better = m > best  # strict: an earlier block keeps ties (first index wins)
+        best = tl.where(better, m, best)
+        best_idx = tl.where(better, arg, best_idx)
+    out = bid * Na + rows
+    tl.store(best_ptr + out, best.to(DTYPE), mask=rmask)
+    tl.store(idx_ptr + out, best_idx.to(tl.int64), mask=rmask)
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(n))
+
+
+def best_destinations(a, b, protected_a: int = 0, protected_b: int = 0, score_mod=None):
+    """Fused cosine matching: (best_score, best_index) for (B, Na, C) ``a`` against (B, Nb, C) ``b``."""
+    if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[2] != b.shape[2]:
+        raise ValueError(f"a, b must be (B, Na, C) and (B, Nb, C), got {tuple(a.shape)} and {tuple(b.shape)}")
+    if b.dtype != a.dtype or b.device != a.device:
+        raise ValueError(f"a, b must share dtype and device, got {a.dtype}/{a.device} and {b.dtype}/{b.device}")
+    batch, na, c = a.shape
+    nb = b.shape[1]
+    if a.stride(-1) != 1:
+        a = a.contiguous()
+    if b.stride(-1) != 1:
+        b = b.contiguous()
+    best = torch.empty(batch, na, device=a.device, dtype=a.dtype)
+    idx = torch.empty(batch, na, device=a.device, dtype=torch.int64)
+    if batch == 0 or na == 0:
+        return best, idx
+    if nb == 0:
+        return best.fill_(float("-inf")), idx.zero_()
+    phi, stride_phib, alpha, mode = a, 0, 0.0, 0
+    if score_mod is not None:
+        phi = score_mod.phi.reshape(-1, score_mod.phi.shape[-1])
+        if phi.shape[-1] != na + nb or (na - nb) not in (0, 1):
+            raise ValueError(f"phi must have one score per token (N={na + nb}), got shape {tuple(score_mod.phi.shape)}")
+        if phi.shape[0] not in (1, batch):
+            raise ValueError(f"phi must have batch 1 or {batch}, got shape {tuple(score_mod.phi.shape)}")
+        if phi.stride(-1) != 1:
+            phi = phi.contiguous()
+        stride_phib = phi.stride(0) if phi.shape[0] == batch else 0
+        alpha, mode = float(score_mod.alpha), _SCORE_MODS[score_mod.mode]
+    block_c = _pow2(c)
+    block = 64 if block_c <= 128 else 32
+    block_m = min(block, _pow2(na))
+    block_n = min(block, _pow2(nb))
+    grid = (triton.cdiv(na, block_m), batch)
+    _best_dst_kernel[grid](
+        a,
+        b,
+        phi,
+        best,
+        idx,
+        na,
+        nb,
+        c,
+        a.stride(0),
+        a.stride(1),
+        b.stride(0),
+        b.stride(1),
+        stride_phib,
+        protected_a,
+        protected_b,
+        alpha,
+        SCORE_MOD=mode,
+        DOT_F32=a.dtype == torch.float32 or (a.dtype == torch.bfloat16 and not a.is_cuda),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_C=block_c,
+        num_warps=4,
+    )
+    return best, idx
+
+
+@triton.jit
+def _merge_wavg_kernel(
+    x_ptr,
+    s_ptr,
+    unm_ptr,
+    src_ptr,
+    dst_ptr,
+    out_ptr,
+    out_s_ptr,
+    C,
+    U,
+    Tb,
+    R,
+    PB,
+    n_unm_blocks,
+    stride_xb,
+    stride_xt,
+    stride_sb,
+    stride_st,
+    stride_ub,
+    stride_ut,
+    stride_srcb,
+    stride_srct,
+    stride_dstb,
+    stride_dstt,
+    stride_ob,
+    stride_ot,
+    stride_osb,
+    HAS_SIZE: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """One program: BLOCK_ROWS output tokens x BLOCK_C channels of one batch row.
+
+    Output order (ToMe's): [protected pairs interleaved, unmerged a-tokens, destinations]. With
+    ``PB`` protected destinations, unmerged slot k goes to 2k (k < PB) or PB + k; destination d goes
+    to 2d + 1 (d < PB) or U + d.
+    """
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    bid = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = ch < C
+    x_base = x_ptr + bid * stride_xb
+    if pid < n_unm_blocks:
+        k = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        kmask = k < U
+        tok = 2 * tl.load(unm_ptr + bid * stride_ub + k * stride_ut, mask=kmask, other=0)
+        vals = tl.load(x_base + tok[:, None] * stride_xt + ch[None, :], mask=kmask[:, None] & cmask[None, :])
+        pos = tl.where(k < PB, 2 * k, PB + k)
+        tl.store(
+            out_ptr + bid * stride_ob + pos[:, None] * stride_ot + ch[None, :],
+            vals,
+            mask=kmask[:, None] & cmask[None, :],
+        )
+        if pid_c == 0:
+            if HAS_SIZE:
+                sz = tl.load(s_ptr + bid * stride_sb + tok * stride_st, mask=kmask, other=1.0)
+            else:
+                sz = tl.full([BLOCK_ROWS], 1.0, tl.float32)
+            tl.store(out_s_ptr + bid * stride_osb + pos, sz.to(DTYPE), mask=kmask)
+    else:
+        d = (pid - n_unm_blocks) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        dmask = d < Tb
+        tok = 2 * d + 1
+        if HAS_SIZE:
+            s_own = tl.load(s_ptr + bid * stride_sb + tok * stride_st, mask=dmask, other=1.0).to(tl.float32)
+        else:
+            s_own = tl.full([BLOCK_ROWS], 1.0, tl.float32)
+        xmask = dmask[:, None] & cmask[None, :]
+        acc = tl.load(x_base + tok[:, None] * stride_xt + ch[None, :], mask=xmask, other=0.0).to(tl.float32)
+        acc = acc * s_own[:, None]
+        s_acc = s_own
+        for r0 in range(0, R, BLOCK_R):
+            j = r0 + tl.arange(0, BLOCK_R)
+            jmask = j < R
+            dst = tl.load(dst_ptr + bid * stride_dstb + j * stride_dstt, mask=jmask, other=-1)
+            stok = 2 * tl.load(src_ptr + bid * stride_srcb + j * stride_srct, mask=jmask, other=0)
+            if HAS_SIZE:
+                s_src = tl.load(s_ptr + bid * stride_sb + stok * stride_st, mask=jmask, other=0.0).to(tl.float32)
+            else:
+                s_src = tl.where(jmask, 1.0, 0.0)
+            xs = tl.load(
+                x_base + stok[:, None] * stride_xt + ch[None, :], mask=jmask[:, None] & cmask[None, :], other=0.0
+            )
+            xs = xs.to(tl.float32) * s_src[:, None]
+            hit = d[:, None] == dst[None, :]
+            s_acc += tl.sum(tl.where(hit, s_src[None, :], 0.0), axis=1)
+            onehot = tl.where(hit, 1.0, 0.0)
+            if SPLIT:  # two 16-bit matmuls carry ~2x the mantissa: the sum stays fp32-accurate
+                hi = xs.to(DTYPE)
+                lo = (xs - hi.to(tl.float32)).to(DTYPE)
+                acc += tl.dot(onehot.to(DTYPE), hi)
+                acc += tl.dot(onehot.to(DTYPE), lo)
+            else:  # fp32, or bf16 under the CPU interpreter (its bf16 dot is broken)
+                acc += tl.dot(onehot, xs, input_precision="ieee")
+        pos = tl.where(d < PB, 2 * d + 1, U + d)
+        out = acc / s_acc[:, None]
+        tl.store(out_ptr + bid * stride_ob + pos[:, None] * stride_ot + ch[None, :], out.to(DTYPE), mask=xmask)
+        if pid_c == 0:
+            tl.store(out_s_ptr + bid * stride_osb + pos, s_acc.to(DTYPE), mask=dmask)
+
+
+def merge_wavg(plan, x: torch.Tensor, size: torch.Tensor | None):
+    """Fused ``merge_wavg`` for a bipartite matching plan: returns (merged x, merged size)."""
+    check_same_tokens(x, plan.shape, plan.device, "x")
+    lead, (t, c) = x.shape[:-2], x.shape[-2:]
+    x3 = x.reshape(-1, t, c)
+    if x3.stride(-1) != 1:
+        x3 = x3.contiguous()
+    n = x3.shape[0]
+    r, unm, src, dst = plan.r, plan.unm_idx, plan.src_idx, plan.dst_idx
+    u, tb = unm.shape[-2], t // 2
+    out = torch.empty(n, t - r, c, device=x.device, dtype=x.dtype)
+    out_size = torch.empty(n, t - r, device=x.device, dtype=x.dtype)
+    s2 = out_size if size is None else size.reshape(n, t)
+    block_c = min(128, _pow2(c))
+    block_rows = 64
+    n_unm_blocks = triton.cdiv(u, block_rows)
+    grid = (n, n_unm_blocks + triton.cdiv(tb, block_rows), triton.cdiv(c, block_c))
+    _merge_wavg_kernel[grid](
+        x3,
+        s2,
+        unm,
+        src,
+        dst,
+        out,
+        out_size,
+        c,
+        u,
+        tb,
+        r,
+        plan.protected_b,
+        n_unm_blocks,
+        x3.stride(0),
+        x3.stride(1),
+        s2.stride(0),
+        s2.stride(1),
+        unm.stride(0),
+        unm.stride(1),
+        src.stride(0),
+        src.stride(1),
+        dst.stride(0),
+        dst.stride(1),
+        out.stride(0),
+        out.stride(1),
+        out_size.stride(0),
+        HAS_SIZE=size is not None,
+        SPLIT=x.dtype == torch.float16 or (x.dtype == torch.bfloat16 and x.is_cuda),
+        BLOCK_ROWS=block_rows,
+        BLOCK_R=16 if r <= 16 else 32,
+        BLOCK_C=block_c,
+        num_warps=4,
+    )
+    return out.reshape(*lead, t - r, c), out_size.reshape(*lead, t - r, 1)
