@@ -1,0 +1,1 @@
+"""Data: CIFAR-100 loaders (guide: data/cifar100.py)."""

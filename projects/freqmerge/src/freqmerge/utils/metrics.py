@@ -1,0 +1,140 @@
+"""AverageMeter, accuracy(), compute_throughput(), GFLOPs and parameter counts.
+
+GFLOPs follow the guide's convention, which is really GMACs: ViT-S/16 at 224 is "4.61 GFLOPs" there,
+i.e. 4.6 G multiply-accumulates. ``count_gmacs`` uses ``torch.utils.flop_counter.FlopCounterMode``
+(which counts 2 FLOPs per MAC for matmuls/convolutions/attention) and divides by 2. Element-wise ops,
+softmax, norms, the FFTs of LFGM and the gathers/scatters of merging are not counted by torch's counter.
+
+Throughput: warm-up iterations first, then per-iteration timing (CUDA events on GPU, perf_counter on
+CPU) and the median iteration time; img/s = batch / median seconds.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+
+class AverageMeter:
+    """Running average of a scalar (weighted by batch size)."""
+
+    def __init__(self, name: str = "") -> None:
+        self.name = name
+        self.reset()
+
+    def reset(self) -> None:
+        self.val = 0.0
+        self.sum = 0.0
+        self.count = 0
+        self.avg = 0.0
+
+    def update(self, val: float, n: int = 1) -> None:
+        self.val = float(val)
+        self.sum += float(val) * n
+        self.count += n
+        self.avg = self.sum / max(self.count, 1)
+
+    def __repr__(self) -> str:
+        return f"AverageMeter({self.name}: avg={self.avg:.4f}, n={self.count})"
+
+
+def accuracy(output: torch.Tensor, target: torch.Tensor, topk: tuple[int, ...] = (1,)) -> list[float]:
+    """Top-k accuracies in percent for logits (B, C) and labels (B,)."""
+    maxk = min(max(topk), output.shape[1])
+    pred = output.topk(maxk, dim=1).indices.t()
+    correct = pred.eq(target.reshape(1, -1).expand_as(pred))
+    batch = max(target.shape[0], 1)
+    return [float(correct[: min(k, maxk)].reshape(-1).float().sum()) * 100.0 / batch for k in topk]
+
+
+def count_params(model: nn.Module) -> float:
+    """Parameters in millions."""
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+def count_flops(model: nn.Module, image_size: int, device: torch.device | str = "cpu", dtype=None) -> float:
+    """FLOPs (torch's counter, 2 per MAC) of one image's forward pass."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    param = next(model.parameters())
+    x = torch.randn(1, 3, image_size, image_size, device=device, dtype=dtype or param.dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    return float(counter.get_total_flops())
+
+
+def count_gmacs(model: nn.Module, image_size: int, device: torch.device | str = "cpu", dtype=None) -> float:
+    """The guide's "GFLOPs": giga multiply-accumulates per image (= torch FLOPs / 2 / 1e9)."""
+    return count_flops(model, image_size, device, dtype) / 2.0 / 1e9
+
+
+def _autocast(device: torch.device, amp: bool):
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def time_forward(
+    model: nn.Module,
+    batch: torch.Tensor,
+    warmup: int = 10,
+    iters: int = 30,
+    amp: bool = False,
+) -> list[float]:
+    """Seconds per forward pass for ``iters`` timed iterations after ``warmup`` untimed ones."""
+    device = batch.device
+    model.eval()
+    times: list[float] = []
+    with _autocast(device, amp):
+        for _ in range(max(warmup, 0)):
+            model(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            for _ in range(iters):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                model(batch)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1000.0)
+        else:
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                model(batch)
+                times.append(time.perf_counter() - t0)
+    return times
+
+
+def compute_throughput(
+    model: nn.Module,
+    batch_size: int = 64,
+    image_size: int = 224,
+    device: torch.device | str = "cpu",
+    warmup: int = 10,
+    iters: int = 30,
+    amp: bool = False,
+) -> dict[str, float]:
+    """Images per second of ``model`` on random inputs: {"img_s", "median_ms", "batch_size", "iters"}."""
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+    device = torch.device(device)
+    batch = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    times = time_forward(model, batch, warmup=warmup, iters=iters, amp=amp)
+    median = statistics.median(times)
+    return {
+        "img_s": batch_size / median,
+        "median_ms": median * 1000.0,
+        "batch_size": batch_size,
+        "warmup": warmup,
+        "iters": iters,
+    }
