@@ -50,3 +50,13 @@ def test_keep_rate_errors(kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         mc.keep_rate_schedule(**args)
+
+
+def test_tome_module_layout_is_available():
+    from merge_core.merge import bipartite_soft_matching, merge_source, merge_wavg
+    from merge_core.utils import parse_r
+    from merge_core.vis import make_visualization
+
+    assert parse_r is mc.parse_r and bipartite_soft_matching is mc.bipartite_soft_matching
+    assert merge_wavg is mc.merge_wavg and merge_source is mc.merge_source
+    assert make_visualization is mc.make_visualization

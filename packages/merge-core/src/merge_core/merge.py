@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from .matching import MergeFn
+from .matching import (  # noqa: F401  (re-exported: ToMe's ``tome.merge`` module holds the matchers too)
+    MergeFn,
+    bipartite_soft_matching,
+    kth_bipartite_soft_matching,
+    random_bipartite_soft_matching,
+)
 
 
 def merge_wavg(
