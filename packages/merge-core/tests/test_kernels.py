@@ -15,6 +15,13 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    try:  # torch may have imported triton already; newer triton reads the flag through ``knobs``
+        import triton
+
+        if os.environ["TRITON_INTERPRET"] == "1" and hasattr(triton, "knobs"):
+            triton.knobs.runtime.interpret = True
+    except Exception:  # pragma: no cover - no triton: the kernel tests skip below
+        pass
 
 import merge_core as mc  # noqa: E402
 from merge_core import kernels  # noqa: E402
@@ -237,3 +244,44 @@ def test_gpu_patched_vit_fast_path_matches_torch_path():
     with torch.no_grad():
         ref, out = _both(model, x)
     torch.testing.assert_close(out.float(), ref.float(), atol=5e-2, rtol=5e-2)
+
+
+# ---------------------------------------------------------------- log(size) channel inside the qkv projection
+
+
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_qkv_channel_attention_equals_reference(qkv_bias):
+    timm = pytest.importorskip("timm")
+    from merge_core.kernels.prop_attn import qkv_channel_attention, qkv_channel_supported
+
+    torch.manual_seed(6)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2, qkv_bias=qkv_bias
+    )
+    attn = model.blocks[0].attn
+    assert qkv_channel_supported(attn) and not qkv_channel_supported(attn, dropout_p=0.1)
+    x = torch.randn(3, 11, 64, requires_grad=True)
+    size = torch.randint(1, 5, (3, 11, 1)).float()
+    out, k = qkv_channel_attention(attn, x, size)
+    q_ref, k_ref, v_ref = attn.qkv(x).reshape(3, 11, 3, 2, 32).permute(2, 0, 3, 1, 4).unbind(0)
+    ref = mc.proportional_attention(q_ref, k_ref, v_ref, size, scale=attn.scale, backend="reference")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k, k_ref)
+    (out.sum() + k.sum()).backward()  # differentiable through the padded weight
+    assert attn.qkv.weight.grad is not None and x.grad is not None
+
+
+def test_patched_vit_channel_backend_matches_reference():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(7)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=5
+    ).eval()
+    x = torch.randn(2, 3, 32, 32)
+    outs = {}
+    for backend in ("reference", "channel"):
+        mc.patch.timm(model, attn_backend=backend)
+        model.r = 3
+        with torch.no_grad(), kernels.kernel_mode("never"):
+            outs[backend] = model(x)
+    torch.testing.assert_close(outs["channel"], outs["reference"], atol=1e-5, rtol=1e-5)

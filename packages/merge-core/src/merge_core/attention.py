@@ -57,30 +57,35 @@ def channel_attention(q, k, v, bias: torch.Tensor, scale: float, dropout_p: floa
     return out[..., :head_dim]
 
 
-@functools.cache
-def _compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False)
-
-
-def flex_attention_bias(q, k, v, bias: torch.Tensor, scale: float) -> torch.Tensor:
+def _flex_bias(q, k, v, bias: torch.Tensor, scale: float) -> torch.Tensor:
     from torch.nn.attention.flex_attention import flex_attention
 
     def score_mod(score, b, h, q_idx, kv_idx):
         return score + bias[b, kv_idx]
 
-    fn = _compiled_flex() if q.is_cuda else flex_attention
-    return fn(q, k, v, score_mod=score_mod, scale=scale)
+    return flex_attention(q, k, v, score_mod=score_mod, scale=scale)
+
+
+@functools.cache
+def _compiled_flex():
+    # the closure is created inside the compiled region: passing a fresh score_mod into a compiled
+    # flex_attention re-guards on the function object, recompiles every call and falls back to eager
+    return torch.compile(_flex_bias)
+
+
+def flex_attention_bias(q, k, v, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    fn = _compiled_flex() if q.is_cuda and not torch.compiler.is_compiling() else _flex_bias
+    return fn(q, k, v, bias, scale)
 
 
 def choose_backend(q: torch.Tensor, dropout_p: float = 0.0) -> str:
-    """Pick the backend measured fastest for this input (see README benchmarks)."""
-    if not q.is_cuda:
-        return "sdpa"
-    if dropout_p > 0.0:
-        return "sdpa"
-    return "channel" if q.shape[-1] + 8 <= 256 else "sdpa"
+    """Pick the backend measured fastest for this input (docs/gpu-results.md).
+
+    H100, fp16, ViT shapes (B*H = 3072, N = 99..197, D = 64): the SDPA float mask beat ``channel`` (its
+    q/k/v copies cost more than FlashAttention saves) and eager FlexAttention; the timm adapter avoids the
+    copies by building the channel inside the qkv projection (``merge_core.kernels.prop_attn``).
+    """
+    return "sdpa"
 
 
 def proportional_attention(

@@ -15,6 +15,25 @@ from .._checks import check_same_tokens
 
 _SCORE_MODS = {None: 0, "shifted": 1, "guide": 2}
 
+# Reductions go through ``tl.reduce`` with our own combine functions rather than ``tl.sum``/``tl.max``:
+# those are ``@jit`` functions of Triton's standard library, decorated when Triton is first imported, so
+# they stay compiled-only if torch imported Triton before ``TRITON_INTERPRET=1`` was set (CPU tests).
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _fmax(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _imin(a, b):
+    return tl.minimum(a, b)
+
 
 @triton.jit
 def _round(x, DTYPE: tl.constexpr):
@@ -27,7 +46,7 @@ def _normalised_rows(ptr, rows, rmask, ch, cmask, stride_n, DTYPE: tl.constexpr)
     """Load rows (BLOCK, BLOCK_C) and divide them by their L2 norm, rounding like ``m / m.norm()``."""
     x = tl.load(ptr + rows[:, None] * stride_n + ch[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
     x = x.to(tl.float32)
-    norm = _round(tl.sqrt_rn(tl.sum(x * x, axis=1)), DTYPE)
+    norm = _round(tl.sqrt_rn(tl.reduce(x * x, 1, _add)), DTYPE)
     norm = tl.where(rmask, norm, 1.0)
     return tl.math.div_rn(x, norm[:, None]).to(DTYPE)
 
@@ -67,7 +86,7 @@ def _best_dst_kernel(
     if SCORE_MOD != 0:
         phi_a = _round(tl.load(phi_ptr + bid * stride_phib + 2 * rows, mask=rmask, other=0.0).to(tl.float32), DTYPE)
     best = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    best_idx = tl.zeros([BLOCK_M], tl.int32)
+    best_idx = tl.full([BLOCK_M], 0, tl.int32)
     for n0 in range(0, Nb, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         nmask = cols < Nb
@@ -86,8 +105,8 @@ def _best_dst_kernel(
             s = _round(s * keep, DTYPE)
         blocked = (rows[:, None] < protected_a) | (cols[None, :] < protected_b) | (cols[None, :] >= Nb)
         s = tl.where(blocked, float("-inf"), s)
-        m = tl.max(s, axis=1)
-        arg = tl.min(tl.where(s == m[:, None], cols[None, :], 2147483647), axis=1)
+        m = tl.reduce(s, 1, _fmax)
+        arg = tl.reduce(tl.where(s == m[:, None], cols[None, :], 2147483647), 1, _imin)
         better = m > best  # strict: an earlier block keeps ties (first index wins)
         best = tl.where(better, m, best)
         best_idx = tl.where(better, arg, best_idx)
@@ -209,49 +228,49 @@ def _merge_wavg_kernel(
     cmask = ch < C
     x_base = x_ptr + bid * stride_xb
     if pid < n_unm_blocks:
-        k = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        k = (pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
         kmask = k < U
-        tok = 2 * tl.load(unm_ptr + bid * stride_ub + k * stride_ut, mask=kmask, other=0)
-        vals = tl.load(x_base + tok[:, None] * stride_xt + ch[None, :], mask=kmask[:, None] & cmask[None, :])
-        pos = tl.where(k < PB, 2 * k, PB + k)
+        utok = 2 * tl.load(unm_ptr + bid * stride_ub + k * stride_ut, mask=kmask, other=0)
+        uvals = tl.load(x_base + utok[:, None] * stride_xt + ch[None, :], mask=kmask[:, None] & cmask[None, :])
+        upos = tl.where(k < PB, 2 * k, PB + k)
         tl.store(
-            out_ptr + bid * stride_ob + pos[:, None] * stride_ot + ch[None, :],
-            vals,
+            out_ptr + bid * stride_ob + upos[:, None] * stride_ot + ch[None, :],
+            uvals,
             mask=kmask[:, None] & cmask[None, :],
         )
         if pid_c == 0:
             if HAS_SIZE:
-                sz = tl.load(s_ptr + bid * stride_sb + tok * stride_st, mask=kmask, other=1.0)
+                sz = tl.load(s_ptr + bid * stride_sb + utok * stride_st, mask=kmask, other=1.0)
             else:
                 sz = tl.full([BLOCK_ROWS], 1.0, tl.float32)
-            tl.store(out_s_ptr + bid * stride_osb + pos, sz.to(DTYPE), mask=kmask)
+            tl.store(out_s_ptr + bid * stride_osb + upos, sz.to(DTYPE), mask=kmask)
     else:
         d = (pid - n_unm_blocks) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         dmask = d < Tb
-        tok = 2 * d + 1
+        dtok = 2 * d.to(tl.int64) + 1
         if HAS_SIZE:
-            s_own = tl.load(s_ptr + bid * stride_sb + tok * stride_st, mask=dmask, other=1.0).to(tl.float32)
+            s_own = tl.load(s_ptr + bid * stride_sb + dtok * stride_st, mask=dmask, other=1.0).to(tl.float32)
         else:
             s_own = tl.full([BLOCK_ROWS], 1.0, tl.float32)
         xmask = dmask[:, None] & cmask[None, :]
-        acc = tl.load(x_base + tok[:, None] * stride_xt + ch[None, :], mask=xmask, other=0.0).to(tl.float32)
+        acc = tl.load(x_base + dtok[:, None] * stride_xt + ch[None, :], mask=xmask, other=0.0).to(tl.float32)
         acc = acc * s_own[:, None]
         s_acc = s_own
         for r0 in range(0, R, BLOCK_R):
             j = r0 + tl.arange(0, BLOCK_R)
             jmask = j < R
             dst = tl.load(dst_ptr + bid * stride_dstb + j * stride_dstt, mask=jmask, other=-1)
-            stok = 2 * tl.load(src_ptr + bid * stride_srcb + j * stride_srct, mask=jmask, other=0)
+            sdtok = 2 * tl.load(src_ptr + bid * stride_srcb + j * stride_srct, mask=jmask, other=0)
             if HAS_SIZE:
-                s_src = tl.load(s_ptr + bid * stride_sb + stok * stride_st, mask=jmask, other=0.0).to(tl.float32)
+                s_src = tl.load(s_ptr + bid * stride_sb + sdtok * stride_st, mask=jmask, other=0.0).to(tl.float32)
             else:
                 s_src = tl.where(jmask, 1.0, 0.0)
             xs = tl.load(
-                x_base + stok[:, None] * stride_xt + ch[None, :], mask=jmask[:, None] & cmask[None, :], other=0.0
+                x_base + sdtok[:, None] * stride_xt + ch[None, :], mask=jmask[:, None] & cmask[None, :], other=0.0
             )
             xs = xs.to(tl.float32) * s_src[:, None]
             hit = d[:, None] == dst[None, :]
-            s_acc += tl.sum(tl.where(hit, s_src[None, :], 0.0), axis=1)
+            s_acc += tl.reduce(tl.where(hit, s_src[None, :], 0.0), 1, _add)
             onehot = tl.where(hit, 1.0, 0.0)
             if SPLIT:  # two 16-bit matmuls carry ~2x the mantissa: the sum stays fp32-accurate
                 hi = xs.to(DTYPE)
@@ -260,11 +279,11 @@ def _merge_wavg_kernel(
                 acc += tl.dot(onehot.to(DTYPE), lo)
             else:  # fp32, or bf16 under the CPU interpreter (its bf16 dot is broken)
                 acc += tl.dot(onehot, xs, input_precision="ieee")
-        pos = tl.where(d < PB, 2 * d + 1, U + d)
+        dpos = tl.where(d < PB, 2 * d + 1, U + d)
         out = acc / s_acc[:, None]
-        tl.store(out_ptr + bid * stride_ob + pos[:, None] * stride_ot + ch[None, :], out.to(DTYPE), mask=xmask)
+        tl.store(out_ptr + bid * stride_ob + dpos[:, None] * stride_ot + ch[None, :], out.to(DTYPE), mask=xmask)
         if pid_c == 0:
-            tl.store(out_s_ptr + bid * stride_osb + pos, s_acc.to(DTYPE), mask=dmask)
+            tl.store(out_s_ptr + bid * stride_osb + dpos, s_acc.to(DTYPE), mask=dmask)
 
 
 def merge_wavg(plan, x: torch.Tensor, size: torch.Tensor | None):

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
 from ..attention import BACKENDS, proportional_attention
+from ..kernels.prop_attn import qkv_channel_attention, qkv_channel_supported
 from ..matching import bipartite_soft_matching
 from ..merge import merge_source, merge_source_index, merge_wavg
 from ..schedule import parse_r
@@ -34,17 +35,22 @@ class MergeAttention(Attention):
     def forward(self, x: torch.Tensor, size: torch.Tensor | None = None, backend: str = "auto"):
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
         dropout_p = self.attn_drop.p if self.training else 0.0
-        if size is not None:
-            x = proportional_attention(q, k, v, size, scale=self.scale, dropout_p=dropout_p, backend=backend)
-        elif self.fused_attn:
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        use_qkv_channel = backend == "channel" or (backend == "auto" and x.is_cuda)
+        if size is not None and use_qkv_channel and qkv_channel_supported(self, dropout_p):
+            # log(size) channel written by the qkv projection itself: FlashAttention, no q/k/v copies
+            x, k = qkv_channel_attention(self, x, size)
         else:
-            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-            x = self.attn_drop(attn) @ v
+            qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+            q, k = self.q_norm(q), self.k_norm(k)
+            if size is not None:
+                x = proportional_attention(q, k, v, size, scale=self.scale, dropout_p=dropout_p, backend=backend)
+            elif self.fused_attn:
+                x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+            else:
+                attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+                x = self.attn_drop(attn) @ v
         x = x.transpose(1, 2).reshape(B, N, getattr(self, "attn_dim", self.num_heads * self.head_dim))
         x = self.norm(x)
         if gate is not None:

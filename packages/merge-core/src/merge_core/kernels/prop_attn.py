@@ -1,0 +1,49 @@
+"""Proportional attention that keeps FlashAttention: the log(size) channel built inside the qkv projection.
+
+``attention.channel_attention`` appends one channel to q (1/scale) and k (log size) so that
+``scale * q'.k' = scale * q.k + log s`` and SDPA's flash kernel still applies; but it builds q', k', v' with
+``cat``/``pad``, i.e. three extra copies of q, k and v per layer. Here the qkv weight is zero-padded from
+(3, H, D, C) to (3, H, D + 8, C) (bias: 1/scale on q's first extra channel) so the projection writes the
+padded q', k', v' directly; only log(size) is then written into k's extra channel (B x H x N values).
+Cost: +8/D of the qkv GEMM and a head dim of D + 8 in the attention kernel; no copies. Exact (same
+maths as the ``reference`` backend) and differentiable (the padding is applied to the weight each call).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+PAD = 8
+
+
+def qkv_channel_supported(attn, dropout_p: float = 0.0) -> bool:
+    """The trick needs plain q/k (no q/k-norm over the head dim), no dropout, and a flash-sized head."""
+    return (
+        isinstance(attn.q_norm, torch.nn.Identity)
+        and isinstance(attn.k_norm, torch.nn.Identity)
+        and dropout_p == 0.0
+        and attn.head_dim % 8 == 0
+        and attn.head_dim + PAD <= 256
+        and attn.qkv.out_features == 3 * attn.num_heads * attn.head_dim
+    )
+
+
+def qkv_channel_attention(attn, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Proportional attention of a timm ``Attention`` on ``x`` (B, N, C) with token ``size`` (B, N[, 1]).
+
+    Returns (attention output (B, H, N, D) before the head merge, k (B, H, N, D) for the merge metric).
+    """
+    b, n, c = x.shape
+    h, d = attn.num_heads, attn.head_dim
+    weight = F.pad(attn.qkv.weight.view(3, h, d, c), (0, 0, 0, PAD)).view(-1, c)
+    extra = x.new_zeros(3, h, d + PAD)
+    extra[0, :, d] = 1.0 / attn.scale
+    bias = extra if attn.qkv.bias is None else F.pad(attn.qkv.bias.view(3, h, d), (0, PAD)) + extra
+    qkv = F.linear(x, weight, bias.view(-1)).view(b, n, 3, h, d + PAD).permute(2, 0, 3, 1, 4)
+    if size.dim() == 3:
+        size = size[..., 0]
+    qkv[1, :, :, :, d] = size.log().to(qkv.dtype)[:, None, :]
+    q, k, v = qkv.unbind(0)
+    out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+    return out[..., :d], k[..., :d]
