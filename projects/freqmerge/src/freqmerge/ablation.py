@@ -47,7 +47,7 @@ STRATEGY_NAMES = {
 }
 
 
-def build_parser(prog: str = "ablation.py") -> OneLineParser:
+def build_parser(prog: str | None = None) -> OneLineParser:
     p = OneLineParser(prog=prog, description="FreqMerge ablations (see README).")
     g = p.add_argument_group("ablation (guide flags)")
     g.add_argument("--study", choices=["alpha", "scoring", "all"], default="all", help="which ablation (default all)")

@@ -40,7 +40,7 @@ from .engine import (
 DEFAULT_CKPT = os.path.join(C.CHECKPOINT_DIR, C.BEST_CHECKPOINT)
 
 
-def build_parser(prog: str = "evaluate.py") -> OneLineParser:
+def build_parser(prog: str | None = None) -> OneLineParser:
     p = OneLineParser(prog=prog, description="Evaluate a FreqMerge checkpoint on CIFAR-100 (see README).")
     g = p.add_argument_group("evaluation (guide flags)")
     g.add_argument("--ckpt", default=DEFAULT_CKPT, help=f"checkpoint (default {DEFAULT_CKPT})")

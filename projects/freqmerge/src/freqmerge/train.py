@@ -42,7 +42,7 @@ from .engine import (
 )
 
 
-def build_parser(prog: str = "train.py") -> OneLineParser:
+def build_parser(prog: str | None = None) -> OneLineParser:
     p = OneLineParser(prog=prog, description="Train FreqMerge ViT-Small on CIFAR-100 (see README).")
     add_model_args(p)
     add_run_args(p)
@@ -74,7 +74,7 @@ def _optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
 def train(cfg: Config, resume: str | None = None, device: str | None = None) -> dict:
     """Full training run; returns {"best_top1", "history", "best_path", ...}."""
     from .data.cifar100 import build_loaders
-    from .models.vit_freqmerge import build_model, merge_schedule, token_counts, unwrap
+    from .models.vit_freqmerge import configure_model, create_backbone, merge_schedule, token_counts, unwrap
     from .utils.metrics import count_gmacs, count_params
     from .utils.visualize import plot_training_curves
 
@@ -95,8 +95,9 @@ def train(cfg: Config, resume: str | None = None, device: str | None = None) -> 
         cfg = cfg.replace(**keep)
 
     # Only rank 0 asks the hub; DDP broadcasts rank 0's weights to the others.
-    model = build_model(cfg, pretrained=cfg.pretrained and runtime.is_main and state is None)
+    model = create_backbone(cfg, pretrained=cfg.pretrained and runtime.is_main and state is None)
     check_merge_layers(cfg, len(model.blocks))
+    configure_model(model, cfg)
     model.to(runtime.device)
     mean = model.pretrained_cfg.get("mean", (0.485, 0.456, 0.406))
     std = model.pretrained_cfg.get("std", (0.229, 0.224, 0.225))

@@ -38,7 +38,7 @@ from merge_core.merge import pool_by_source
 from merge_core.penalty import MODES, TokenPairPenalty
 from merge_core.pruning import random_pruning
 
-from .lfgm import EPS, lfgm_from_channel_mean
+from .lfgm import lfgm_from_channel_mean
 
 SCORERS = ("lfgm", "attention", "random", "none")
 PHI_POOLS = ("mean", "amax")
@@ -142,7 +142,7 @@ class FreqMergeMatcher:
         spatial = score[:, protected:]
         lo = spatial.amin(dim=1, keepdim=True)
         hi = spatial.amax(dim=1, keepdim=True)
-        spatial = (spatial - lo) / (hi - lo + EPS)
+        spatial = (spatial - lo) / (hi - lo).clamp_min(1e-12)  # attention values are small: no additive eps
         return torch.cat([spatial.new_zeros(batch, protected), spatial], dim=1)
 
     # ------------------------------------------------------------------ hook

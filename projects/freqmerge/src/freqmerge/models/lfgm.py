@@ -24,19 +24,22 @@ from torch import nn
 EPS = 1e-6
 
 
-@functools.lru_cache(maxsize=32)
-def _highpass_mask_cpu(h: int, w: int, radius: float) -> torch.Tensor:
+@functools.lru_cache(maxsize=64)
+def _highpass_mask(h: int, w: int, radius: float, device: str) -> torch.Tensor:
     ky = torch.fft.fftfreq(h, d=1.0 / h)  # signed integer frequencies, wrap-around order
     kx = torch.fft.rfftfreq(w, d=1.0 / w)
     dist2 = ky[:, None] ** 2 + kx[None, :] ** 2
-    return (dist2 > float(radius) ** 2).to(torch.float32)
+    return (dist2 > float(radius) ** 2).to(torch.float32).to(device)
 
 
 def highpass_mask(h: int, w: int, radius: float, device: torch.device | str = "cpu") -> torch.Tensor:
-    """(h, w // 2 + 1) mask for an ``rfft2`` spectrum: 0 inside the disc of ``radius`` around DC, else 1."""
+    """(h, w // 2 + 1) mask for an ``rfft2`` spectrum: 0 inside the disc of ``radius`` around DC, else 1.
+
+    Cached per (size, radius, device), so the merge step does no host-to-device copy per call.
+    """
     if radius < 0:
         raise ValueError(f"radius must be >= 0, got {radius}")
-    return _highpass_mask_cpu(int(h), int(w), float(radius)).to(device)
+    return _highpass_mask(int(h), int(w), float(radius), str(torch.device(device)))
 
 
 def lfgm_from_channel_mean(mean_map: torch.Tensor, grid: tuple[int, int], radius: float = 2.0) -> torch.Tensor:

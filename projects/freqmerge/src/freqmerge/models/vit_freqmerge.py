@@ -151,9 +151,8 @@ def apply_freqmerge(model: VisionTransformer, cfg, scorer: str | None = None) ->
     return model
 
 
-def build_model(cfg, pretrained: bool | None = None) -> VisionTransformer:
-    """Backbone plus FreqMerge (or the plain backbone with ``cfg.freqmerge=False``)."""
-    model = create_backbone(cfg, pretrained)
+def configure_model(model: VisionTransformer, cfg) -> VisionTransformer:
+    """Gradient checkpointing (only without merging) and FreqMerge on an existing backbone, in place."""
     if cfg.use_grad_checkpoint:
         if cfg.freqmerge:
             warnings.warn(
@@ -166,6 +165,11 @@ def build_model(cfg, pretrained: bool | None = None) -> VisionTransformer:
     if cfg.freqmerge:
         apply_freqmerge(model, cfg)
     return model
+
+
+def build_model(cfg, pretrained: bool | None = None) -> VisionTransformer:
+    """Backbone plus FreqMerge (or the plain backbone with ``cfg.freqmerge=False``)."""
+    return configure_model(create_backbone(cfg, pretrained), cfg)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

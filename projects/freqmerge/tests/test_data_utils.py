@@ -1,0 +1,106 @@
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from freqmerge.config import Config
+from freqmerge.data.cifar100 import (
+    CIFAR100,
+    DatasetNotFoundError,
+    build_loaders,
+    build_transforms,
+    find_cifar_dir,
+    load_split,
+)
+from freqmerge.engine import load_checkpoint, save_checkpoint
+from freqmerge.utils.metrics import AverageMeter, accuracy, compute_throughput, count_gmacs
+
+
+def test_fake_cifar_is_in_the_official_format(fake_cifar):
+    folder = os.path.join(fake_cifar, "cifar-100-python")
+    with open(os.path.join(folder, "train"), "rb") as f:
+        entry = pickle.load(f, encoding="latin1")  # how torchvision reads it
+    assert entry["data"].dtype == np.uint8 and entry["data"].shape == (32, 3072)
+    assert set(entry) >= {"data", "fine_labels", "coarse_labels", "filenames", "batch_label"}
+    with open(os.path.join(folder, "meta"), "rb") as f:
+        assert len(pickle.load(f, encoding="latin1")["fine_label_names"]) == 100
+
+
+def test_load_split_decodes_channel_planes(fake_cifar, tmp_path):
+    images, labels, classes = load_split(fake_cifar, train=True)
+    assert images.shape == (32, 32, 32, 3) and labels.tolist() == list(range(32)) and len(classes) == 100
+    # bytes keys (the official files read with encoding="bytes") and a plane-ordered row
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    row = np.concatenate([np.full(1024, 10), np.full(1024, 20), np.full(1024, 30)]).astype(np.uint8)
+    for name in ("train", "test"):
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": row[None], b"fine_labels": [7]}, f)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": [f"c{i}".encode() for i in range(100)]}, f)
+    images, labels, classes = load_split(str(tmp_path), train=False)
+    assert images[0, 5, 9].tolist() == [10, 20, 30] and labels.tolist() == [7] and classes[3] == "c3"
+    assert find_cifar_dir(str(folder)) == str(folder)  # the folder itself is accepted too
+
+
+def test_missing_dataset_is_one_line_with_location(tmp_path):
+    with pytest.raises(DatasetNotFoundError) as info:
+        find_cifar_dir(str(tmp_path))
+    message = str(info.value)
+    assert "\n" not in message and "cifar-100-python/" in message
+    assert str(tmp_path / "cifar-100-python") in message
+
+
+def test_transforms_upscale_32_to_image_size(fake_cifar):
+    ds = CIFAR100(fake_cifar, train=False, transform=build_transforms(112, (0.5,) * 3, (0.5,) * 3, False))
+    image, label = ds[0]
+    assert image.shape == (3, 112, 112) and isinstance(label, int)
+    raw = torch.from_numpy(ds.data[0]).permute(2, 0, 1).float() / 255 * 2 - 1
+    # the upscaled image averaged back to 32x32 is close to the original
+    pooled = torch.nn.functional.adaptive_avg_pool2d(image[None], 32)[0]
+    assert (pooled - raw).abs().mean() < 0.1
+    train_tf = build_transforms(112, (0.5,) * 3, (0.5,) * 3, True)
+    assert CIFAR100(fake_cifar, train=True, transform=train_tf)[0][0].shape == (3, 112, 112)
+
+
+def test_loaders(fake_cifar):
+    cfg = Config(data_root=fake_cifar, image_size=112, batch_size=8, num_workers=0)
+    train, val, classes = build_loaders(cfg, (0.5,) * 3, (0.5,) * 3)
+    x, y = next(iter(train))
+    assert x.shape == (8, 3, 112, 112) and y.shape == (8,)
+    assert len(val.dataset) == 16 and len(classes) == 100
+
+
+def test_metrics():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5]])
+    top1, top2 = accuracy(logits, torch.tensor([1, 2, 0]), (1, 2))
+    assert top1 == pytest.approx(100 / 3) and top2 == pytest.approx(100 / 3)
+    meter = AverageMeter()
+    meter.update(1.0, 2)
+    meter.update(4.0, 1)
+    assert meter.avg == pytest.approx(2.0)
+    tiny = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 4))
+    stats = compute_throughput(tiny, batch_size=2, image_size=16, warmup=1, iters=3)
+    assert stats["img_s"] > 0 and stats["iters"] == 3
+
+
+def test_gflops_are_macs_like_the_guide():
+    import timm
+
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=100)
+    assert count_gmacs(model, 224) == pytest.approx(4.6, abs=0.05)  # guide: 4.61 "GFLOPs"
+
+
+def test_checkpoint_is_atomic_and_weights_only(tmp_path):
+    path = str(tmp_path / "ck" / "best_model.pth")
+    save_checkpoint({"model": {"w": torch.ones(2)}, "epoch": 3, "history": [{"epoch": 1, "val_top1": 1.5}]}, path)
+    assert os.listdir(tmp_path / "ck") == ["best_model.pth"]
+    state = load_checkpoint(path)
+    assert state["epoch"] == 3 and torch.equal(state["model"]["w"], torch.ones(2))
+    torch.save({"model": {}, "bad": object.__new__(Config)}, tmp_path / "unsafe.pth")
+    from freqmerge.engine import UserError
+
+    with pytest.raises(UserError, match="--ckpt"):
+        load_checkpoint(str(tmp_path / "unsafe.pth"))
