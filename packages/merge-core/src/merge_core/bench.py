@@ -459,6 +459,7 @@ def run_suite(args, log=print, checkpoint: Callable[[dict[str, Any]], None] | No
     payload: dict[str, Any] = {"environment": environment(device), "dtype": str(dtype), "warmup": args.warmup}
     payload["iters"] = args.iters
     log(f"device: {payload['environment']['device_name']} | torch {torch.__version__} | {payload['environment']}")
+    args.compile_micro = args.compile_micro or args.mode != "eager"
     micro = []
     for b, n, c, r, xc in ((256, 197, 64, 16, None), (256, 197, 64, 16, 768), (8, 16384, 64, 4096, None)):
         rows = bench_match_merge(b, n, c, r, device, dtype, args, x_channels=xc)
@@ -476,6 +477,8 @@ def run_suite(args, log=print, checkpoint: Callable[[dict[str, Any]], None] | No
     checkpoint(payload)
     if args.suite == "micro":
         return payload
+    if args.mode == "compile":
+        return _suite_models(args, payload, log, checkpoint)
     attn = []
     for b, h, n, d in ((512, 6, 197, 64), (256, 12, 197, 64), (256, 12, 99, 64), (128, 16, 197, 64)):
         rows = bench_attention(b, h, n, d, device, dtype, args)
@@ -486,17 +489,22 @@ def run_suite(args, log=print, checkpoint: Callable[[dict[str, Any]], None] | No
         )
     payload["attention"] = attn
     checkpoint(payload)
+    return _suite_models(args, payload, log, checkpoint)
+
+
+def _suite_models(args, payload, log, checkpoint):
+    device, dtype = args.device, args.dtype
     wanted = set(args.models.split(",")) if args.models else None
     payload["models"] = []
     for name, batch, r in GPU_SUITE:
         if wanted and name.rsplit("_patch", 1)[0] not in wanted:
             continue
         suite_args = argparse.Namespace(**vars(args))
-        suite_args.r = sorted({0, r})
+        suite_args.r = [r] if args.mode == "compile" else [0, r]  # compiling r=0 rows too costs minutes
         suite_args.prop_attn = "both"
         suite_args.bounds = suite_args.tome = True
-        if name == "vit_base_patch16_224" and args.attn_backend == "auto":
-            suite_args.attn_backend = "auto,sdpa,flex,channel"  # compare backends on one model
+        if name == "vit_base_patch16_224" and args.attn_backend == "auto" and args.mode == "eager":
+            suite_args.attn_backend = "auto,sdpa,flex,reference"  # compare backends on one model
         info, rows = bench_model(name, batch, suite_args, device, dtype, log)
         payload["models"].append({**info, "rows": rows})
         checkpoint(payload)
