@@ -153,7 +153,7 @@ def test_project_config_module_and_console_scripts(monkeypatch):
     namespace = runpy.run_path(str(PROJECT / "config.py"))
     assert namespace["KEEP_RATE"] == 0.7 and namespace["MERGE_LAYERS"] == [4, 6, 8, 10]
     bindir = Path(sys.executable).parent
-    for name in ("freqmerge-train", "freqmerge-evaluate", "freqmerge-ablation", "freqmerge-benchmark"):
+    for name in ("freqmerge-train", "freqmerge-evaluate", "freqmerge-ablation"):
         exe = bindir / name
         assert exe.is_file(), f"{name} is not installed next to {sys.executable}"
         assert f"from freqmerge.{name.split('-')[1]} import main" in exe.read_text()
