@@ -38,6 +38,7 @@ def plot_lfgm_heatmaps(
     scores: torch.Tensor,
     path: str,
     titles: Sequence[str] | None = None,
+    dpi: int = 110,
 ) -> str:
     """Three rows as in the guide: originals, raw LFGM score maps (red = high frequency), JET overlays.
 
@@ -59,7 +60,7 @@ def plot_lfgm_heatmaps(
     axes[2, 0].set_title("JET overlay", fontsize=9, loc="left")
     fig.tight_layout()
     _ensure_dir(path)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 
