@@ -7,7 +7,9 @@ per run with the command-line flags (``python train.py --help``).
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
+_src = str(Path(__file__).resolve().parent / "src")
+if _src not in sys.path:
+    sys.path.insert(0, _src)
 
 from freqmerge.config import *  # noqa: E402,F403
 from freqmerge.config import Config  # noqa: E402,F401
