@@ -195,6 +195,11 @@ def _variants(args) -> list[dict[str, Any]]:
             if r > 0:
                 rows.append({"kind": "bound", "r": r, "prop_attn": False})
                 rows.append({"kind": "bound_bias", "r": r, "prop_attn": True})
+    if getattr(args, "torch_path", False):  # same model, fused kernels off: what the kernels buy
+        for r in args.r:
+            if r > 0:
+                for prop in props:
+                    rows.append({"kind": "merge_torch", "r": r, "prop_attn": prop, "attn_backend": backends[0]})
     if args.tome:
         for r in args.r:
             if r > 0:
@@ -220,7 +225,7 @@ def _make_fn(model, row: dict[str, Any], x: torch.Tensor, compile_model: bool) -
     if compile_model:
         torch._dynamo.reset()
         fn = torch.compile(fn)
-    mode = "never" if kind == "tome" else "auto"
+    mode = "never" if kind in ("tome", "merge_torch") else "auto"
 
     def run():
         with torch.inference_mode(), kernels.kernel_mode(mode):
@@ -247,7 +252,7 @@ def bench_model(
     for compiled in modes:
         base = None
         for row in _variants(args):
-            if compiled and row["kind"] == "tome":
+            if compiled and row["kind"] in ("tome", "merge_torch"):
                 continue
             if getattr(model, "_merge_info", None) is not None:
                 patch.remove_patch(model)
@@ -278,7 +283,7 @@ def bench_model(
 
 def _row_text(res: dict[str, Any]) -> str:
     label = res["kind"]
-    if res.get("prop_attn") is not None and res["kind"] == "merge":
+    if res.get("prop_attn") is not None and res["kind"] in ("merge", "merge_torch"):
         label += f" prop_attn={'on' if res['prop_attn'] else 'off'}"
         if res["prop_attn"] and res.get("attn_backend", "auto") != "auto":
             label += f"({res['attn_backend']})"
@@ -314,6 +319,8 @@ def bench_match_merge(
         paths.insert(0, ("fused", "always", step))
     if args.compile_micro:
         paths.append(("torch.compile", "never", compiled_step))
+    if device.type == "cuda" and kernels.triton_available():
+        paths.append(("fused+cudagraph", "always", _graphed(step, (metric, x, size))))
     for label, mode, fn in paths:
 
         def run(fn=fn, mode=mode):
@@ -349,6 +356,28 @@ def bench_match_merge(
         }
         out.append(row)
     return out
+
+
+def _graphed(fn: Callable, inputs: tuple) -> Callable:
+    """Capture ``fn(*inputs)`` in a CUDA graph (works because the path has no host syncs)."""
+    holder: dict[str, Any] = {}
+
+    def run(*_args):
+        if "graph" not in holder:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    fn(*inputs)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                holder["out"] = fn(*inputs)
+            holder["graph"] = graph
+        holder["graph"].replay()
+        return holder["out"]
+
+    return run
 
 
 def bench_attention(batch, heads, tokens, head_dim, device, dtype, args) -> list[dict[str, Any]]:
@@ -421,7 +450,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", default="merge-bench.json", help="output JSON path ('' to skip)")
     p.add_argument(
         "--suite",
-        choices=["model", "gpu", "micro"],
+        choices=["model", "gpu", "micro", "profile"],
         default="model",
         help="model: one model (default); gpu: issue-3 suite (ViT-S/B/L, bounds, ToMe-style, micro); micro: micro only",
     )
@@ -459,6 +488,22 @@ def run_suite(args, log=print, checkpoint: Callable[[dict[str, Any]], None] | No
     payload: dict[str, Any] = {"environment": environment(device), "dtype": str(dtype), "warmup": args.warmup}
     payload["iters"] = args.iters
     log(f"device: {payload['environment']['device_name']} | torch {torch.__version__} | {payload['environment']}")
+    if args.suite == "profile":
+        from .benchmarks.profile import profile_forward, sdpa_head_dim_sweep
+
+        payload["sdpa_head_dim"] = sdpa_head_dim_sweep(device, dtype, args, log)
+        checkpoint(payload)
+        payload["profiles"] = []
+        for name, batch, r, prop, kind in (
+            ("vit_large_patch16_224", 128, 8, False, "merge"),
+            ("vit_large_patch16_224", 128, 8, False, "merge_torch"),
+            ("vit_large_patch16_224", 128, 8, False, "bound"),
+            ("vit_small_patch16_224", 512, 16, True, "merge"),
+            ("vit_small_patch16_224", 512, 16, True, "bound"),
+        ):
+            payload["profiles"].append(profile_forward(name, batch, r, prop, kind, device, dtype, log))
+            checkpoint(payload)
+        return payload
     args.compile_micro = args.compile_micro or args.mode != "eager"
     micro = []
     for b, n, c, r, xc in ((256, 197, 64, 16, None), (256, 197, 64, 16, 768), (8, 16384, 64, 4096, None)):
@@ -502,7 +547,7 @@ def _suite_models(args, payload, log, checkpoint):
         suite_args = argparse.Namespace(**vars(args))
         suite_args.r = [r] if args.mode == "compile" else [0, r]  # compiling r=0 rows too costs minutes
         suite_args.prop_attn = "both"
-        suite_args.bounds = suite_args.tome = True
+        suite_args.bounds = suite_args.tome = suite_args.torch_path = True
         if name == "vit_base_patch16_224" and args.attn_backend == "auto" and args.mode == "eager":
             suite_args.attn_backend = "auto,sdpa,flex,reference"  # compare backends on one model
         info, rows = bench_model(name, batch, suite_args, device, dtype, log)
@@ -516,7 +561,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     log = print
-    if args.suite in ("gpu", "micro"):
+    if args.suite in ("gpu", "micro", "profile"):
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M")
         dev = environment(args.device)["device_name"].replace(" ", "-").replace("/", "-")
         mode = "" if args.mode == "eager" else f"-{args.mode}"
