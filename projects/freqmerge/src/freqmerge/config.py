@@ -96,6 +96,7 @@ class Config:
     seed: int = SEED
     data_root: str = DATA_ROOT
     output_dir: str = OUTPUT_DIR
+    download: bool = False  # fetch CIFAR-100 with torchvision when missing (needs internet)
     max_train_batches: int = 0  # 0 = all (debugging / smoke runs)
     max_eval_batches: int = 0
     benchmark_batch_size: int = BENCHMARK_BATCH_SIZE

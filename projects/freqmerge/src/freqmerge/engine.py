@@ -102,6 +102,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("paths and devices")
     g.add_argument("--data_root", help=f"folder containing cifar-100-python/ (default {C.DATA_ROOT!r})")
     g.add_argument("--output_dir", help="where checkpoints/, logs/, visualizations/ go (default: current folder)")
+    g.add_argument("--download", action="store_true", help="download CIFAR-100 with torchvision if missing (online)")
     g.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     g.add_argument("--num_workers", type=non_negative_int, help=f"DataLoader workers (default {C.NUM_WORKERS})")
     g.add_argument("--seed", type=non_negative_int, help=f"random seed (default {C.SEED})")
@@ -165,6 +166,8 @@ def cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["use_multi_gpu"] = False
     if getattr(args, "no_pretrained", False):
         out["pretrained"] = False
+    if getattr(args, "download", False):
+        out["download"] = True
     if getattr(args, "grad_checkpoint", False):
         out["use_grad_checkpoint"] = True
     return out

@@ -33,15 +33,34 @@ class DatasetNotFoundError(FileNotFoundError):
 
 
 def find_cifar_dir(data_root: str) -> str:
-    """The ``cifar-100-python`` folder under ``data_root`` (or ``data_root`` itself if it is that folder)."""
+    """The cifar-100-python folder under data_root (or data_root itself if it is that folder)."""
     for candidate in (os.path.join(data_root, FOLDER), data_root):
         if all(os.path.isfile(os.path.join(candidate, name)) for name in FILES):
             return candidate
     where = os.path.abspath(os.path.join(data_root, FOLDER))
     raise DatasetNotFoundError(
         f"CIFAR-100 not found: put the extracted {FOLDER}/ folder (train, test, meta from cifar-100-python.tar.gz) "
-        f"at {where}, or pass --data_root DIR (the folder that contains {FOLDER}/)"
+        f"at {where}, or pass --data_root DIR (the folder that contains {FOLDER}/), or --download when online"
     )
+
+
+def download_cifar100(data_root: str) -> str:
+    """Fetch and extract CIFAR-100 with torchvision (needs internet); returns the folder."""
+    try:
+        return find_cifar_dir(data_root)
+    except DatasetNotFoundError:
+        pass
+    from torchvision.datasets import CIFAR100 as TorchvisionCIFAR100
+
+    try:
+        TorchvisionCIFAR100(data_root, train=True, download=True)
+    except Exception as exc:  # offline, checksum, disk
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        where = os.path.abspath(os.path.join(data_root, FOLDER))
+        raise DatasetNotFoundError(
+            f"--download failed ({first[:200]}); put the extracted {FOLDER}/ at {where}"
+        ) from None
+    return find_cifar_dir(data_root)
 
 
 def _get(d: dict, key: str):
@@ -99,6 +118,11 @@ def build_loaders(
     cfg, mean: Sequence[float], std: Sequence[float], distributed: bool = False, train: bool = True
 ) -> tuple[DataLoader | None, DataLoader, list[str]]:
     """(train loader or None, val loader, class names). Under DDP both use DistributedSampler."""
+    if getattr(cfg, "download", False):
+        if not distributed or torch.distributed.get_rank() == 0:
+            download_cifar100(cfg.data_root)
+        if distributed:
+            torch.distributed.barrier()
     val_set = CIFAR100(cfg.data_root, train=False, transform=build_transforms(cfg.image_size, mean, std, False))
     pin = torch.cuda.is_available()
     workers = int(cfg.num_workers)
