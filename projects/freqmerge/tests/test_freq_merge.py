@@ -29,11 +29,47 @@ def test_vit_small_schedule_gives_guide_token_counts():
     assert token_counts(model, schedule) == EXPECTED_TOKENS
 
 
-@pytest.mark.parametrize("scorer", ["lfgm", "attention", "random", "none"])
-def test_forward_runs_the_keep_rate_budget(tiny_config, scorer):
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"scorer": "lfgm"},
+        {"scorer": "attention"},
+        {"scorer": "random"},
+        {"scorer": "none"},
+        {"penalty_mode": "guide", "phi_pool": "amax", "prop_attn": False},
+    ],
+    ids=["lfgm", "attention", "random", "none", "guide-amax-noprop"],
+)
+def test_forward_runs_the_keep_rate_budget(tiny_config, changes):
     torch.manual_seed(0)
-    model = build_model(tiny_config(scorer=scorer)).eval()
+    model = build_model(tiny_config(**changes)).eval()
     assert _block_tokens(model, torch.randn(2, 3, 112, 112)) == EXPECTED_TOKENS
+
+
+def test_train_step_with_merging(tiny_config):
+    torch.manual_seed(0)
+    model = build_model(tiny_config()).train()
+    loss = torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 112, 112)), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_pretrained_path_loads_a_local_timm_checkpoint(tiny_config, tmp_path):
+    """A 1000-class timm checkpoint on a 12 x 12 grid: body loaded, pos-embed resampled to 14 x 14, head new."""
+    from freqmerge.models import create_backbone
+    from freqmerge.models.vit_freqmerge import PretrainedWeightsError
+
+    cfg = tiny_config(freqmerge=False)
+    torch.manual_seed(1)
+    source = timm.create_model(cfg.backbone, pretrained=False, img_size=96, **cfg.model_kwargs)
+    path = tmp_path / "vit.pth"
+    torch.save({"state_dict": source.state_dict()}, path)
+    model = create_backbone(cfg.replace(pretrained_path=str(path)))
+    assert torch.equal(model.blocks[3].mlp.fc1.weight, source.blocks[3].mlp.fc1.weight)
+    assert model.pos_embed.shape == (1, 197, 32) and model.head.weight.shape == (100, 32)
+    with pytest.raises(PretrainedWeightsError, match="--pretrained_path"):
+        create_backbone(cfg.replace(pretrained_path=str(tmp_path / "missing.pth")))
 
 
 def test_no_freqmerge_is_plain_timm(tiny_config):

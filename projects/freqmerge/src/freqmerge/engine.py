@@ -182,10 +182,11 @@ def check_merge_layers(cfg: Config, depth: int) -> None:
 def run_main(fn: Callable[[], Any], prog: str) -> Any:
     """Run a command; user errors become one line on stderr and exit status 1."""
     from .data.cifar100 import DatasetNotFoundError
+    from .models.vit_freqmerge import PretrainedWeightsError
 
     try:
         return fn()
-    except (UserError, DatasetNotFoundError) as exc:
+    except (UserError, DatasetNotFoundError, PretrainedWeightsError) as exc:
         sys.exit(f"{prog}: error: {exc}")
     except KeyboardInterrupt:
         sys.exit(f"{prog}: interrupted")

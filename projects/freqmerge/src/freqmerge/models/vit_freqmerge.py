@@ -25,25 +25,33 @@ from merge_core.schedule import keep_rate_schedule, tokens_per_layer
 from .freq_merge import FreqMergeMatcher
 
 
+class PretrainedWeightsError(Exception):
+    """``--pretrained_path`` cannot be used (missing, unreadable, not a state dict); one-line message."""
+
+
 class PretrainedWeightsWarning(UserWarning):
     """Raised (as a warning) when the backbone falls back to random initialisation."""
 
 
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--pretrained_path {path!r} does not exist")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+        raise PretrainedWeightsError(f"argument --pretrained_path: {path!r} does not exist")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PretrainedWeightsError(f"argument --pretrained_path: cannot read {path!r}: {first[:200]}") from None
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
             break
     if not isinstance(state, dict):
-        raise ValueError(f"--pretrained_path {path!r} does not hold a state dict")
+        raise PretrainedWeightsError(f"argument --pretrained_path: {path!r} does not hold a state dict")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -54,7 +62,14 @@ def load_pretrained_file(model: VisionTransformer, path: str) -> list[str]:
     """
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    state = checkpoint_filter_fn(_read_state_dict(path), model)
+    try:
+        state = checkpoint_filter_fn(_read_state_dict(path), model)
+    except PretrainedWeightsError:
+        raise
+    except Exception as exc:  # not a ViT checkpoint of a compatible shape
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        message = f"argument --pretrained_path: does not fit {type(model).__name__}: {first[:200]}"
+        raise PretrainedWeightsError(message) from None
     own = model.state_dict()
     skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     for key in skipped:
