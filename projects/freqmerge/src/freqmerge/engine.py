@@ -8,7 +8,6 @@ import math
 import os
 import random
 import sys
-import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -205,10 +204,6 @@ class Runtime:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def amp_context(self):
-        return nullcontext()
-
 
 def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
     if name:
@@ -230,6 +225,8 @@ def setup_runtime(cfg: Config, device_name: str | None = None) -> Runtime:
             raise UserError("argument --no_multi_gpu: launched by torchrun with WORLD_SIZE > 1; run plain python")
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         device = resolve_device(device_name, local_rank)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local_rank)  # one GPU per process
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
@@ -460,10 +457,6 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
         if i == 0:
             out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(out)
-
-
-def quiet_warnings() -> None:
-    warnings.filterwarnings("ignore", message=".*upsample_bilinear2d.*")
 
 
 def device_name(device: torch.device) -> str:
