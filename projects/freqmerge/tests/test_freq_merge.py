@@ -36,9 +36,10 @@ def test_vit_small_schedule_gives_guide_token_counts():
         {"scorer": "attention"},
         {"scorer": "random"},
         {"scorer": "none"},
-        {"penalty_mode": "guide", "phi_pool": "amax", "prop_attn": False},
+        {"penalty_mode": "guide", "phi_pool": "amax", "prop_attn": True},
+        {"scorer": "attention", "prop_attn": True},
     ],
-    ids=["lfgm", "attention", "random", "none", "guide-amax-noprop"],
+    ids=["lfgm", "attention", "random", "none", "guide-amax-prop", "attention-prop"],
 )
 def test_forward_runs_the_keep_rate_budget(tiny_config, changes):
     torch.manual_seed(0)
@@ -100,7 +101,7 @@ def test_alpha_zero_equals_tome(tiny_config):
     ours = build_model(tiny_config(alpha=0.0)).eval()
     tome = build_model(tiny_config(freqmerge=False)).eval()
     tome.load_state_dict(ours.state_dict())
-    patch_timm(tome, prop_attn=True)
+    patch_timm(tome, prop_attn=False)
     tome.r = list(ours.r)
     x = torch.randn(2, 3, 112, 112)
     with torch.no_grad():

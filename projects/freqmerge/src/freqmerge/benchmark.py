@@ -12,8 +12,10 @@ Variants (all share one set of weights):
   same per-block token counts as the merged models, the surplus tokens simply cut off after attention (no
   scoring, no matching, no weighted average, no proportional attention): the speed a merge with free
   matching would reach.
-- ``tome`` / ``tome_noprop``: merge-core's ToMe (bipartite soft matching) with / without proportional attention.
-- ``freqmerge`` / ``freqmerge_noprop``: FreqMerge (LFGM penalty, alpha 0.7) with / without proportional attention.
+- ``tome``: merge-core's ToMe (bipartite soft matching, size-weighted average) at the same budget.
+- ``freqmerge``: FreqMerge (LFGM penalty, alpha 0.7), the project's default configuration.
+- ``tome_prop`` / ``freqmerge_prop``: the same with ToMe's proportional attention (log(size) key bias), which
+  the bound does not pay for (FreqMerge's default leaves it off; ``--prop_attn`` turns it on).
 
 Timing: ``--warmup`` untimed passes, then ``--iters`` passes each timed with CUDA events (perf_counter on
 CPU), repeated for ``--rounds`` rounds that interleave the variants; img/s = batch / median pass time.
@@ -43,7 +45,7 @@ from merge_core.schedule import keep_rate_schedule, tokens_per_layer
 
 from .models.freq_merge import FreqMergeMatcher
 
-VARIANTS = ("baseline", "bound", "tome", "tome_noprop", "freqmerge", "freqmerge_noprop")
+VARIANTS = ("baseline", "bound", "tome", "freqmerge", "tome_prop", "freqmerge_prop")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -88,7 +90,7 @@ def build_variants(args: argparse.Namespace, device: torch.device, dtype: torch.
             model = ZeroOverheadBound(copy.deepcopy(base), keep_after)
         else:
             model = copy.deepcopy(base)
-            prop = not name.endswith("_noprop")
+            prop = name.endswith("_prop")
             if name.startswith("tome"):
                 patch_timm(model, prop_attn=prop)
             else:
@@ -263,7 +265,7 @@ def run(args: argparse.Namespace) -> dict:
     for r in rows:
         frac = f"{100 * r['fraction_of_bound']:.1f}" if "fraction_of_bound" in r else "-"
         print(f"| {r['variant']} | {r['gflops']:.2f} | {r['img_s']:.1f} | {r['speedup']:.2f}x | {frac} |")
-    for name in ("freqmerge", "freqmerge_noprop"):
+    for name in ("freqmerge", "freqmerge_prop"):
         row = next((r for r in rows if r["variant"] == name), None)
         if row is not None and "fraction_of_bound" in row:
             verdict = "meets" if row["fraction_of_bound"] >= 0.9 else "misses"

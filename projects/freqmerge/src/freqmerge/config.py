@@ -38,7 +38,7 @@ USE_GRAD_CHECKPOINT = False  # activation checkpointing (only without token merg
 PENALTY_MODE = "shifted"  # "shifted": (1+cos)/2 * (1 - a*max(phi)); "guide": cos * (1 - a*max(phi)) as printed
 PHI_POOL = "mean"  # how grid scores are pooled onto merged tokens at later layers: "mean" or "amax"
 SCORER = "lfgm"  # token scorer: lfgm | attention | random (pruning) | none (= ToMe)
-PROP_ATTN = True  # ToMe's proportional attention (log(size) on the keys) after merging
+PROP_ATTN = False  # ToMe's proportional attention (log(size) on the keys); not part of the guide's algorithm
 PRETRAINED = True  # timm hub weights when online; otherwise --pretrained_path or random init (warning)
 PRETRAINED_PATH = ""  # local timm checkpoint (state dict), loaded with weights_only=True
 LABEL_SMOOTHING = 0.0

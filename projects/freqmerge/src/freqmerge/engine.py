@@ -89,7 +89,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     x.add_argument("--penalty_mode", choices=["shifted", "guide"], help="'guide' = the README formula as printed")
     x.add_argument("--phi_pool", choices=["mean", "amax"], help="pooling of grid scores onto merged tokens")
     x.add_argument("--scorer", choices=["lfgm", "attention", "random", "none"], help="token scorer (default lfgm)")
-    x.add_argument("--no_prop_attn", action="store_true", help="disable proportional attention after merging")
+    x.add_argument("--prop_attn", action="store_true", help="add ToMe's proportional attention (default off)")
+    x.add_argument("--no_prop_attn", action="store_true", help="no proportional attention (the default)")
     x.add_argument("--backbone", help=f"timm model name (default {C.BACKBONE})")
     x.add_argument("--image_size", type=positive_int, help=f"input resolution (default {C.IMAGE_SIZE})")
     x.add_argument(
@@ -157,6 +158,8 @@ def cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
             out[name] = list(value) if isinstance(value, list) else value
     if getattr(args, "no_freqmerge", False):
         out["freqmerge"] = False
+    if getattr(args, "prop_attn", False):
+        out["prop_attn"] = True
     if getattr(args, "no_prop_attn", False):
         out["prop_attn"] = False
     if getattr(args, "no_amp", False):
