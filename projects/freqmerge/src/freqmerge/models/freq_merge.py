@@ -100,7 +100,7 @@ class FreqMergeMatcher:
         """(phi per current token (B, N), phi on the patch grid (B, gh*gw)) for tokens ``x`` (B, N, C)."""
         protected = int(info["protected"])
         n_patches = self.grid[0] * self.grid[1]
-        batch, n_tokens = x.shape[0], x.shape[1]
+        n_tokens = x.shape[1]
         channel_mean = x.float().mean(dim=-1)  # step 2 per token (commutes with the gather below)
         source_index = info.get("source_index")
         if source_index is None:
@@ -113,11 +113,11 @@ class FreqMergeMatcher:
         else:
             grid_mean = channel_mean.gather(1, source_index[:, protected:])  # unmerge_to_source, channel-mean form
         phi_grid = lfgm_from_channel_mean(grid_mean, self.grid, self.radius)
-        prefix = phi_grid.new_zeros(batch, protected)
         if source_index is None:
-            phi = torch.cat([prefix, phi_grid], dim=1)
+            phi = F.pad(phi_grid, (protected, 0))  # prefix tokens score 0 (they are protected anyway)
         else:
-            phi = pool_by_source(torch.cat([prefix, phi_grid], dim=1), source_index, n_tokens, self.phi_pool)
+            # patches pooled onto the tokens holding them; prefix tokens receive no patch and stay 0
+            phi = pool_by_source(phi_grid, source_index[:, protected:], n_tokens, self.phi_pool)
         return phi, phi_grid
 
     @staticmethod

@@ -52,8 +52,7 @@ def lfgm_from_channel_mean(mean_map: torch.Tensor, grid: tuple[int, int], radius
     spec = spec * highpass_mask(h, w, radius, f.device)
     hp = torch.fft.irfft2(spec, s=(h, w), norm="ortho")
     energy = hp.square().flatten(1)
-    lo = energy.amin(dim=1, keepdim=True)
-    hi = energy.amax(dim=1, keepdim=True)
+    lo, hi = torch.aminmax(energy, dim=1, keepdim=True)
     return (energy - lo) / (hi - lo + EPS)
 
 
