@@ -101,7 +101,7 @@ class FreqMergeMatcher:
         protected = int(info["protected"])
         n_patches = self.grid[0] * self.grid[1]
         n_tokens = x.shape[1]
-        channel_mean = x.float().mean(dim=-1)  # step 2 per token (commutes with the gather below)
+        channel_mean = x.mean(dim=-1, dtype=torch.float32)  # step 2 per token (commutes with the gather below)
         source_index = info.get("source_index")
         if source_index is None:
             if n_tokens != protected + n_patches:
