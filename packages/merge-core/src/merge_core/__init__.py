@@ -21,6 +21,7 @@ from .merge import (
     unmerge_to_source,
 )
 from .penalty import TokenPairPenalty
+from .pruning import prune_by_score, random_pruning
 from .schedule import keep_rate_schedule, parse_r, tokens_per_layer
 from .vis import make_visualization
 
@@ -38,6 +39,8 @@ __all__ = [
     "parse_r",
     "pool_by_source",
     "proportional_attention",
+    "prune_by_score",
+    "random_pruning",
     "random_bipartite_soft_matching",
     "source_index_to_dense",
     "tokens_per_layer",
