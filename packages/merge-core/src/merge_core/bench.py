@@ -194,7 +194,8 @@ def _variants(args) -> list[dict[str, Any]]:
         for r in args.r:
             if r > 0:
                 rows.append({"kind": "bound", "r": r, "prop_attn": False})
-                rows.append({"kind": "bound_bias", "r": r, "prop_attn": True})
+                if getattr(args, "bias_bound", True):
+                    rows.append({"kind": "bound_bias", "r": r, "prop_attn": True})
     if getattr(args, "torch_path", False):  # same model, fused kernels off: what the kernels buy
         for r in args.r:
             if r > 0:
@@ -207,7 +208,8 @@ def _variants(args) -> list[dict[str, Any]]:
     return rows
 
 
-def _make_fn(model, row: dict[str, Any], x: torch.Tensor, compile_model: bool) -> Callable[[], Any]:
+def _make_fn(model, row: dict[str, Any], x: torch.Tensor, execution: str) -> Callable[[], Any]:
+    """Callable timing one row: ``execution`` is eager, compile (torch.compile) or cudagraph (captured)."""
     from . import patch
 
     kind = row["kind"]
@@ -222,7 +224,7 @@ def _make_fn(model, row: dict[str, Any], x: torch.Tensor, compile_model: bool) -
         patch.timm(model, prop_attn=row["prop_attn"], attn_backend=row.get("attn_backend", "auto"))
         model.r = row["r"]
         fn = model
-    if compile_model:
+    if execution == "compile":
         torch._dynamo.reset()
         fn = torch.compile(fn)
     mode = "never" if kind in ("tome", "merge_torch") else "auto"
@@ -231,6 +233,9 @@ def _make_fn(model, row: dict[str, Any], x: torch.Tensor, compile_model: bool) -
         with torch.inference_mode(), kernels.kernel_mode(mode):
             return fn(x)
 
+    if execution == "cudagraph":  # static shapes and no host syncs: the whole forward is capturable
+        graphed = _graphed(lambda: run(), ())
+        return lambda: graphed()
     return run
 
 
@@ -248,17 +253,18 @@ def bench_model(
     )
     x = torch.randn(batch, 3, *model.patch_embed.img_size, device=device, dtype=dtype)
     results = []
-    modes = {"eager": [False], "compile": [True], "both": [False, True]}[args.mode]
-    for compiled in modes:
+    modes = {"eager": ["eager"], "compile": ["compile"], "both": ["eager", "compile"], "cudagraph": ["cudagraph"]}
+    for execution in modes[args.mode]:
+        compiled = execution == "compile"
         base = None
         for row in _variants(args):
-            if compiled and row["kind"] in ("tome", "merge_torch"):
+            if execution != "eager" and row["kind"] in ("tome", "merge_torch"):
                 continue
             if getattr(model, "_merge_info", None) is not None:
                 patch.remove_patch(model)
             t0 = time.perf_counter()
             try:
-                fn = _make_fn(model, row, x, compiled)
+                fn = _make_fn(model, row, x, execution)
                 timing = measure(fn, device, args.warmup, args.iters)
             except Exception as exc:  # keep the other rows; report the failure
                 log(f"  {row} failed: {type(exc).__name__}: {exc}")
@@ -266,7 +272,7 @@ def bench_model(
                 continue
             r_list = parse_r(len(model.blocks), row["r"])
             macs = vit_macs(model, r_list)
-            res = {**info, **row, "compiled": compiled, **timing}
+            res = {**info, **row, "compiled": compiled, "execution": execution, **timing}
             res["img_per_s"] = batch / (timing["ms_median"] / 1e3)
             res["gmacs_per_image_merged"] = macs / 1e9
             res["flop_ratio"] = info["gmacs_per_image"] * 1e9 / macs
@@ -287,7 +293,7 @@ def _row_text(res: dict[str, Any]) -> str:
         label += f" prop_attn={'on' if res['prop_attn'] else 'off'}"
         if res["prop_attn"] and res.get("attn_backend", "auto") != "auto":
             label += f"({res['attn_backend']})"
-    label += " compiled" if res.get("compiled") else ""
+    label += {"compile": " compiled", "cudagraph": " cudagraph"}.get(res.get("execution", "eager"), "")
     speed = f"{res['speedup']:.2f}x" if res.get("speedup") else "-"
     return (
         f"{label:<34} r={res['r']:<3} {res['img_per_s']:>10.1f} img/s  {res['ms_median']:8.2f} ms  "
@@ -440,7 +446,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="proportional attention backend(s), comma-separated (merge_core.attention)",
     )
-    p.add_argument("--mode", choices=["eager", "compile", "both"], default="eager", help="torch.compile or not")
+    p.add_argument(
+        "--mode",
+        choices=["eager", "compile", "both", "cudagraph"],
+        default="eager",
+        help="eager, torch.compile, both, or the eager forward captured in a CUDA graph (CUDA only)",
+    )
     p.add_argument("--compile", action="store_const", const="both", dest="mode", help="same as --mode both")
     p.add_argument("--bounds", action="store_true", help="add the zero-overhead bounds (no matching)")
     p.add_argument("--tome", action="store_true", help="add the ToMe-style unfused baseline")
@@ -457,6 +468,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", default=None, help="suite gpu: comma-separated subset of vit_small,vit_base,vit_large")
     p.add_argument("--out", default="results", help="suite gpu/micro: folder for the JSON (file name has the date)")
     p.add_argument("--compile-micro", action="store_true", help="micro: add a torch.compile'd torch path")
+    p.add_argument("--no-micro", action="store_true", help="suite gpu: skip the micro/attention benchmarks")
     args = p.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -505,6 +517,8 @@ def run_suite(args, log=print, checkpoint: Callable[[dict[str, Any]], None] | No
             checkpoint(payload)
         return payload
     args.compile_micro = args.compile_micro or args.mode != "eager"
+    if args.no_micro:
+        return _suite_models(args, payload, log, checkpoint)
     micro = []
     for b, n, c, r, xc in ((256, 197, 64, 16, None), (256, 197, 64, 16, 768), (8, 16384, 64, 4096, None)):
         rows = bench_match_merge(b, n, c, r, device, dtype, args, x_channels=xc)
@@ -522,7 +536,7 @@ def run_suite(args, log=print, checkpoint: Callable[[dict[str, Any]], None] | No
     checkpoint(payload)
     if args.suite == "micro":
         return payload
-    if args.mode == "compile":
+    if args.mode in ("compile", "cudagraph"):
         return _suite_models(args, payload, log, checkpoint)
     attn = []
     for b, h, n, d in ((512, 6, 197, 64), (256, 12, 197, 64), (256, 12, 99, 64), (128, 16, 197, 64)):
@@ -545,9 +559,12 @@ def _suite_models(args, payload, log, checkpoint):
         if wanted and name.rsplit("_patch", 1)[0] not in wanted:
             continue
         suite_args = argparse.Namespace(**vars(args))
-        suite_args.r = [r] if args.mode == "compile" else [0, r]  # compiling r=0 rows too costs minutes
+        suite_args.r = [r] if args.mode in ("compile", "cudagraph") else [0, r]  # compiling r=0 rows costs minutes
         suite_args.prop_attn = "both"
         suite_args.bounds = suite_args.tome = suite_args.torch_path = True
+        if args.mode == "compile":  # the qkv-channel path spent minutes in Inductor autotuning: SDPA mask here
+            suite_args.attn_backend = "sdpa"
+            suite_args.bias_bound = False  # one compile less per model (minutes)
         if name == "vit_base_patch16_224" and args.attn_backend == "auto" and args.mode == "eager":
             suite_args.attn_backend = "auto,sdpa,flex,reference"  # compare backends on one model
         info, rows = bench_model(name, batch, suite_args, device, dtype, log)
