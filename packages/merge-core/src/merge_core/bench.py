@@ -318,13 +318,12 @@ def bench_match_merge(
         merge, _ = bipartite_soft_matching(m, r, class_token=True)
         return merge_wavg(merge, xx, s)
 
-    compiled_step = torch.compile(step, dynamic=False)
     out = []
     paths = [("torch", "never", step)]
     if device.type == "cuda" and kernels.triton_available():
         paths.insert(0, ("fused", "always", step))
     if args.compile_micro:
-        paths.append(("torch.compile", "never", compiled_step))
+        paths.append(("torch.compile", "never", torch.compile(step, dynamic=False)))
     if device.type == "cuda" and kernels.triton_available():
         paths.append(("fused+cudagraph", "always", _graphed(step, (metric, x, size))))
     for label, mode, fn in paths:
