@@ -88,3 +88,40 @@ def profile_forward(name, batch, r, prop_attn, kind, device, dtype, log=print, r
         "gpu_ms": gpu_us / 1e3,
         "table": table,
     }
+
+
+def launch_overhead(n: int = 2000, log=print) -> dict[str, float]:
+    """Host-side microseconds per call (tiny inputs, no sync inside the loop): Triton launches vs aten ops."""
+    import time
+
+    from ..kernels import _triton
+    from ..matching import bipartite_soft_matching
+    from ..merge import merge_wavg
+
+    device = torch.device("cuda")
+    metric = torch.randn(2, 17, 64, device=device, dtype=torch.float16)
+    x = torch.randn(2, 17, 64, device=device, dtype=torch.float16)
+    a, b = metric[:, ::2], metric[:, 1::2]
+    merge, _ = bipartite_soft_matching(metric, 4, class_token=True)
+    vals = torch.randn(2, 9, device=device, dtype=torch.float16)
+    cases = {
+        "triton best_destinations": lambda: _triton.best_destinations(a, b, 1, 0),
+        "triton merge_wavg": lambda: _triton.merge_wavg(merge.plan, x, None),
+        "aten sort(stable)": lambda: torch.sort(vals, dim=-1, descending=True, stable=True),
+        "aten add": lambda: x + x,
+        "bipartite_soft_matching (fused)": lambda: bipartite_soft_matching(metric, 4, class_token=True),
+        "match + merge_wavg (fused)": lambda: merge_wavg(bipartite_soft_matching(metric, 4, class_token=True)[0], x),
+    }
+    out = {}
+    for label, fn in cases.items():
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        host = (time.perf_counter() - t0) / n * 1e6
+        torch.cuda.synchronize()
+        out[label] = host
+        log(f"  host time per call: {label:<34} {host:7.1f} us")
+    return out
