@@ -292,3 +292,27 @@ def test_patched_vit_channel_backend_matches_reference():
         with torch.no_grad(), kernels.kernel_mode("never"):
             outs[backend] = model(x)
     torch.testing.assert_close(outs["channel"], outs["reference"], atol=1e-5, rtol=1e-5)
+
+
+def test_qkv_channel_cache_follows_weight_updates():
+    timm = pytest.importorskip("timm")
+    from merge_core.kernels.prop_attn import qkv_channel_attention
+
+    torch.manual_seed(8)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2)
+    attn = model.blocks[0].attn
+    x, size = torch.randn(2, 5, 64), torch.randint(1, 4, (2, 5)).float()
+
+    def reference():
+        q, k, v = attn.qkv(x).reshape(2, 5, 3, 2, 32).permute(2, 0, 3, 1, 4).unbind(0)
+        return mc.proportional_attention(q, k, v, size, scale=attn.scale, backend="reference")
+
+    with torch.no_grad():
+        first, _ = qkv_channel_attention(attn, x, size)
+        assert "_merge_core_qkv_pad" in attn.__dict__  # cached in inference
+        torch.testing.assert_close(first, reference(), atol=1e-5, rtol=1e-5)
+        attn.qkv.weight.mul_(0.5)  # in-place update: the cache must not be served stale
+        attn.qkv.bias.add_(0.1)
+        second, _ = qkv_channel_attention(attn, x, size)
+        torch.testing.assert_close(second, reference(), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(first, second)

@@ -36,14 +36,40 @@ def qkv_channel_attention(attn, x: torch.Tensor, size: torch.Tensor) -> tuple[to
     """
     b, n, c = x.shape
     h, d = attn.num_heads, attn.head_dim
-    weight = F.pad(attn.qkv.weight.view(3, h, d, c), (0, 0, 0, PAD)).view(-1, c)
-    extra = x.new_zeros(3, h, d + PAD)
-    extra[0, :, d] = 1.0 / attn.scale
-    bias = extra if attn.qkv.bias is None else F.pad(attn.qkv.bias.view(3, h, d), (0, PAD)) + extra
-    qkv = F.linear(x, weight, bias.view(-1)).view(b, n, 3, h, d + PAD).permute(2, 0, 3, 1, 4)
+    weight, bias = _padded_qkv(attn, x)
+    qkv = F.linear(x, weight, bias).view(b, n, 3, h, d + PAD).permute(2, 0, 3, 1, 4)
     if size.dim() == 3:
         size = size[..., 0]
     qkv[1, :, :, :, d] = size.log().to(qkv.dtype)[:, None, :]
     q, k, v = qkv.unbind(0)
     out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
     return out[..., :d], k[..., :d]
+
+
+def _pad_qkv(attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    h, d, c = attn.num_heads, attn.head_dim, x.shape[-1]
+    weight = F.pad(attn.qkv.weight.view(3, h, d, c), (0, 0, 0, PAD)).view(-1, c)
+    extra = x.new_zeros(3, h, d + PAD)
+    extra[0, :, d] = 1.0 / attn.scale
+    bias = extra if attn.qkv.bias is None else F.pad(attn.qkv.bias.view(3, h, d), (0, PAD)) + extra
+    return weight, bias.view(-1)
+
+
+def _padded_qkv(attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded (weight, bias); cached on the module for inference (saves ~8 small ops per layer per call).
+
+    The cache key holds the parameters' storage, version counters (bumped by in-place updates such as
+    ``load_state_dict`` or an optimizer step), dtype and scale, so a changed weight is never served stale.
+    With autograd on, or under ``torch.compile``, the padding is recomputed (differentiable, traceable).
+    """
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return _pad_qkv(attn, x)
+    w, bias = attn.qkv.weight, attn.qkv.bias
+    key = (w.data_ptr(), w._version, w.dtype, w.device, attn.scale)
+    if bias is not None:
+        key += (bias.data_ptr(), bias._version, bias.dtype)
+    cached = attn.__dict__.get("_merge_core_qkv_pad")
+    if cached is None or cached[0] != key:
+        cached = (key, *_pad_qkv(attn, x))
+        attn.__dict__["_merge_core_qkv_pad"] = cached
+    return cached[1], cached[2]
