@@ -65,9 +65,7 @@ def test_binned_sources_pick_most_similar_destination():
 
 def test_binned_random_offsets_reproducible_and_errors():
     metric = torch.randn(4, 30, 8)
-    outs = [
-        mc.binned_soft_matching(metric, 3, "random", torch.Generator().manual_seed(5))[0](metric) for _ in range(2)
-    ]
+    outs = [mc.binned_soft_matching(metric, 3, "random", torch.Generator().manual_seed(5))[0](metric) for _ in range(2)]
     torch.testing.assert_close(outs[0], outs[1])
     with pytest.raises(ValueError, match="dst_offset must be in"):
         mc.binned_soft_matching(metric, 3, dst_offset=3)

@@ -105,9 +105,7 @@ def proportional_attention(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if q.dim() != 4 or k.shape != q.shape[:-1] + (k.shape[-1],) or k.shape[-1] != q.shape[-1]:
-        raise ValueError(
-            f"q, k must be (B, H, N, D) with equal shapes, got {tuple(q.shape)} and {tuple(k.shape)}"
-        )
+        raise ValueError(f"q, k must be (B, H, N, D) with equal shapes, got {tuple(q.shape)} and {tuple(k.shape)}")
     for name, tensor in (("k", k), ("v", v), ("size", size)):
         if tensor is not None and tensor.device != q.device:
             raise ValueError(f"{name} is on {tensor.device} but q is on {q.device}")

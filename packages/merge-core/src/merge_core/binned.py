@@ -35,9 +35,7 @@ def _destination_offsets(
         return torch.full((*lead, n_bins), dst_offset, device=device, dtype=torch.long)
     if isinstance(dst_offset, torch.Tensor):
         return (dst_offset.to(device=device, dtype=torch.long) % stride)[..., None].expand(*lead, n_bins)
-    raise TypeError(
-        f"dst_offset must be 'staggered', 'random', an int or a tensor, got {type(dst_offset).__name__}"
-    )
+    raise TypeError(f"dst_offset must be 'staggered', 'random', an int or a tensor, got {type(dst_offset).__name__}")
 
 
 def binned_soft_matching(
@@ -95,9 +93,7 @@ def binned_soft_matching(
         xf = x.reshape(g, n_bins, xc)
         out = torch.empty(g, n, xc, device=x.device, dtype=x.dtype)
         out.scatter_(1, dst_flat[..., None].expand(g, n_bins, xc), xf)
-        out.scatter_(
-            1, src_flat[..., None].expand(g, n_src, xc), xf.gather(1, match[..., None].expand(g, n_src, xc))
-        )
+        out.scatter_(1, src_flat[..., None].expand(g, n_src, xc), xf.gather(1, match[..., None].expand(g, n_src, xc)))
         return out.reshape(*lead, n, xc)
 
     return merge, unmerge

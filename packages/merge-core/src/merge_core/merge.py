@@ -12,9 +12,7 @@ from .matching import (  # noqa: F401  (re-exported: ToMe's ``tome.merge`` modul
 )
 
 
-def merge_wavg(
-    merge: MergeFn, x: torch.Tensor, size: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_wavg(merge: MergeFn, x: torch.Tensor, size: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted average merge, as ToMe: returns the merged ``x`` and the new ``size`` (..., N', 1)."""
     plan = None if torch.compiler.is_compiling() else getattr(merge, "plan", None)
     if plan is not None:
@@ -62,9 +60,7 @@ def merge_source_index(
 
 def source_index_to_dense(source_index: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """Convert an integer source map (B, N0) into ToMe's dense (B, N', N0) 0/1 form."""
-    dense = torch.zeros(
-        *source_index.shape[:-1], num_tokens, source_index.shape[-1], device=source_index.device
-    )
+    dense = torch.zeros(*source_index.shape[:-1], num_tokens, source_index.shape[-1], device=source_index.device)
     return dense.scatter_(-2, source_index.unsqueeze(-2), 1.0)
 
 

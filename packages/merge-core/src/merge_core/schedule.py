@@ -30,9 +30,7 @@ def parse_r(num_layers: int, r: RSpec) -> list[int]:
     inflect = 0.0
     if isinstance(r, tuple):
         if len(r) != 2:
-            raise ValueError(
-                f"a tuple r must be (r, inflect), got {r!r}; use a list for a per-layer schedule"
-            )
+            raise ValueError(f"a tuple r must be (r, inflect), got {r!r}; use a list for a per-layer schedule")
         r, inflect = r
         inflect = float(inflect)
     check_count(r, "r")

@@ -48,9 +48,12 @@ def make_visualization(
     pixel_groups = np.repeat(np.repeat(groups.reshape(h, w), patch_size, 0), patch_size, 1)
     flat_groups = pixel_groups.reshape(-1)
     count = np.bincount(flat_groups, minlength=flat_groups.max() + 1).astype(np.float32)
-    colour = np.stack(
-        [np.bincount(flat_groups, weights=array[..., ch].reshape(-1), minlength=count.size) for ch in range(3)], -1
-    ) / np.maximum(count, 1)[:, None]
+    colour = (
+        np.stack(
+            [np.bincount(flat_groups, weights=array[..., ch].reshape(-1), minlength=count.size) for ch in range(3)], -1
+        )
+        / np.maximum(count, 1)[:, None]
+    )
     out = colour[pixel_groups]
     border = np.zeros(pixel_groups.shape, dtype=bool)
     border[:, 1:] |= pixel_groups[:, 1:] != pixel_groups[:, :-1]
