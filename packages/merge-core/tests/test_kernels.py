@@ -316,3 +316,17 @@ def test_qkv_channel_cache_follows_weight_updates():
         second, _ = qkv_channel_attention(attn, x, size)
         torch.testing.assert_close(second, reference(), atol=1e-5, rtol=1e-5)
         assert not torch.allclose(first, second)
+
+
+def test_training_merge_takes_differentiable_path():
+    """The fused merge has no backward: with autograd recording, merge_wavg must use the torch path."""
+    metric = torch.randn(2, 20, 8)
+    x = torch.randn(2, 20, 16, requires_grad=True)
+    merge, _ = mc.bipartite_soft_matching(metric, 5)
+    with kernels.kernel_mode("always"):
+        assert not kernels.use_fused_merge(x, None)
+        with torch.no_grad():
+            assert kernels.use_fused_merge(x, None) == kernels.triton_available()
+        out, _ = mc.merge_wavg(merge, x)
+    out.sum().backward()
+    assert x.grad is not None and torch.all(x.grad != 0)

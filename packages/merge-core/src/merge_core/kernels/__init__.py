@@ -18,6 +18,7 @@ Dispatch: ``auto`` (default) uses the kernels for CUDA tensors when Triton impor
 ``torch.compile`` tracing (Inductor then fuses the torch reference itself). ``set_mode("never")`` or
 ``MERGE_CORE_KERNELS=never`` forces the torch path; ``"always"`` also runs them on CPU tensors, which needs
 ``TRITON_INTERPRET=1`` (set before the first kernel call) and is how the CPU tests exercise the kernels.
+The merge kernel has no backward: with autograd recording (training), ``merge_wavg`` takes the torch path.
 """
 
 from __future__ import annotations
@@ -103,8 +104,14 @@ def fused_best_destinations(a, b, protected_a=0, protected_b=0, score_mod=None):
 
 
 def use_fused_merge(x: torch.Tensor, size: torch.Tensor | None) -> bool:
-    """Whether ``merge_wavg`` should take the fused gather/scatter kernel for these inputs."""
+    """Whether ``merge_wavg`` should take the fused gather/scatter kernel for these inputs.
+
+    The kernel has no backward, so whenever autograd would record the merge (training) the torch
+    path runs instead; otherwise gradients would stop at the first merged layer.
+    """
     if not _device_ok(x) or x.dtype not in _FLOAT_DTYPES:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or (size is not None and size.requires_grad)):
         return False
     if size is None:
         return True
