@@ -254,6 +254,9 @@ def bench_model(
     x = torch.randn(batch, 3, *model.patch_embed.img_size, device=device, dtype=dtype)
     results = []
     modes = {"eager": ["eager"], "compile": ["compile"], "both": ["eager", "compile"], "cudagraph": ["cudagraph"]}
+    with torch.inference_mode():  # process warm-up (allocator, thread pools) so the first row is not penalised
+        for _ in range(max(1, args.warmup)):
+            model(x)
     for execution in modes[args.mode]:
         compiled = execution == "compile"
         base = None
@@ -460,7 +463,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="default: 2 on CPU, 10 on CUDA")
     p.add_argument("--iters", type=int, default=None, help="timed runs, median reported (5 CPU, 30 CUDA)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
-    p.add_argument("--json", default="merge-bench.json", help="output JSON path ('' to skip)")
+    p.add_argument("--json", default="results/merge-bench.json", help="output JSON path ('' to skip)")
     p.add_argument(
         "--suite",
         choices=["model", "gpu", "micro", "profile"],
