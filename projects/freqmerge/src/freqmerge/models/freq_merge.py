@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from merge_core.matching import bipartite_soft_matching
-from merge_core.merge import pool_by_source
+from merge_core.merge import pool_by_source, unmerge_to_source
 from merge_core.penalty import MODES, TokenPairPenalty
 from merge_core.pruning import random_pruning
 
@@ -111,7 +111,7 @@ class FreqMergeMatcher:
                 )
             grid_mean = channel_mean[:, protected:]
         else:
-            grid_mean = channel_mean.gather(1, source_index[:, protected:])  # unmerge_to_source, channel-mean form
+            grid_mean = unmerge_to_source(channel_mean[..., None], source_index[:, protected:])[..., 0]
         phi_grid = lfgm_from_channel_mean(grid_mean, self.grid, self.radius)
         if source_index is None:
             phi = F.pad(phi_grid, (protected, 0))  # prefix tokens score 0 (they are protected anyway)
