@@ -73,7 +73,7 @@ def _optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
 
 def train(cfg: Config, resume: str | None = None, device: str | None = None) -> dict:
     """Full training run; returns {"best_top1", "history", "best_path", ...}."""
-    from .data.cifar100 import build_loaders
+    from .data.cifar100 import build_loaders, find_cifar_dir
     from .models.vit_freqmerge import configure_model, create_backbone, merge_schedule, token_counts, unwrap
     from .utils.metrics import count_gmacs, count_params
     from .utils.visualize import plot_training_curves
@@ -94,6 +94,8 @@ def train(cfg: Config, resume: str | None = None, device: str | None = None) -> 
         keep = {k: getattr(stored, k) for k in (*C.ARCH_FIELDS, *C.MERGE_FIELDS)}
         cfg = cfg.replace(**keep)
 
+    if not cfg.download:  # fail fast on missing data, before the (possibly slow) backbone set-up
+        find_cifar_dir(cfg.data_root)
     # Only rank 0 asks the hub; DDP broadcasts rank 0's weights to the others.
     model = create_backbone(cfg, pretrained=cfg.pretrained and runtime.is_main and state is None)
     check_merge_layers(cfg, len(model.blocks))
