@@ -39,22 +39,22 @@ def test_vit_macs_merged_counts_and_known_value():
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_bound_forward_equals_timm_at_r0(bias):
+def testbound_forward_equals_timm_at_r0(bias):
     model = _tiny()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         ref = model(x)
-        out = bench._bound_forward(model, x, [0, 0, 0], bias)
+        out = bench.bound_forward(model, x, [0, 0, 0], bias)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_bound_forward_uses_merged_token_counts():
+def testbound_forward_uses_merged_token_counts():
     model = _tiny()
     seen = []
     for block in model.blocks:
         block.mlp.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
     with torch.no_grad():
-        bench._bound_forward(model, torch.randn(1, 3, 32, 32), [4, 4, 4], False)
+        bench.bound_forward(model, torch.randn(1, 3, 32, 32), [4, 4, 4], False)
     assert seen == [13, 9, 5]  # 17 tokens -> 13 -> 9 -> 5 (cap: half of the unprotected tokens)
     assert [after for _, after in bench._token_schedule(model, [4, 4, 4])] == seen
     import merge_core as mc

@@ -35,7 +35,7 @@ def test_bound_uses_timm_blocks_and_matches_plain_model_without_merging():
     import torch
 
     model = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=112, **json.loads(TINY)).eval()
-    bound = benchmark.ZeroOverheadBound(model, [None] * 12)
+    bound = benchmark.ZeroOverheadBound(model, [0] * 12)
     x = torch.randn(2, 3, 112, 112)
     with torch.no_grad():
         torch.testing.assert_close(bound(x), model(x))

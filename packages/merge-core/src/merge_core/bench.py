@@ -72,8 +72,13 @@ def environment(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def measure(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int) -> dict[str, float]:
-    """Median / min / max milliseconds of ``fn`` over ``iters`` timed runs after ``warmup`` runs."""
+def time_calls(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int) -> list[float]:
+    """Milliseconds of each of ``iters`` calls of ``fn`` after ``warmup`` untimed calls.
+
+    CUDA: one pair of CUDA events around each call (GPU time of the call's stream); CPU: perf_counter.
+    The one timing loop of the repository: projects' benchmarks call it too.
+    """
+    device = torch.device(device)
     for _ in range(warmup):
         fn()
     times = []
@@ -91,6 +96,12 @@ def measure(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def measure(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int) -> dict[str, float]:
+    """Median / min / max milliseconds of ``fn`` over ``iters`` timed runs after ``warmup`` runs."""
+    times = time_calls(fn, device, warmup, iters)
     return {"ms_median": statistics.median(times), "ms_min": min(times), "ms_max": max(times), "runs": iters}
 
 
@@ -149,7 +160,7 @@ def _token_schedule(model, r_list: Sequence[int]) -> list[tuple[int, int]]:
     return out
 
 
-def _bound_forward(model, x: torch.Tensor, r_list: Sequence[int], bias: bool) -> torch.Tensor:
+def bound_forward(model, x: torch.Tensor, r_list: Sequence[int], bias: bool = False) -> torch.Tensor:
     """timm's own blocks on the merged token counts with no matching (the zero-overhead bound).
 
     With ``bias`` attention carries a float key bias through SDPA, like proportional attention.
@@ -176,6 +187,19 @@ def _bound_forward(model, x: torch.Tensor, r_list: Sequence[int], bias: bool) ->
         x = x + block.ls2(block.mlp(block.norm2(x)))
     x = model.norm(x)
     return model.forward_head(x)
+
+
+class ZeroOverheadBound(torch.nn.Module):
+    """A timm ViT run by ``bound_forward``: the merged model's token counts at no matching cost."""
+
+    def __init__(self, model: torch.nn.Module, r_list: Sequence[int], bias: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.r_list = list(r_list)
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return bound_forward(self.model, x, self.r_list, self.bias)
 
 
 # ----------------------------------------------------------------------------- model benchmark
@@ -219,7 +243,7 @@ def _make_fn(model, row: dict[str, Any], x: torch.Tensor, execution: str) -> Cal
         r_list = parse_r(len(model.blocks), row["r"])
 
         def fn(inp, _m=model, _r=r_list, _b=kind == "bound_bias"):
-            return _bound_forward(_m, inp, _r, _b)
+            return bound_forward(_m, inp, _r, _b)
     else:
         patch.timm(model, prop_attn=row["prop_attn"], attn_backend=row.get("attn_backend", "auto"))
         model.r = row["r"]

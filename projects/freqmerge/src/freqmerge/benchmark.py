@@ -33,13 +33,13 @@ import os
 import platform
 import statistics
 import sys
-import time
 from datetime import datetime, timezone
 
 import timm
 import torch
 from torch import nn
 
+from merge_core.bench import ZeroOverheadBound, time_calls
 from merge_core.patch import timm as patch_timm
 from merge_core.schedule import keep_rate_schedule, tokens_per_layer
 
@@ -47,29 +47,6 @@ from .models.freq_merge import FreqMergeMatcher
 
 VARIANTS = ("baseline", "bound", "tome", "freqmerge", "tome_prop", "freqmerge_prop")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-class ZeroOverheadBound(nn.Module):
-    """timm's ViT blocks on a fixed per-block token budget, with the surplus tokens dropped (no matching)."""
-
-    def __init__(self, model: nn.Module, keep_after: list[int | None]) -> None:
-        super().__init__()
-        self.model = model
-        self.keep_after = keep_after  # tokens kept after block i's attention (None = all)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        x = m.patch_embed(x)
-        x = m._pos_embed(x)
-        x = m.patch_drop(x)
-        x = m.norm_pre(x)
-        for block, keep in zip(m.blocks, self.keep_after, strict=True):
-            x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
-            if keep is not None:
-                x = x[:, :keep]
-            x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-        x = m.norm(x)
-        return m.forward_head(x)
 
 
 def build_variants(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict[str, nn.Module]:
@@ -86,8 +63,7 @@ def build_variants(args: argparse.Namespace, device: torch.device, dtype: torch.
         if name == "baseline":
             model = base
         elif name == "bound":
-            keep_after = [c if r else None for c, r in zip(counts, schedule, strict=True)]
-            model = ZeroOverheadBound(copy.deepcopy(base), keep_after)
+            model = ZeroOverheadBound(copy.deepcopy(base), schedule)
         else:
             model = copy.deepcopy(base)
             prop = name.endswith("_prop")
@@ -132,24 +108,8 @@ def gmacs(model: nn.Module, x: torch.Tensor) -> float:
 
 @torch.inference_mode()
 def time_passes(model: nn.Module, x: torch.Tensor, warmup: int, iters: int) -> list[float]:
-    for _ in range(warmup):
-        model(x)
-    times = []
-    if x.is_cuda:
-        torch.cuda.synchronize(x.device)
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            model(x)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1000.0)
-    else:
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t0)
-    return times
+    """Seconds per forward pass (merge-core's timing loop: CUDA events on GPU)."""
+    return [ms / 1e3 for ms in time_calls(lambda: model(x), x.device, warmup, iters)]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

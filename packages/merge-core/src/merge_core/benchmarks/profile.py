@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
-from ..bench import _bound_forward, build_model, measure
+from ..bench import bound_forward, build_model, measure
 
 
 def sdpa_head_dim_sweep(device, dtype, args, log=print) -> list[dict[str, Any]]:
@@ -57,7 +57,7 @@ def profile_forward(name, batch, r, prop_attn, kind, device, dtype, log=print, r
         r_list = [r] * len(model.blocks)
 
         def fn():
-            return _bound_forward(model, x, r_list, prop_attn)
+            return bound_forward(model, x, r_list, prop_attn)
     else:
         patch.timm(model, prop_attn=prop_attn)
         model.r = r

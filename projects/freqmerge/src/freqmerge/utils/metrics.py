@@ -12,11 +12,12 @@ CPU) and the median iteration time; img/s = batch / median seconds.
 from __future__ import annotations
 
 import statistics
-import time
 from contextlib import nullcontext
 
 import torch
 from torch import nn
+
+from merge_core.bench import time_calls
 
 
 class AverageMeter:
@@ -91,28 +92,13 @@ def time_forward(
     iters: int = 30,
     amp: bool = False,
 ) -> list[float]:
-    """Seconds per forward pass for ``iters`` timed iterations after ``warmup`` untimed ones."""
-    device = batch.device
+    """Seconds per forward pass for ``iters`` timed iterations after ``warmup`` untimed ones.
+
+    merge-core's timing loop (CUDA events on GPU, perf_counter on CPU), under fp16 autocast when ``amp``.
+    """
     model.eval()
-    times: list[float] = []
-    with _autocast(device, amp):
-        for _ in range(max(warmup, 0)):
-            model(batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            for _ in range(iters):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                model(batch)
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1000.0)
-        else:
-            for _ in range(iters):
-                t0 = time.perf_counter()
-                model(batch)
-                times.append(time.perf_counter() - t0)
-    return times
+    with _autocast(batch.device, amp):
+        return [ms / 1e3 for ms in time_calls(lambda: model(batch), batch.device, max(warmup, 0), iters)]
 
 
 def compute_throughput(
