@@ -1,15 +1,8 @@
 """Thin wrapper so `python ablation.py ...` works from the project folder (same as `freqmerge-ablation`)."""
 
-import sys
-from pathlib import Path
+import _src_path  # noqa: F401  (source-tree fallback, see _src_path.py)
 
-# Source-tree fallbacks: this project's src/ and the workspace's merge-core (no effect once installed).
-_project = Path(__file__).resolve().parent
-for _path in (_project.parents[1] / "packages" / "merge-core" / "src", _project / "src"):
-    if _path.is_dir() and str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
-
-from freqmerge.ablation import main  # noqa: E402
+from freqmerge.ablation import main
 
 if __name__ == "__main__":
     main()

@@ -4,12 +4,7 @@ Defaults live in ``src/freqmerge/config.py`` (the scripts read them from there);
 per run with the command-line flags (``python train.py --help``).
 """
 
-import sys
-from pathlib import Path
+import _src_path  # noqa: F401  (source-tree fallback, see _src_path.py)
 
-_src = str(Path(__file__).resolve().parent / "src")
-if _src not in sys.path:
-    sys.path.insert(0, _src)
-
-from freqmerge.config import *  # noqa: E402,F403
-from freqmerge.config import Config  # noqa: E402,F401
+from freqmerge.config import *  # noqa: F403
+from freqmerge.config import Config  # noqa: F401
