@@ -32,7 +32,10 @@ MatchFn = Callable[..., tuple[Callable, Callable]]
 class MergeAttention(Attention):
     """timm Attention that also returns the merge metric (mean key over heads)."""
 
-    def forward(self, x: torch.Tensor, size: torch.Tensor | None = None, backend: str = "auto"):
+    def forward(
+        self, x: torch.Tensor, size: torch.Tensor | None = None, backend: str = "auto", need_metric: bool = True
+    ):
+        """Returns (output, mean key or None); layers that do not merge skip the key mean."""
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
         dropout_p = self.attn_drop.p if self.training else 0.0
@@ -56,7 +59,7 @@ class MergeAttention(Attention):
         if gate is not None:
             x = x * gate
         x = self.proj_drop(self.proj(x))
-        return x, k.mean(1)
+        return x, (k.mean(1) if need_metric else None)
 
 
 class MergeBlock(Block):
@@ -74,7 +77,7 @@ class MergeBlock(Block):
             return Block.forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
         size = info["size"] if info["prop_attn"] else None
         attn_input = self.norm1(x)
-        x_attn, metric = self.attn(attn_input, size, info["attn_backend"])
+        x_attn, metric = self.attn(attn_input, size, info["attn_backend"], r > 0)
         x = x + self.drop_path1(self.ls1(x_attn))
         if r > 0:
             match = info["match_fn"]
