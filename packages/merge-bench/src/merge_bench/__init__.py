@@ -1,0 +1,1 @@
+"""Benchmarks of merge-core: the merge-bench command and its suites."""

@@ -1,0 +1,1 @@
+"""Shared training plumbing: atomic checkpoints, full resume, DDP, logs, seeds."""

@@ -1,0 +1,1 @@
+"""EfficientSAM3: distilling SAM3's image encoder into small students."""
