@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
 from ..attention import BACKENDS, proportional_attention
+from ..kernels.policy import resolve_r
 from ..kernels.prop_attn import qkv_channel_attention, qkv_channel_supported
 from ..matching import bipartite_soft_matching
 from ..merge import merge_source, merge_source_index, merge_wavg
@@ -110,7 +111,9 @@ class _MergeVisionTransformer:
 
     def forward_features(self, x: torch.Tensor, *args, **kwargs):
         info = self._merge_info
-        info["r"] = parse_r(len(self.blocks), self.r)
+        r_list = parse_r(len(self.blocks), self.r)
+        # never slower than no merging: the policy may run this shape at r = 0 (measured once per device)
+        info["r"] = resolve_r(self, x, r_list, lambda: self.forward_features(x, *args, **kwargs))
         info["size"] = None
         info["source"] = None
         info["source_index"] = None
@@ -207,4 +210,5 @@ def remove_patch(model: VisionTransformer) -> VisionTransformer:
         block.attn.__class__ = Attention
         del block._merge_info, block._merge_layer
     del model._merge_info, model.r
+    model.__dict__.pop("_merge_policy_decision", None)  # set by merge_core.kernels.policy
     return model

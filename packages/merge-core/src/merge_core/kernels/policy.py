@@ -1,0 +1,224 @@
+"""Never slower than no merging: whether merging pays for a shape, measured once per device and cached on disk.
+
+Why: on a GPU, eager merging costs host time per layer (kernel launches, a sort) and GPU time that does not
+shrink with the batch; at small batches the saved matmul work is smaller than that cost and a merged model
+runs slower than the plain one (issue 9: 0.18x at ViT-B batch 1 on an H100). No static cost model gets the
+crossover right on every host/GPU pair, so the default ``auto`` policy measures it: the first eager forward
+of a new (device, model, input shape, dtype, schedule) with CUDA inputs and no autograd times the model with
+the requested ``r`` and with ``r = 0`` (3 warm-up + 10 interleaved timed runs each, CUDA events, medians) and
+keeps the faster one. Decisions are cached in memory and in ``$MERGE_CORE_CACHE_DIR/policy-v1.json``
+(default ``~/.cache/merge_core``), so later processes on the same machine reuse them.
+
+Not calibrated (the requested ``r`` runs as given): CPU inputs, training (autograd recording with trainable
+parameters), ``torch.compile`` tracing and CUDA-graph capture. ``merge_core.kernels.graph.cuda_graph``
+makes the same choice for graph replay by timing both captured graphs.
+
+Force the requested ``r``: ``model.merge_policy = "force"`` or ``MERGE_CORE_POLICY=force``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import os
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+POLICIES = ("auto", "force")
+CACHE_VERSION = "v1"
+WARMUP, ITERS = 3, 10
+
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("merge_core_policy_override", default=None)
+_memory: dict[str, dict[str, Any]] = {}
+_disk_loaded: set[str] = set()
+
+
+def cache_path() -> Path:
+    root = os.environ.get("MERGE_CORE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "merge_core")
+    return Path(root) / f"policy-{CACHE_VERSION}.json"
+
+
+def get_policy(model: Any) -> str:
+    """The model's policy: ``model.merge_policy`` if set, else ``$MERGE_CORE_POLICY``, else ``auto``."""
+    policy = getattr(model, "merge_policy", None) or os.environ.get("MERGE_CORE_POLICY") or "auto"
+    if policy not in POLICIES:
+        raise ValueError(f"merge_policy must be one of {POLICIES}, got {policy!r}")
+    return policy
+
+
+@contextlib.contextmanager
+def override(kind: str | None) -> Iterator[None]:
+    """Inside: ``"force"`` runs the requested r, ``"zero"`` runs r = 0, ``None`` restores the policy."""
+    if kind not in (None, "force", "zero"):
+        raise ValueError(f"override must be None, 'force' or 'zero', got {kind!r}")
+    token = _override.set(kind)
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def _state_field(model: Any, name: str) -> Any:
+    state = getattr(model, "_merge_info", None)
+    if isinstance(state, dict):
+        return state.get(name)
+    return getattr(state, name, None)
+
+
+def policy_key(model: Any, x: torch.Tensor, r_list: Sequence[int]) -> str:
+    """What a decision depends on: device, versions, architecture, input shape/dtype, schedule, attention."""
+    params = sum(p.numel() for p in model.parameters())
+    original = _state_field(model, "original_class") or type(model)
+    parts = [
+        torch.cuda.get_device_name(x.device) if x.is_cuda else "cpu",
+        f"torch {torch.__version__}",
+        getattr(original, "__qualname__", str(original)),
+        f"params {params}",
+        f"x {tuple(x.shape)} {str(x.dtype).replace('torch.', '')}",
+        f"r {list(r_list)}",
+        f"prop_attn {_state_field(model, 'prop_attn')}",
+        f"attn_backend {_state_field(model, 'attn_backend')}",
+    ]
+    from . import get_mode
+
+    parts.append(f"kernels {get_mode()}")
+    return " | ".join(parts)
+
+
+def _load_disk(path: Path) -> None:
+    if str(path) in _disk_loaded:
+        return
+    _disk_loaded.add(str(path))
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(data, dict):
+        for key, value in data.items():
+            _memory.setdefault(key, value)
+
+
+def _save_disk(path: Path, key: str, entry: dict[str, Any]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            data = {}
+        data[key] = entry
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only home keeps the in-memory decision
+        warnings.warn(f"merge_core policy cache not written to {path}: {exc}", stacklevel=3)
+
+
+def cached_decision(key: str) -> dict[str, Any] | None:
+    _load_disk(cache_path())
+    return _memory.get(key)
+
+
+def record(key: str, merge: bool, ms_merged: float, ms_plain: float, how: str) -> dict[str, Any]:
+    """Store one decision in memory and on disk; returns the entry."""
+    entry = {"merge": bool(merge), "ms_merged": ms_merged, "ms_plain": ms_plain, "how": how}
+    _memory[key] = entry
+    _save_disk(cache_path(), key, entry)
+    return entry
+
+
+def clear_cache(disk: bool = False) -> None:
+    """Forget decisions (in this process; also on disk with ``disk=True``)."""
+    _memory.clear()
+    _disk_loaded.clear()
+    if disk:
+        with contextlib.suppress(FileNotFoundError):
+            cache_path().unlink()
+
+
+def _calibratable(model: Any, x: torch.Tensor) -> bool:
+    if not x.is_cuda or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+        return False
+    training = torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
+    return not training
+
+
+def time_pair(run_merged: Callable[[], Any], run_plain: Callable[[], Any], warmup: int, iters: int, device=None):
+    """Median milliseconds of two callables, interleaved so clock drift hits both alike.
+
+    CUDA: CUDA events (stream time, host-bound gaps included); CPU: perf_counter.
+    """
+    cuda = device is None or torch.device(device).type == "cuda"
+    times: dict[str, list[float]] = {"merged": [], "plain": []}
+    for _ in range(warmup):
+        run_merged()
+        run_plain()
+    if cuda:
+        torch.cuda.synchronize()
+    for _ in range(iters):
+        for name, fn in (("merged", run_merged), ("plain", run_plain)):
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times[name].append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times["merged"]), statistics.median(times["plain"])
+
+
+def resolve_r(model: Any, x: torch.Tensor, r_list: list[int], run: Callable[[], Any]) -> list[int]:
+    """The schedule to run this forward: ``r_list`` or all zeros when merging was measured slower.
+
+    ``run()`` must execute the model's merging forward on ``x`` (it is called under ``override`` while
+    calibrating; the adapter's forward re-enters this function and gets the overridden schedule).
+    """
+    kind = _override.get()
+    if kind == "zero":
+        return [0] * len(r_list)
+    if kind == "force" or not any(r_list) or torch.compiler.is_compiling():
+        return r_list
+    if get_policy(model) == "force" or not _calibratable(model, x):
+        return r_list
+    key = policy_key(model, x, r_list)
+    entry = cached_decision(key)
+    if entry is None:
+
+        def forced():
+            with override("force"):
+                run()
+
+        def plain():
+            with override("zero"):
+                run()
+
+        with torch.no_grad():
+            ms_merged, ms_plain = time_pair(forced, plain, WARMUP, ITERS, x.device)
+        entry = record(key, ms_merged < ms_plain, ms_merged, ms_plain, "eager calibration")
+    with contextlib.suppress(AttributeError):
+        model._merge_policy_decision = {"key": key, **entry}
+    return list(r_list) if entry["merge"] else [0] * len(r_list)
+
+
+__all__ = [
+    "POLICIES",
+    "cache_path",
+    "cached_decision",
+    "clear_cache",
+    "get_policy",
+    "override",
+    "policy_key",
+    "record",
+    "resolve_r",
+    "time_pair",
+]
