@@ -1,1 +1,1 @@
-"""Benchmarks of merge-core: the merge-bench command and its suites."""
+"""Benchmarks of merge-core: the ``merge-bench`` command, its suites (model, gpu, sweep, micro, profile)."""

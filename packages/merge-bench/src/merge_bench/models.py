@@ -1,0 +1,174 @@
+"""Whole-model rows: plain timm, merge-core (forced r or the automatic policy), bounds, ToMe-style baseline."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from merge_core import kernels, patch
+from merge_core.bench import bound_forward, measure, vit_macs
+from merge_core.kernels.graph import cuda_graph
+from merge_core.schedule import parse_r
+
+from .common import build_model, count_params, graphed
+
+# Row kinds: timm (unpatched), merge (patched, policy "force": the requested r always runs), merge_auto
+# (patched, default policy "auto"), merge_torch (fused kernels off), tome (ToMe-style unfused: hand-written
+# softmax attention + torch matching), bound / bound_bias (zero-overhead bounds, no matching).
+
+
+def variants(args) -> list[dict[str, Any]]:
+    """The rows to time, as dicts with kind, r, prop_attn (and attn_backend for merge rows)."""
+    rows: list[dict[str, Any]] = [{"kind": "timm", "r": 0, "prop_attn": None}]
+    props = {"on": [True], "off": [False], "both": [False, True]}[args.prop_attn]
+    backends = [b for b in args.attn_backend.split(",") if b]
+    for r in args.r:
+        for prop in props:
+            for backend in backends if prop else backends[:1]:
+                rows.append({"kind": "merge", "r": r, "prop_attn": prop, "attn_backend": backend})
+    if getattr(args, "auto", False):
+        for r in args.r:
+            if r > 0:
+                rows.append({"kind": "merge_auto", "r": r, "prop_attn": True, "attn_backend": "auto"})
+    if getattr(args, "bounds", False):
+        for r in args.r:
+            if r > 0:
+                rows.append({"kind": "bound", "r": r, "prop_attn": False})
+                if getattr(args, "bias_bound", True):
+                    rows.append({"kind": "bound_bias", "r": r, "prop_attn": True})
+    if getattr(args, "torch_path", False):
+        for r in args.r:
+            if r > 0:
+                for prop in props:
+                    rows.append({"kind": "merge_torch", "r": r, "prop_attn": prop, "attn_backend": backends[0]})
+    if getattr(args, "tome", False):
+        for r in args.r:
+            if r > 0:
+                rows.append({"kind": "tome", "r": r, "prop_attn": True, "attn_backend": "reference"})
+    return rows
+
+
+def make_fn(model, row: dict[str, Any], x: torch.Tensor, execution: str) -> Callable[[], Any]:
+    """Callable timing one row: ``execution`` is eager, compile (torch.compile) or cudagraph (captured)."""
+    kind = row["kind"]
+    if kind == "timm":
+        fn = model
+    elif kind in ("bound", "bound_bias"):
+        r_list = parse_r(len(model.blocks), row["r"])
+
+        def fn(inp, _m=model, _r=r_list, _b=kind == "bound_bias"):
+            return bound_forward(_m, inp, _r, _b)
+    else:
+        patch.timm(model, prop_attn=row["prop_attn"], attn_backend=row.get("attn_backend", "auto"))
+        model.r = row["r"]
+        model.merge_policy = "auto" if kind == "merge_auto" else "force"
+        fn = model
+    if execution == "compile":
+        torch._dynamo.reset()
+        fn = torch.compile(fn)
+    mode = "never" if kind in ("tome", "merge_torch") else "auto"
+
+    def run():
+        with torch.inference_mode(), kernels.kernel_mode(mode):
+            return fn(x)
+
+    if execution == "cudagraph":
+        if kind == "merge_auto":  # the documented one-liner: keeps the faster of the merged / r=0 graph
+            with kernels.kernel_mode(mode):
+                fast = cuda_graph(model, x)
+            row["graph_merged"] = fast.merged
+            return lambda: fast(x)
+        captured = graphed(lambda: run(), ())
+        return lambda: captured()
+    return run
+
+
+def _unpatch(model) -> None:
+    if getattr(model, "_merge_info", None) is not None:
+        patch.remove_patch(model)
+    model.__dict__.pop("merge_policy", None)
+
+
+def bench_model(
+    name: str, batch: int, args, device: torch.device, dtype: torch.dtype, log=print, on_row=None, **model_kwargs
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Time every row of ``variants(args)`` in each execution mode of ``args.mode`` on one model and batch."""
+    model = build_model(name, device, dtype, **model_kwargs)
+    info = {"model": name, "batch": batch, "dtype": str(dtype).replace("torch.", ""), "params": count_params(model)}
+    info["img_size"] = list(model.patch_embed.img_size)
+    info["gmacs_per_image"] = vit_macs(model) / 1e9
+    log(
+        f"{name} @{info['img_size'][0]}: {info['params'] / 1e6:.1f} M params, {info['gmacs_per_image']:.2f} "
+        f"GMACs/image (multiply-accumulates; FLOPs = 2 x MACs), batch {batch}, {info['dtype']}, {device}"
+    )
+    x = torch.randn(batch, 3, *model.patch_embed.img_size, device=device, dtype=dtype)
+    results = []
+    modes = {
+        "eager": ["eager"],
+        "compile": ["compile"],
+        "both": ["eager", "compile"],
+        "cudagraph": ["cudagraph"],
+        "eager+cudagraph": ["eager", "cudagraph"],
+    }
+    with torch.inference_mode():  # process warm-up (allocator, thread pools) so the first row is not penalised
+        for _ in range(max(1, args.warmup)):
+            model(x)
+    for execution in modes[args.mode]:
+        base = None
+        for row in variants(args):
+            row = dict(row)
+            if execution != "eager" and row["kind"] in ("tome", "merge_torch"):
+                continue
+            _unpatch(model)
+            t0 = time.perf_counter()
+            try:
+                fn = make_fn(model, row, x, execution)
+                timing = measure(fn, device, args.warmup, args.iters)
+            except Exception as exc:  # keep the other rows; report the failure
+                log(f"  {row} failed: {type(exc).__name__}: {exc}")
+                results.append({**info, **row, "execution": execution, "error": f"{type(exc).__name__}: {exc}"})
+                continue
+            r_list = parse_r(len(model.blocks), row["r"])
+            res = {**info, **row, "compiled": execution == "compile", "execution": execution, **timing}
+            decision = getattr(model, "_merge_policy_decision", None)
+            if row["kind"] == "merge_auto":
+                merged = row.get("graph_merged") if execution == "cudagraph" else (decision or {}).get("merge")
+                res["policy_merged"] = merged
+                if decision is not None and execution != "cudagraph":
+                    res["policy_ms_merged"], res["policy_ms_plain"] = decision["ms_merged"], decision["ms_plain"]
+                if merged is False:
+                    r_list = [0] * len(r_list)
+            macs = vit_macs(model, r_list)
+            res["img_per_s"] = batch / (timing["ms_median"] / 1e3)
+            res["gmacs_per_image_merged"] = macs / 1e9
+            res["flop_ratio"] = info["gmacs_per_image"] * 1e9 / macs
+            if row["kind"] == "timm":
+                base = res["img_per_s"]
+            res["speedup"] = res["img_per_s"] / base if base else None
+            res["setup_s"] = time.perf_counter() - t0 - timing["ms_median"] * (args.warmup + args.iters) / 1e3
+            results.append(res)
+            log("  " + row_text(res))
+            if on_row is not None:  # partial results survive a time limit
+                on_row(results)
+            del fn
+    _unpatch(model)
+    return info, results
+
+
+def row_text(res: dict[str, Any]) -> str:
+    label = res["kind"]
+    if res.get("prop_attn") is not None and res["kind"] in ("merge", "merge_torch"):
+        label += f" prop_attn={'on' if res['prop_attn'] else 'off'}"
+        if res["prop_attn"] and res.get("attn_backend", "auto") != "auto":
+            label += f"({res['attn_backend']})"
+    if res["kind"] == "merge_auto" and res.get("policy_merged") is not None:
+        label += " (merges)" if res["policy_merged"] else " (runs r=0)"
+    label += {"compile": " compiled", "cudagraph": " cudagraph"}.get(res.get("execution", "eager"), "")
+    speed = f"{res['speedup']:.2f}x" if res.get("speedup") else "-"
+    return (
+        f"{label:<40} r={res['r']:<3} {res['img_per_s']:>10.1f} img/s  {res['ms_median']:8.3f} ms  "
+        f"speedup {speed:>6}  FLOP-ideal {res['flop_ratio']:.2f}x"
+    )

@@ -1,0 +1,160 @@
+"""``merge-bench --suite profile``: where the time goes (torch.profiler), an SDPA head-dim sweep, host cost per call.
+
+Used to explain the measured tables in docs/gpu-results.md; prints the profiler tables and returns rows.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from merge_core import kernels, patch
+from merge_core.bench import bound_forward, measure
+from merge_core.matching import bipartite_soft_matching
+from merge_core.merge import merge_wavg
+
+from .common import build_model
+
+# (model, img size, batch, r, prop_attn, kind): issue 9's small-batch cases, the flagship, issue 3's ViT-L
+PROFILES = (
+    ("vit_base_patch16_224", 224, 1, 16, False, "merge"),
+    ("vit_base_patch16_224", 224, 1, 16, True, "merge"),
+    ("vit_large_patch16_224", 512, 1, 40, False, "merge"),
+    ("vit_large_patch16_224", 512, 32, 40, False, "merge"),
+    ("vit_large_patch16_224", 512, 32, 40, False, "bound"),
+)
+
+
+def sdpa_head_dim_sweep(device, dtype, args, log=print) -> list[dict[str, Any]]:
+    """SDPA time per head dim (B=256, H=12, N=197): what a padded log(size) channel costs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    rows = []
+    b, h, n = 256, 12, 197
+    for d in (64, 72, 80):
+        qkv = torch.randn(b, n, 3, h, d, device=device, dtype=dtype)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # strided, as in a ViT
+        cases = {"strided": (q, k, v, None)}
+        cases["strided, flash forced"] = (q, k, v, [SDPBackend.FLASH_ATTENTION])
+        cases["strided, efficient forced"] = (q, k, v, [SDPBackend.EFFICIENT_ATTENTION])
+        for label, (q_, k_, v_, backends) in cases.items():
+
+            def run(q_=q_, k_=k_, v_=v_, backends=backends):
+                if backends is None:
+                    return F.scaled_dot_product_attention(q_, k_, v_)
+                with sdpa_kernel(backends):
+                    return F.scaled_dot_product_attention(q_, k_, v_)
+
+            try:
+                t = measure(run, device, args.warmup, args.iters)["ms_median"]
+            except Exception as exc:  # a forced backend may refuse a shape
+                t = float("nan")
+                label += f" ({type(exc).__name__})"
+            rows.append({"bench": "sdpa_head_dim", "head_dim": d, "case": label, "ms_median": t})
+        log(f"  sdpa D={d}: " + ", ".join(f"{r['case']} {r['ms_median']:.3f}" for r in rows if r["head_dim"] == d))
+    return rows
+
+
+def profile_forward(name, img, batch, r, prop_attn, kind, device, dtype, log=print, row_limit=12) -> dict[str, Any]:
+    """Profile one forward after warm-up: top CUDA kernels and top host (CPU self time) ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = build_model(name, device, dtype, img_size=img)
+    x = torch.randn(batch, 3, img, img, device=device, dtype=dtype)
+    if kind == "bound":
+        r_list = [r] * len(model.blocks)
+
+        def fn():
+            return bound_forward(model, x, r_list, prop_attn)
+    else:
+        patch.timm(model, prop_attn=prop_attn)
+        model.r = r
+        model.merge_policy = "force"
+
+        def fn():
+            return model(x)
+
+    with torch.inference_mode():
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        host_ms = (time.perf_counter() - t0) * 1e3  # host time to issue one forward (no sync inside)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    attr = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    gpu_table = events.table(sort_by=attr, row_limit=row_limit, max_name_column_width=50)
+    cpu_table = events.table(sort_by="self_cpu_time_total", row_limit=row_limit, max_name_column_width=50)
+    gpu_us = sum(getattr(e, attr, 0) or 0 for e in events)
+    log(
+        f"== profile {name}@{img} bs{batch} r={r} prop_attn={prop_attn} {kind}: GPU busy {gpu_us / 1e3:.2f} ms, "
+        f"host issue time {host_ms:.2f} ms"
+    )
+    log(gpu_table)
+    log(cpu_table)
+    return {
+        "model": name,
+        "img_size": img,
+        "batch": batch,
+        "r": r,
+        "prop_attn": prop_attn,
+        "kind": kind,
+        "gpu_ms": gpu_us / 1e3,
+        "host_issue_ms": host_ms,
+        "gpu_table": gpu_table,
+        "cpu_table": cpu_table,
+    }
+
+
+def launch_overhead(n: int = 500, log=print) -> dict[str, float]:
+    """Host microseconds per call (no sync inside the loop): Triton launches vs aten ops vs one merge layer."""
+    from merge_core.kernels import _triton
+
+    device = torch.device("cuda")
+    metric = torch.randn(1, 1025, 64, device=device, dtype=torch.float16)
+    x = torch.randn(1, 1025, 1024, device=device, dtype=torch.float16)
+    a, b = metric[:, ::2], metric[:, 1::2]
+    merge, _ = bipartite_soft_matching(metric, 40, class_token=True)
+    vals = torch.randn(1, 513, device=device, dtype=torch.float16)
+    cases = {
+        "triton best_destinations": lambda: _triton.best_destinations(a, b, 1, 0),
+        "triton merge_wavg": lambda: _triton.merge_wavg(merge.plan, x, None),
+        "aten sort(stable)": lambda: torch.sort(vals, dim=-1, descending=True, stable=True),
+        "aten add": lambda: x + x,
+        "bipartite_soft_matching (fused)": lambda: bipartite_soft_matching(metric, 40, class_token=True),
+        "match + merge_wavg (fused)": lambda: merge_wavg(bipartite_soft_matching(metric, 40, class_token=True)[0], x),
+    }
+    out = {}
+    with torch.inference_mode(), kernels.kernel_mode("auto"):
+        for label, fn in cases.items():
+            for _ in range(20):
+                fn()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            host = (time.perf_counter() - t0) / n * 1e6
+            torch.cuda.synchronize()
+            out[label] = host
+            log(f"  host time per call: {label:<34} {host:7.1f} us")
+    return out
+
+
+def run_profile(device, dtype, args, log=print, checkpoint=lambda payload: None, payload=None) -> dict[str, Any]:
+    payload = payload if payload is not None else {}
+    payload["launch_overhead_us"] = launch_overhead(log=log)
+    checkpoint(payload)
+    payload["sdpa_head_dim"] = sdpa_head_dim_sweep(device, dtype, args, log)
+    checkpoint(payload)
+    payload["profiles"] = []
+    for name, img, batch, r, prop, kind in PROFILES:
+        payload["profiles"].append(profile_forward(name, img, batch, r, prop, kind, device, dtype, log))
+        checkpoint(payload)
+    return payload

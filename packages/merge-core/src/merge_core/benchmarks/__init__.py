@@ -1,1 +1,0 @@
-"""Helpers for ``merge-bench`` that only make sense on a GPU (profiles, kernel sweeps)."""
