@@ -1,0 +1,1 @@
+"""SA-1B reading and the two preprocessing modes."""

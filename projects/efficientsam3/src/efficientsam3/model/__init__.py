@@ -1,0 +1,1 @@
+"""Models: the 9 students, the SAM3 ViT teacher (exact and merged), the tiny stand-in."""

@@ -1,0 +1,7 @@
+"""Teacher-embedding stores: the reference's binary layout (exact fp16) and compact variants."""
+
+from .codec import CODECS, Codec, get_codec
+from .reader import EmbeddingStore, MissingEmbeddingError
+from .writer import StoreWriter, read_keys
+
+__all__ = ["CODECS", "Codec", "EmbeddingStore", "MissingEmbeddingError", "StoreWriter", "get_codec", "read_keys"]
