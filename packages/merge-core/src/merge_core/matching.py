@@ -115,15 +115,22 @@ def bipartite_soft_matching(
 
     with torch.no_grad():
         flat = _flatten(metric)
-        node_max, node_idx = best_destinations(
-            flat[..., ::2, :], flat[..., 1::2, :], protected_a, protected_b, score_mod
-        )
-        edge_idx = torch.sort(node_max, dim=-1, descending=True, stable=True).indices[..., None]
-        unm_idx = edge_idx[..., r:, :]
-        src_idx = edge_idx[..., :r, :]
-        dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
-        if protected:
-            unm_idx = unm_idx.sort(dim=-2).values
+        from . import kernels
+
+        if kernels.use_fused_plan(flat, score_mod):  # CUDA: matcher + ranking in two launches, no sort
+            unm_idx, src_idx, dst_idx = kernels.fused_match_plan(
+                flat[..., ::2, :], flat[..., 1::2, :], protected_a, protected_b, r, score_mod, bool(protected)
+            )
+        else:
+            node_max, node_idx = best_destinations(
+                flat[..., ::2, :], flat[..., 1::2, :], protected_a, protected_b, score_mod
+            )
+            edge_idx = torch.sort(node_max, dim=-1, descending=True, stable=True).indices[..., None]
+            unm_idx = edge_idx[..., r:, :]
+            src_idx = edge_idx[..., :r, :]
+            dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
+            if protected:
+                unm_idx = unm_idx.sort(dim=-2).values
 
     def merge(x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
         check_same_tokens(x, shape, device, "x")

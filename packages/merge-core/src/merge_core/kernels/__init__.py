@@ -103,6 +103,22 @@ def fused_best_destinations(a, b, protected_a=0, protected_b=0, score_mod=None):
     return best_destinations(a, b, protected_a, protected_b, score_mod)
 
 
+def use_fused_plan(a: torch.Tensor, score_mod: object | None) -> bool:
+    """Whether ``bipartite_soft_matching`` should compute its whole plan in two launches (``match_plan``):
+    the fused matcher applies and the rows fit one ranking program (Na <= 2048; longer sequences use the
+    fused matcher + torch's sort)."""
+    from ._triton import MAX_PLAN_ROWS
+
+    return use_fused_match(a, score_mod) and a.shape[-2] <= MAX_PLAN_ROWS
+
+
+def fused_match_plan(a, b, protected_a: int, protected_b: int, r: int, score_mod=None, sort_unm: bool = True):
+    """(unm_idx, src_idx, dst_idx) of bipartite matching, equal to the torch path's (see ``_triton.match_plan``)."""
+    from ._triton import match_plan
+
+    return match_plan(a, b, protected_a, protected_b, r, score_mod, sort_unm)
+
+
 def use_fused_merge(x: torch.Tensor, size: torch.Tensor | None) -> bool:
     """Whether ``merge_wavg`` should take the fused gather/scatter kernel for these inputs.
 
@@ -128,6 +144,7 @@ def fused_merge_wavg(plan, x: torch.Tensor, size: torch.Tensor | None):
 __all__ = [
     "MODES",
     "fused_best_destinations",
+    "fused_match_plan",
     "fused_merge_wavg",
     "get_mode",
     "kernel_mode",
@@ -135,4 +152,5 @@ __all__ = [
     "triton_available",
     "use_fused_match",
     "use_fused_merge",
+    "use_fused_plan",
 ]

@@ -69,15 +69,24 @@ def _best_dst_kernel(
     protected_a,
     protected_b,
     alpha,
+    split_cols,
+    stride_ob,
+    stride_os,
     SCORE_MOD: tl.constexpr,
     DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    """Rows ``BLOCK_M`` of ``a`` x destination split ``program_id(1)`` (``split_cols`` columns) x batch row.
+
+    Splitting the destinations gives small batches enough programs to fill the GPU; each split writes its
+    own (best, index) partial at ``[batch, split, row]`` (one split: the final answer).
+    """
     DTYPE: tl.constexpr = a_ptr.dtype.element_ty
     pid_m = tl.program_id(0)
-    bid = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(1)
+    bid = tl.program_id(2).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < Na
     ch = tl.arange(0, BLOCK_C)
@@ -87,9 +96,11 @@ def _best_dst_kernel(
         phi_a = _round(tl.load(phi_ptr + bid * stride_phib + 2 * rows, mask=rmask, other=0.0).to(tl.float32), DTYPE)
     best = tl.full([BLOCK_M], float("-inf"), tl.float32)
     best_idx = tl.full([BLOCK_M], 0, tl.int32)
-    for n0 in range(0, Nb, BLOCK_N):
+    col_start = split * split_cols
+    col_end = tl.minimum(col_start + split_cols, Nb)
+    for n0 in range(col_start, col_end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        nmask = cols < Nb
+        nmask = cols < col_end
         b_n = _normalised_rows(b_ptr + bid * stride_bb, cols, nmask, ch, cmask, stride_bn, DTYPE)
         if DOT_F32:  # fp32 inputs, or bf16 under the CPU interpreter (its bf16 dot is broken)
             s = tl.dot(a_n.to(tl.float32), tl.trans(b_n.to(tl.float32)), input_precision="ieee")
@@ -103,56 +114,77 @@ def _best_dst_kernel(
             if SCORE_MOD == 1:  # "shifted": (cos + 1) / 2 first
                 s = _round(_round(s + 1.0, DTYPE) * 0.5, DTYPE)
             s = _round(s * keep, DTYPE)
-        blocked = (rows[:, None] < protected_a) | (cols[None, :] < protected_b) | (cols[None, :] >= Nb)
+        blocked = (rows[:, None] < protected_a) | (cols[None, :] < protected_b) | (cols[None, :] >= col_end)
         s = tl.where(blocked, float("-inf"), s)
         m = tl.reduce(s, 1, _fmax)
         arg = tl.reduce(tl.where(s == m[:, None], cols[None, :], 2147483647), 1, _imin)
         better = m > best  # strict: an earlier block keeps ties (first index wins)
         best = tl.where(better, m, best)
         best_idx = tl.where(better, arg, best_idx)
-    out = bid * Na + rows
-    tl.store(best_ptr + out, best.to(DTYPE), mask=rmask)
-    tl.store(idx_ptr + out, best_idx.to(tl.int64), mask=rmask)
+    out = bid * stride_ob + split * stride_os + rows
+    tl.store(best_ptr + out, best.to(best_ptr.dtype.element_ty), mask=rmask)
+    tl.store(idx_ptr + out, best_idx.to(idx_ptr.dtype.element_ty), mask=rmask)
 
 
 def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(n))
 
 
-def best_destinations(a, b, protected_a: int = 0, protected_b: int = 0, score_mod=None):
-    """Fused cosine matching: (best_score, best_index) for (B, Na, C) ``a`` against (B, Nb, C) ``b``."""
+def _check_pair(a, b):
     if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[2] != b.shape[2]:
         raise ValueError(f"a, b must be (B, Na, C) and (B, Nb, C), got {tuple(a.shape)} and {tuple(b.shape)}")
     if b.dtype != a.dtype or b.device != a.device:
         raise ValueError(f"a, b must share dtype and device, got {a.dtype}/{a.device} and {b.dtype}/{b.device}")
-    batch, na, c = a.shape
-    nb = b.shape[1]
-    if a.stride(-1) != 1:
-        a = a.contiguous()
-    if b.stride(-1) != 1:
-        b = b.contiguous()
-    best = torch.empty(batch, na, device=a.device, dtype=a.dtype)
-    idx = torch.empty(batch, na, device=a.device, dtype=torch.int64)
-    if batch == 0 or na == 0:
-        return best, idx
-    if nb == 0:
-        return best.fill_(float("-inf")), idx.zero_()
-    phi, stride_phib, alpha, mode = a, 0, 0.0, 0
-    if score_mod is not None:
-        phi = score_mod.phi.reshape(-1, score_mod.phi.shape[-1])
-        if phi.shape[-1] != na + nb or (na - nb) not in (0, 1):
-            raise ValueError(f"phi must have one score per token (N={na + nb}), got shape {tuple(score_mod.phi.shape)}")
-        if phi.shape[0] not in (1, batch):
-            raise ValueError(f"phi must have batch 1 or {batch}, got shape {tuple(score_mod.phi.shape)}")
-        if phi.stride(-1) != 1:
-            phi = phi.contiguous()
-        stride_phib = phi.stride(0) if phi.shape[0] == batch else 0
-        alpha, mode = float(score_mod.alpha), _SCORE_MODS[score_mod.mode]
+    return (a if a.stride(-1) == 1 else a.contiguous()), (b if b.stride(-1) == 1 else b.contiguous())
+
+
+def _penalty_args(score_mod, batch: int, na: int, nb: int, a: torch.Tensor):
+    """(phi, batch stride of phi, alpha, mode) for the kernel; phi is ``a`` (unused) without a penalty."""
+    if score_mod is None:
+        return a, 0, 0.0, 0
+    phi = score_mod.phi.reshape(-1, score_mod.phi.shape[-1])
+    if phi.shape[-1] != na + nb or (na - nb) not in (0, 1):
+        raise ValueError(f"phi must have one score per token (N={na + nb}), got shape {tuple(score_mod.phi.shape)}")
+    if phi.shape[0] not in (1, batch):
+        raise ValueError(f"phi must have batch 1 or {batch}, got shape {tuple(score_mod.phi.shape)}")
+    if phi.stride(-1) != 1:
+        phi = phi.contiguous()
+    return phi, (phi.stride(0) if phi.shape[0] == batch else 0), float(score_mod.alpha), _SCORE_MODS[score_mod.mode]
+
+
+_SM_COUNT: dict[torch.device, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    """Multiprocessors of the device (4 under the CPU interpreter, so CPU tests exercise the splits)."""
+    if device.type != "cuda":
+        return 4
+    if device not in _SM_COUNT:
+        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNT[device]
+
+
+def _match_grid(batch: int, na: int, nb: int, c: int, device: torch.device, splits: int | None):
+    """Block sizes and destination splits: at least ~2 programs per multiprocessor when the shape allows."""
     block_c = _pow2(c)
     block = 64 if block_c <= 128 else 32
+    target = 2 * _sm_count(device)
     block_m = min(block, _pow2(na))
+    if block_m > 32 and triton.cdiv(na, block_m) * batch < target:
+        block_m = 32  # small batches: more, smaller row blocks
     block_n = min(block, _pow2(nb))
-    grid = (triton.cdiv(na, block_m), batch)
+    row_blocks = triton.cdiv(na, block_m)
+    col_blocks = triton.cdiv(nb, block_n)
+    if splits is None:
+        splits = max(1, min(col_blocks, triton.cdiv(target, row_blocks * batch)))
+    split_cols = triton.cdiv(col_blocks, max(1, min(splits, col_blocks))) * block_n
+    return block_m, block_n, block_c, row_blocks, triton.cdiv(nb, split_cols), split_cols
+
+
+def _launch_match(a, b, protected_a, protected_b, score_mod, best, idx, block_m, block_n, block_c, grid, split_cols):
+    batch, na, c = a.shape
+    nb = b.shape[1]
+    phi, stride_phib, alpha, mode = _penalty_args(score_mod, batch, na, nb, a)
     _best_dst_kernel[grid](
         a,
         b,
@@ -170,6 +202,9 @@ def best_destinations(a, b, protected_a: int = 0, protected_b: int = 0, score_mo
         protected_a,
         protected_b,
         alpha,
+        split_cols,
+        best.stride(0),
+        best.stride(1) if best.dim() == 3 else 0,
         SCORE_MOD=mode,
         DOT_F32=a.dtype == torch.float32 or (a.dtype == torch.bfloat16 and not a.is_cuda),
         BLOCK_M=block_m,
@@ -177,7 +212,130 @@ def best_destinations(a, b, protected_a: int = 0, protected_b: int = 0, score_mo
         BLOCK_C=block_c,
         num_warps=4,
     )
+
+
+def best_destinations(a, b, protected_a: int = 0, protected_b: int = 0, score_mod=None):
+    """Fused cosine matching: (best_score, best_index) for (B, Na, C) ``a`` against (B, Nb, C) ``b``."""
+    a, b = _check_pair(a, b)
+    batch, na, c = a.shape
+    nb = b.shape[1]
+    best = torch.empty(batch, na, device=a.device, dtype=a.dtype)
+    idx = torch.empty(batch, na, device=a.device, dtype=torch.int64)
+    if batch == 0 or na == 0:
+        return best, idx
+    if nb == 0:
+        return best.fill_(float("-inf")), idx.zero_()
+    _penalty_args(score_mod, batch, na, nb, a)  # validate before launching
+    block_m, block_n, block_c, row_blocks, _, split_cols = _match_grid(batch, na, nb, c, a.device, splits=1)
+    grid = (row_blocks, 1, batch)
+    _launch_match(a, b, protected_a, protected_b, score_mod, best, idx, block_m, block_n, block_c, grid, split_cols)
     return best, idx
+
+
+@triton.jit
+def _plan_kernel(
+    pbest_ptr,
+    pidx_ptr,
+    unm_ptr,
+    src_ptr,
+    dst_ptr,
+    Na,
+    S,
+    R,
+    stride_pb,
+    stride_ps,
+    SORT_UNM: tl.constexpr,
+    BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    """One batch row: reduce the split partials, rank rows by score (stable, descending) and write the plan.
+
+    rank(i) = #{j: s_j > s_i} + #{j < i: s_j == s_i}, i.e. torch's stable descending sort. Rows of rank < R
+    merge: src[rank] = i, dst[rank] = their best destination. The rest stay: in index order when SORT_UNM
+    (protected prefix, as the torch path sorts them), else in rank order.
+    """
+    bid = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, BLOCK)
+    rmask = rows < Na
+    base = pbest_ptr + bid * stride_pb
+    ibase = pidx_ptr + bid * stride_pb
+    best = tl.load(base + rows, mask=rmask, other=float("-inf"))
+    best_idx = tl.load(ibase + rows, mask=rmask, other=0)
+    for s in range(1, S):
+        v = tl.load(base + s * stride_ps + rows, mask=rmask, other=float("-inf"))
+        vi = tl.load(ibase + s * stride_ps + rows, mask=rmask, other=0)
+        better = v > best  # strict: the earlier split (smaller destination index) keeps ties
+        best = tl.where(better, v, best)
+        best_idx = tl.where(better, vi, best_idx)
+    if S > 1:  # reduced values go to split 0 so chunks below can read them back
+        tl.debug_barrier()
+        tl.store(base + rows, best, mask=rmask)
+        tl.store(ibase + rows, best_idx, mask=rmask)
+        tl.debug_barrier()
+    carry = tl.full([], 0, tl.int32)
+    for i0 in range(0, Na, CHUNK):
+        i = i0 + tl.arange(0, CHUNK)
+        imask = i < Na
+        si = tl.load(base + i, mask=imask, other=float("-inf"))
+        di = tl.load(ibase + i, mask=imask, other=0)
+        ahead = (best[None, :] > si[:, None]) | ((best[None, :] == si[:, None]) & (rows[None, :] < i[:, None]))
+        ahead = ahead & rmask[None, :]
+        rank = tl.reduce(ahead.to(tl.int32), 1, _add)
+        is_src = (rank < R) & imask
+        tl.store(src_ptr + bid * R + rank, i.to(tl.int64), mask=is_src)
+        tl.store(dst_ptr + bid * R + rank, di.to(tl.int64), mask=is_src)
+        if SORT_UNM:
+            before = tl.associative_scan(is_src.to(tl.int32), 0, _add) - is_src.to(tl.int32)
+            slot = i - carry - before
+            carry += tl.reduce(is_src.to(tl.int32), 0, _add)
+        else:
+            slot = rank - R
+        tl.store(unm_ptr + bid * (Na - R) + slot, i.to(tl.int64), mask=imask & (rank >= R))
+
+
+MAX_PLAN_ROWS = 2048
+
+
+def match_plan(a, b, protected_a: int, protected_b: int, r: int, score_mod=None, sort_unm: bool = True, splits=None):
+    """Bipartite matching in two launches: (unm_idx, src_idx, dst_idx), each (B, n, 1) int64, as the torch
+    path computes them (best destination per ``a`` row, stable descending sort, first ``r`` rows merge).
+
+    Launch 1: the matcher over rows x destination splits x batch (fills the GPU at batch 1); launch 2: one
+    program per batch row reduces the splits and ranks the rows (no sort, no host sync). Needs Na <= 2048.
+    """
+    a, b = _check_pair(a, b)
+    batch, na, c = a.shape
+    nb = b.shape[1]
+    if not 0 < r <= na or nb == 0 or na > MAX_PLAN_ROWS:
+        raise ValueError(f"match_plan needs 0 < r <= Na <= {MAX_PLAN_ROWS} and Nb > 0, got r={r}, Na={na}, Nb={nb}")
+    _penalty_args(score_mod, batch, na, nb, a)
+    block_m, block_n, block_c, row_blocks, n_splits, split_cols = _match_grid(batch, na, nb, c, a.device, splits)
+    pbest = torch.empty(batch, n_splits, na, device=a.device, dtype=torch.float32)
+    pidx = torch.empty(batch, n_splits, na, device=a.device, dtype=torch.int32)
+    grid = (row_blocks, n_splits, batch)
+    _launch_match(a, b, protected_a, protected_b, score_mod, pbest, pidx, block_m, block_n, block_c, grid, split_cols)
+    unm = torch.empty(batch, na - r, 1, device=a.device, dtype=torch.int64)
+    src = torch.empty(batch, r, 1, device=a.device, dtype=torch.int64)
+    dst = torch.empty(batch, r, 1, device=a.device, dtype=torch.int64)
+    block = _pow2(na)
+    chunk = max(1, min(64, 16384 // block))
+    _plan_kernel[(batch,)](
+        pbest,
+        pidx,
+        unm,
+        src,
+        dst,
+        na,
+        n_splits,
+        r,
+        pbest.stride(0),
+        pbest.stride(1),
+        SORT_UNM=sort_unm,
+        BLOCK=block,
+        CHUNK=chunk,
+        num_warps=4 if block <= 512 else 8,
+    )
+    return unm, src, dst
 
 
 @triton.jit
