@@ -1,46 +1,73 @@
 """timm >= 1.0 VisionTransformer adapter: patch by swapping classes (removable), then set ``model.r``.
 
-What differs from ToMe's timm 0.4.12 patch, and why:
+Built on ``merge_core.adapter``. What differs from ToMe's timm 0.4.12 patch, and why:
 - LayerScale (``ls1``/``ls2``), q/k-norm, attention ``norm``/gate are applied exactly like timm's Block.
 - Every prefix token (CLS, distillation, registers: ``num_prefix_tokens``) is protected.
-- ``global_pool='avg'`` / ``'max'`` / ``'avgmax'`` heads pool over patch tokens; the average is weighted by
-  token size, so merged tokens count for the patches they hold.
-- Without proportional attention, attention is timm's own ``F.scaled_dot_product_attention`` call
-  (or its non-fused path when timm's ``fused_attn`` is off); the merge metric is the mean key.
+- Pooling heads: ``avg``/``avgmax`` average weighted by token size, ``map`` (attention pool) adds log(size) to
+  its keys, so merged tokens count for the patches they hold.
+- At r=0 every block runs timm's own ``Block.forward`` (bit-exact, masks included).
+- timm's API stays: ``forward_features``/``forward_head``/``forward``, ``forward_intermediates`` and
+  ``features_only=True`` models (intermediates are unmerged back onto the patch grid, so dense users get a
+  full-size map; the final features stay merged), ``attn_mask``/``is_causal`` (merged with the tokens, see
+  ``merge_core.adapter.merge_attn_bias``), gradient checkpointing with r > 0, ``fused_attn=False``.
 - The r schedule is resolved per forward into a fixed list (no state popped per layer), which keeps
   shapes static for ``torch.compile``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.models._features import FeatureGetterNet, feature_take_indices
+from timm.models._manipulate import checkpoint
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
-from ..attention import BACKENDS, proportional_attention
+from ..adapter import MatchFn, MergeAdapter, MergeState, mask_to_bias, remove_patch, size_bias, weighted_mean
+from ..attention import proportional_attention
 from ..kernels.policy import resolve_r
 from ..kernels.prop_attn import qkv_channel_attention, qkv_channel_supported
-from ..matching import bipartite_soft_matching
-from ..merge import merge_source, merge_source_index, merge_wavg
+from ..merge import unmerge_to_source
 from ..schedule import parse_r
 
-MatchFn = Callable[..., tuple[Callable, Callable]]
+
+def _mask_kwargs(attn_mask: torch.Tensor | None, is_causal: bool) -> dict[str, Any]:
+    """Only pass what was given, so timm versions without ``is_causal`` keep working."""
+    kwargs: dict[str, Any] = {}
+    if attn_mask is not None:
+        kwargs["attn_mask"] = attn_mask
+    if is_causal:
+        kwargs["is_causal"] = True
+    return kwargs
 
 
 class MergeAttention(Attention):
-    """timm Attention that also returns the merge metric (mean key over heads)."""
+    """timm Attention; with ``backend`` set it also takes token sizes and returns the merge metric.
+
+    ``attn(x)`` / ``attn(x, attn_mask=...)`` is timm's forward unchanged; ``attn(x, size=..., backend=...,
+    need_metric=..., attn_bias=...)`` (the merging path) returns ``(output, mean key or None)``.
+    """
 
     def forward(
-        self, x: torch.Tensor, size: torch.Tensor | None = None, backend: str = "auto", need_metric: bool = True
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        *,
+        size: torch.Tensor | None = None,
+        backend: str | None = None,
+        need_metric: bool = False,
+        attn_bias: torch.Tensor | None = None,
     ):
-        """Returns (output, mean key or None); layers that do not merge skip the key mean."""
+        if backend is None:
+            return Attention.forward(self, x, **_mask_kwargs(attn_mask, is_causal))
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
         dropout_p = self.attn_drop.p if self.training else 0.0
-        use_qkv_channel = backend == "channel" or (backend == "auto" and x.is_cuda)
+        use_qkv_channel = (
+            self.fused_attn and attn_bias is None and (backend == "channel" or (backend == "auto" and x.is_cuda))
+        )
         if size is not None and use_qkv_channel and qkv_channel_supported(self, dropout_p):
             # log(size) channel written by the qkv projection itself: FlashAttention, no q/k/v copies
             x, k = qkv_channel_attention(self, x, size)
@@ -48,13 +75,19 @@ class MergeAttention(Attention):
             qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
             q, k, v = qkv.unbind(0)
             q, k = self.q_norm(q), self.k_norm(k)
-            if size is not None:
+            if size is not None and attn_bias is None and self.fused_attn:
                 x = proportional_attention(q, k, v, size, scale=self.scale, dropout_p=dropout_p, backend=backend)
-            elif self.fused_attn:
-                x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
             else:
-                attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-                x = self.attn_drop(attn) @ v
+                bias = attn_bias
+                if size is not None:
+                    bias = size_bias(size, q.dtype) if bias is None else bias + size_bias(size, q.dtype)
+                if self.fused_attn:
+                    x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+                else:  # timm's explicit path (fused_attn=False is respected, also with proportional attention)
+                    attn = (q * self.scale) @ k.transpose(-2, -1)
+                    if bias is not None:
+                        attn = attn + bias
+                    x = self.attn_drop(attn.softmax(dim=-1)) @ v
         x = x.transpose(1, 2).reshape(B, N, getattr(self, "attn_dim", self.num_heads * self.head_dim))
         x = self.norm(x)
         if gate is not None:
@@ -66,40 +99,31 @@ class MergeAttention(Attention):
 class MergeBlock(Block):
     """timm Block with a merge step between attention and MLP (ToMe's placement)."""
 
-    _merge_info: dict[str, Any]
+    _merge_info: MergeState
     _merge_layer: int
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
-        info = self._merge_info
-        r = info["r"][self._merge_layer]
-        if attn_mask is not None or is_causal:
-            if any(info["r"]):
-                raise ValueError("attn_mask/is_causal cannot be combined with token merging (model.r > 0)")
-            return Block.forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
-        size = info["size"] if info["prop_attn"] else None
+        state, layer = self._merge_info, self._merge_layer
+        if not state.merging:  # r = 0 everywhere: timm's own block, bit for bit
+            x = Block.forward(self, x, **_mask_kwargs(attn_mask, is_causal))
+            state.tokens.append(x.shape[-2])
+            return x
+        stash = state.enter_layer(layer)
+        if (attn_mask is not None or is_causal) and state.attn_bias is None:
+            state.attn_bias = mask_to_bias(attn_mask, is_causal, x.shape[1], x.shape[0], x.dtype)
+        r = state.r[layer]
         attn_input = self.norm1(x)
-        x_attn, metric = self.attn(attn_input, size, info["attn_backend"], r > 0)
+        x_attn, metric = self.attn(
+            attn_input,
+            size=state.attn_size(),
+            backend=state.attn_backend,
+            need_metric=r > 0,
+            attn_bias=state.attn_bias,
+        )
         x = x + self.drop_path1(self.ls1(x_attn))
-        if r > 0:
-            match = info["match_fn"]
-            if match is None:
-                merge, unmerge = bipartite_soft_matching(metric, r, protected=info["protected"])
-            else:
-                merge, unmerge = match(
-                    block=self,
-                    layer=self._merge_layer,
-                    x=x,
-                    attn_input=attn_input,
-                    metric=metric,
-                    r=r,
-                    info=info,
-                )
-            if info["trace_source"] is True:
-                info["source"] = merge_source(merge, x, info["source"])
-            x, info["size"] = merge_wavg(merge, x, info["size"])
-            if info["trace_source"] == "index":
-                info["source_index"] = merge_source_index(unmerge, x, info["source_index"])
+        x = state.merge_tokens(layer, x, metric, block=self, attn_input=attn_input)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        state.exit_layer(stash)
         return x
 
 
@@ -107,39 +131,171 @@ class _MergeVisionTransformer:
     """Mixin placed in front of the model's own class; resets merge state on every forward."""
 
     r: Any
-    _merge_info: dict[str, Any]
+    _merge_info: MergeState
+
+    def _begin(self, need_index: bool = False) -> MergeState:
+        state = self._merge_info
+        checkpointing = bool(getattr(self, "grad_checkpointing", False)) and torch.is_grad_enabled()
+        state.begin(len(self.blocks), self.r, checkpointing=checkpointing, need_index=need_index)
+        return state
 
     def forward_features(self, x: torch.Tensor, *args, **kwargs):
-        info = self._merge_info
-        r_list = parse_r(len(self.blocks), self.r)
         # never slower than no merging: the policy may run this shape at r = 0 (measured once per device)
-        info["r"] = resolve_r(self, x, r_list, lambda: self.forward_features(x, *args, **kwargs))
-        info["size"] = None
-        info["source"] = None
-        info["source_index"] = None
+        r = resolve_r(self, x, parse_r(len(self.blocks), self.r), lambda: self.forward_features(x, *args, **kwargs))
+        self._begin().r = r
         return super().forward_features(x, *args, **kwargs)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
-        pool = self.global_pool
-        if getattr(self, "attn_pool", None) is not None or pool not in ("avg", "max", "avgmax"):
-            return super().forward_head(x, pre_logits=pre_logits)
-        start = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
-        tokens = x[:, start:]
-        size = self._merge_info["size"]
-        if pool in ("avg", "avgmax"):
-            if size is None:
-                avg = tokens.mean(dim=1)
-            else:
-                weights = size[:, start:].to(tokens.dtype)
-                avg = (tokens * weights).sum(dim=1) / weights.sum(dim=1)
-        if pool == "avg":
-            x = avg
-        elif pool == "max":
-            x = tokens.amax(dim=1)
-        else:
-            x = 0.5 * (avg + tokens.amax(dim=1))
+        size = self._merge_info.size
+        weighted = getattr(self, "attn_pool", None) is not None or self.global_pool in ("avg", "avgmax")
+        if size is None or not weighted or size.shape[:2] != x.shape[:2]:
+            return super().forward_head(x, pre_logits=pre_logits)  # nothing to weight: timm's own head
+        x = self._merge_pool(x, size)
         x = self.head_drop(self.fc_norm(x))
         return x if pre_logits else self.head(x)
+
+    def _merge_pool(self, x: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+        """timm's avg / avgmax / attention pooling with merged tokens weighted by their size."""
+        start = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
+        if getattr(self, "attn_pool", None) is not None:
+            return self.attn_pool(x[:, start:], attn_mask=size_bias(size[:, start:], x.dtype))
+        avg = weighted_mean(x, size, start)
+        return avg if self.global_pool == "avg" else 0.5 * (avg + x[:, start:].amax(dim=1))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ):
+        """timm's ``forward_intermediates``; merged intermediates are unmerged onto the full patch grid.
+
+        Each intermediate token of a merged group carries its group's features (``unmerge_to_source``),
+        so NCHW maps keep timm's H x W. The final features (``x``) stay merged (N' tokens).
+        """
+        state = self._begin(need_index=True)
+        options = dict(
+            indices=indices,
+            return_prefix_tokens=return_prefix_tokens,
+            norm=norm,
+            stop_early=stop_early,
+            output_fmt=output_fmt,
+            intermediates_only=intermediates_only,
+            output_dict=output_dict,
+            **_mask_kwargs(attn_mask, is_causal),
+        )
+        if not state.merging:
+            return super().forward_intermediates(x, **options)
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        batch, _, height, width = x.shape
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
+        mask = _mask_kwargs(attn_mask, is_causal)
+        intermediates = []
+        for i, blk in enumerate(blocks):
+            if mask:
+                x = blk(x, **mask)
+            elif self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x)
+            else:
+                x = blk(x)
+            if i in take_indices:
+                y = self.norm(x) if norm else x
+                if state.source_index is not None:
+                    y = unmerge_to_source(y, state.source_index)
+                intermediates.append(y)
+        prefix = self.num_prefix_tokens
+        prefix_tokens = [y[:, :prefix] for y in intermediates] if prefix else None
+        intermediates = [y[:, prefix:] for y in intermediates]
+        if output_fmt == "NCHW":
+            feat_size = getattr(self.patch_embed, "dynamic_feat_size", None)
+            grid = feat_size((height, width)) if feat_size is not None else self.patch_embed.grid_size
+            intermediates = [y.reshape(batch, *grid, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if output_dict:
+            result: dict[str, Any] = {"image_intermediates": intermediates}
+            if prefix_tokens is not None and return_prefix_tokens:
+                result["image_intermediates_prefix"] = prefix_tokens
+            if not intermediates_only:
+                result["image_features"] = self.norm(x)
+            return result
+        if return_prefix_tokens and prefix_tokens is not None:
+            intermediates = list(zip(intermediates, prefix_tokens, strict=True))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+
+class _MergeFeatureGetter:
+    """Mixin for ``features_only=True`` wrappers: ``wrapper.r`` is the wrapped model's ``r``."""
+
+    @property
+    def r(self) -> Any:
+        return self.model.r
+
+    @r.setter
+    def r(self, value: Any) -> None:
+        self.model.r = value
+
+
+class TimmAdapter(MergeAdapter):
+    """``merge_core.patch.timm``: timm's VisionTransformer (and its ``features_only`` wrapper)."""
+
+    name = "timm"
+
+    @staticmethod
+    def _vit(model: torch.nn.Module) -> VisionTransformer:
+        return model.model if isinstance(model, FeatureGetterNet) else model
+
+    def check(self, model: torch.nn.Module) -> None:
+        vit = self._vit(model)
+        if not isinstance(vit, VisionTransformer):
+            raise TypeError(
+                f"model must be a timm VisionTransformer (or its features_only wrapper), got {type(vit).__name__}"
+            )
+        for i, block in enumerate(vit.blocks):
+            if type(block) is not Block or type(block.attn) is not Attention:
+                raise TypeError(
+                    f"model.blocks[{i}] is {type(block).__name__} with "
+                    f"{type(getattr(block, 'attn', None)).__name__}; only timm's standard Block/Attention are supported"
+                )
+
+    def layers(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        return list(self._vit(model).blocks)
+
+    def protected_tokens(self, model: torch.nn.Module) -> tuple[int, bool, bool]:
+        vit = self._vit(model)
+        return int(vit.num_prefix_tokens), vit.cls_token is not None, getattr(vit, "dist_token", None) is not None
+
+    def attach(self, model: torch.nn.Module, state: MergeState) -> None:
+        vit = self._vit(model)
+        self.swap(vit, _MergeVisionTransformer, state)
+        for i, block in enumerate(vit.blocks):
+            self.swap(block, MergeBlock, state)
+            self.swap(block.attn, MergeAttention, state)
+            self.attach_attr(block, "_merge_info", state, state)
+            self.attach_attr(block, "_merge_layer", i, state)
+        if vit is not model:
+            self.attach_attr(vit, "r", 0, state)
+            for name in ("_merge_info", "_tome_info"):
+                self.attach_attr(vit, name, state, state)
+            self.swap(model, _MergeFeatureGetter, state)
+
+    def init_r(self, model: torch.nn.Module, state: MergeState) -> None:
+        if isinstance(model, FeatureGetterNet):
+            return  # the wrapper's r is a property onto the wrapped model
+        self.attach_attr(model, "r", 0, state)
+
+
+ADAPTER = TimmAdapter()
 
 
 def apply_patch(
@@ -152,63 +308,13 @@ def apply_patch(
 ) -> VisionTransformer:
     """Patch a timm VisionTransformer in place for token merging; set ``model.r`` afterwards.
 
-    ``trace_source``: True keeps ToMe's dense source map in ``model._merge_info["source"]``;
-    ``"index"`` keeps an O(N) integer map in ``model._merge_info["source_index"]``.
+    ``trace_source``: True keeps ToMe's dense source map in ``model._merge_info.source``;
+    ``"index"`` keeps an O(N) integer map in ``model._merge_info.source_index``.
     ``prop_attn``: add log(size) to attention keys (proportional attention).
-    ``attn_backend``: see ``merge_core.attention``. ``match_fn``: replaces bipartite matching; it
-    is called with keyword args (block, layer, x, attn_input, metric, r, info) and returns
-    ``(merge, unmerge)`` (how projects plug in scored or penalised matching).
-    Returns the model; ``remove_patch`` undoes it.
+    ``attn_backend``: see ``merge_core.attention``. ``match_fn``: replaces bipartite matching (see
+    ``merge_core.adapter.MatchFn``). Returns the model; ``remove_patch`` undoes it.
     """
-    if not isinstance(model, VisionTransformer):
-        raise TypeError(f"model must be a timm VisionTransformer, got {type(model).__name__}")
-    if attn_backend not in BACKENDS:
-        raise ValueError(f"attn_backend must be one of {BACKENDS}, got {attn_backend!r}")
-    if trace_source not in (True, False, "index"):
-        raise ValueError(f"trace_source must be True, False or 'index', got {trace_source!r}")
-    if getattr(model, "_merge_info", None) is not None:
-        remove_patch(model)
-    for i, block in enumerate(model.blocks):
-        if type(block) is not Block or type(block.attn) is not Attention:
-            raise TypeError(
-                f"model.blocks[{i}] is {type(block).__name__} with {type(getattr(block, 'attn', None)).__name__}; "
-                "only timm's standard Block/Attention can be patched"
-            )
-    info: dict[str, Any] = {
-        "r": [],
-        "size": None,
-        "source": None,
-        "source_index": None,
-        "trace_source": trace_source,
-        "prop_attn": prop_attn,
-        "attn_backend": attn_backend,
-        "protected": int(model.num_prefix_tokens),
-        "class_token": model.cls_token is not None,
-        "distill_token": getattr(model, "dist_token", None) is not None,
-        "match_fn": match_fn,
-        "original_class": model.__class__,
-    }
-    model.__class__ = type(f"Merge{model.__class__.__name__}", (_MergeVisionTransformer, model.__class__), {})
-    model.r = 0
-    model._merge_info = info
-    for i, block in enumerate(model.blocks):
-        block.__class__ = MergeBlock
-        block.attn.__class__ = MergeAttention
-        block._merge_info = info
-        block._merge_layer = i
-    return model
+    return ADAPTER.apply(model, trace_source, prop_attn, attn_backend=attn_backend, match_fn=match_fn)
 
 
-def remove_patch(model: VisionTransformer) -> VisionTransformer:
-    """Undo ``apply_patch``: restore the original classes and drop merge state."""
-    info = getattr(model, "_merge_info", None)
-    if info is None:
-        raise ValueError("model is not patched by merge_core.patch.timm")
-    model.__class__ = info["original_class"]
-    for block in model.blocks:
-        block.__class__ = Block
-        block.attn.__class__ = Attention
-        del block._merge_info, block._merge_layer
-    del model._merge_info, model.r
-    model.__dict__.pop("_merge_policy_decision", None)  # set by merge_core.kernels.policy
-    return model
+__all__ = ["MergeAttention", "MergeBlock", "TimmAdapter", "apply_patch", "remove_patch"]
