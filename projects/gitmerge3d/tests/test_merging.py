@@ -1,0 +1,128 @@
+"""The PT-v3m2 merging adapter: conformance-style checks (r=0 identity, counts, remove, backward,
+half precision) and config validation. torch.compile(fullgraph=True) does not apply: the model itself
+has data-dependent shapes (torch.unique in pooling, the per-batch patch size), so no graph is full."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gitmerge3d import merging
+from gitmerge3d.models import PointTransformerV3
+from gitmerge3d.models.point_transformer_v3m2 import SerializedAttention
+from gitmerge3d.models.presets import reduced_config
+from merge_core.binned import kept_tokens
+
+
+def build(seed=0, **kw):
+    torch.manual_seed(seed)
+    return PointTransformerV3(**reduced_config("0c", shuffle_orders=False, **kw)).eval()
+
+
+def run(model, pts):
+    torch.manual_seed(1)
+    return model(copy.deepcopy(pts))["feat"]
+
+
+def test_r0_is_exactly_the_plain_model(make_points):
+    model, pts = build(), make_points(1500)
+    ref = run(model, pts)
+    merging.patch(model, {"tome": "patch", "r": 0.0})
+    assert torch.equal(run(model, pts), ref)
+
+
+def test_merged_attention_r0_equals_plain_attention():
+    q, k, v = (torch.randn(3, 2, 40, 8) for _ in range(3))
+    attn = SerializedAttention(16, 2, 40)
+    merging.patch(torch.nn.Sequential(attn), {"tome": "patch", "r": 0.0})
+    torch.testing.assert_close(attn.attend(q, k, v, None, None), F.scaled_dot_product_attention(q, k, v))
+
+
+@pytest.mark.parametrize("r,stride", [(0.9, None), (0.7, 3), (0.8, 6)])
+def test_token_counts_follow_the_schedule(make_points, r, stride):
+    model, pts = build(), make_points(1500)
+    info = {"tome": "patch", "r": r} | ({"stride": stride} if stride else {})
+    state = merging.patch(model, info)
+    run(model, pts)
+    cfg = state.config
+    assert cfg.stride == (stride or {0.9: 10}[r])
+    n_blocks = sum(isinstance(m, SerializedAttention) for m in model.modules())
+    assert len(state.layers) == n_blocks  # every encoder and decoder block merges
+    for rec in state.layers:
+        assert rec.kept == [kept_tokens(rec.tokens, r, cfg.stride)]
+    run(model, pts)
+    assert len(state.layers) == n_blocks  # reset per forward
+
+
+def test_remove_restores_model(make_points):
+    model, pts = build(), make_points(1500)
+    ref = run(model, pts)
+    merging.patch(model, {"tome": "weighted_patch", "r": 0.9, "stride": 10})
+    assert not torch.allclose(run(model, pts), ref)
+    merging.remove_patch(model)
+    assert all(type(m) is SerializedAttention for m in model.modules() if isinstance(m, SerializedAttention))
+    assert merging.merge_state(model) is None and not model._forward_pre_hooks
+    assert not any(hasattr(m, "_gm_state") for m in model.modules())
+    assert torch.equal(run(model, pts), ref)
+
+
+def test_backward_reaches_every_parameter(make_points):
+    model = build().train()
+    merging.patch(model, {"tome": "patch", "r": 0.9, "no_rand": False})
+    model(make_points(1500))["feat"].square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_weighted_patch_groups_in_a_layer():
+    # 12 patches of 64 tokens, 8 of them homogeneous: the low group keeps low_r=32... of 64 -> stride 2
+    attn = SerializedAttention(16, 2, 64)
+    model = torch.nn.Sequential(attn)
+    state = merging.patch(model, {"tome": "weighted_patch", "r": 0.9, "stride": 10})
+    state.reset()
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(12, 2, 64, 8, generator=g)
+    v[:8] = torch.randn(8, 1, 1, 8, generator=g).expand(8, 2, 64, 8)
+    q, k = torch.randn_like(v), torch.randn_like(v)
+    out = attn.attend(q, k, v, None, None)
+    rec = state.layers[-1]
+    assert rec.group_patches == [5, 7] and rec.kept == [kept_tokens(64, 0.9, 10), 32]
+    assert out.shape == v.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_runs(make_points, dtype):
+    if dtype is torch.float16 and not torch.cuda.is_available():
+        pytest.skip("fp16 matmuls are a CUDA path here; CPU runs bf16")
+    model = build().to(dtype)
+    merging.patch(model, {"tome": "patch", "r": 0.8})
+    pts = make_points(1500)
+    pts["feat"] = pts["feat"].to(dtype)
+    pts["coord"] = pts["coord"].to(dtype)
+    out = model(pts)["feat"]
+    assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    "info,match",
+    [
+        ({"tome": "pitome"}, "'tome' must be one of"),
+        ({"tome": "patch", "r": 1.5}, "'r' must be a float in"),
+        ({"tome": "patch", "r": 0.9, "stride": 0}, "'stride' must be a positive int"),
+        ({"tome": "patch", "r": 0.9, "no_rand": "yes"}, "'no_rand' must be a bool"),
+        ({"tome": "patch", "r": 0.9, "prop_attn": "row"}, "'prop_attn' must be one of"),
+        ({"tome": "patch", "r": 0.9, "tome_mlp": True}, "'tome_mlp' must be False"),
+        ({"tome": "patch", "rr": 0.9}, "unknown key 'rr'"),
+    ],
+)
+def test_bad_config_values(info, match):
+    with pytest.raises(ValueError, match=match):
+        merging.parse_merge_config(info)
+
+
+def test_stride_rule():
+    assert [merging.default_stride(r) for r in (0.5, 0.7, 0.8, 0.9, 0.95)] == [2, 3, 5, 10, 20]
+    cfg = merging.parse_merge_config({"tome": "patch", "r": 0.9, "threshold": 0.9, "low_r": 32})
+    assert cfg.stride == 10 and cfg.no_rand is True and cfg.prop_attn == "off"
+    assert merging.parse_merge_config({"tome": None}) is None
