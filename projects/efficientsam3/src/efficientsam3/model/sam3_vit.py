@@ -86,6 +86,16 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
         self.register_buffer("freqs_cis", axial_rope(self.head_dim, side, rope_scale, cfg.rope_theta))
 
+    def _apply(self, fn, recurse=True):
+        """Keep the RoPE table complex64 under `.to(dtype)` / `.half()` (which would drop its imaginary
+        part); it follows the weights' device only. RoPE itself runs in fp32, as in SAM3."""
+        freqs = self._buffers.pop("freqs_cis")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers["freqs_cis"] = freqs.to(self.qkv.weight.device)
+        return self
+
     def qkv_rope(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, H, W, C) -> q, k, v as (B, heads, H*W, head_dim), RoPE applied to q and k."""
         b, h, w, _ = x.shape
