@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import merge_core as mc
-from merge_core.attention import reference_attention
+from merge_core.attention import choose_backend
 
 
 def _qkv(b=2, h=3, n=9, d=16, seed=0):
@@ -12,30 +12,42 @@ def _qkv(b=2, h=3, n=9, d=16, seed=0):
     return q, k, v, size
 
 
+def _duplicated_keys_attention(q, k, v, size, scale):
+    """Plain softmax attention where a key of size s appears s times: what proportional attention means."""
+    outs = []
+    for b in range(q.shape[0]):
+        counts = size[b].reshape(-1).long()
+        k_dup = k[b].repeat_interleave(counts, dim=-2).double()
+        v_dup = v[b].repeat_interleave(counts, dim=-2).double()
+        outs.append(torch.softmax(q[b].double() @ k_dup.transpose(-2, -1) * scale, dim=-1) @ v_dup)
+    return torch.stack(outs).to(q.dtype)
+
+
 @pytest.mark.parametrize("backend", ["reference", "sdpa", "flex", "channel", "auto"])
-def test_backends_agree(backend):
-    q, k, v, size = _qkv()
-    expected = reference_attention(q, k, v, size[..., 0].log(), q.shape[-1] ** -0.5)
-    out = mc.proportional_attention(q, k, v, size, backend=backend)
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_backends_equal_attention_over_duplicated_keys(backend, scale):
+    """Every backend (batch > 1, different sizes per batch row, custom scale) against duplicated keys."""
+    q, k, v, size = _qkv(b=3, n=7)
+    expected = _duplicated_keys_attention(q, k, v, size, q.shape[-1] ** -0.5 if scale is None else scale)
+    out = mc.proportional_attention(q, k, v, size, backend=backend, scale=scale)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["reference", "sdpa", "channel"])
-def test_equals_attention_over_duplicated_keys(backend):
-    """A key of size s must act exactly like s identical copies of that key."""
-    q, k, v, size = _qkv(b=1, n=6)
-    counts = size[0, :, 0].long()
-    k_dup = k.repeat_interleave(counts, dim=-2)
-    v_dup = v.repeat_interleave(counts, dim=-2)
-    plain = torch.softmax(q @ k_dup.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1) @ v_dup
-    out = mc.proportional_attention(q, k, v, size, backend=backend)
-    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
-
-
-def test_size_none_is_plain_sdpa():
+def test_size_none_equals_hand_written_softmax():
+    """size=None is attention with every size 1: softmax(q k^T / sqrt(d)) v, written out here."""
     q, k, v, _ = _qkv()
-    out = mc.proportional_attention(q, k, v, None)
-    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    expected = torch.softmax(q.double() @ k.double().transpose(-2, -1) / 4.0, dim=-1) @ v.double()  # d=16
+    torch.testing.assert_close(mc.proportional_attention(q, k, v, None), expected.float(), rtol=1e-5, atol=1e-5)
+    ones = torch.ones(q.shape[0], q.shape[2])
+    torch.testing.assert_close(mc.proportional_attention(q, k, v, ones), expected.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_choose_backend_uses_its_inputs():
+    q = torch.randn(2, 3, 9, 16)
+    assert choose_backend(q) == "sdpa"  # CPU: the float mask (no FlashAttention to keep)
+    assert choose_backend(q, dropout_p=0.1) == "sdpa"
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        choose_backend(q, dropout_p=1.5)
 
 
 def test_bad_inputs():

@@ -127,6 +127,57 @@ def test_tie_break_is_first_index_across_blocks():
     assert idx[0, 0].item() == 5 and idx[0, 1].item() == 40
 
 
+def _torch_plan(a, b, pa, pb, r, sort_unm, score_mod=None):
+    """The plan as the torch path builds it (best destination, stable descending sort, first r merge)."""
+    with kernels.kernel_mode("never"):
+        best, idx = best_destinations(a, b, pa, pb, score_mod)
+    edge = torch.sort(best, dim=-1, descending=True, stable=True).indices[..., None]
+    unm, src = edge[..., r:, :], edge[..., :r, :]
+    return (unm.sort(dim=-2).values if sort_unm else unm), src, idx[..., None].gather(-2, src)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("protected, splits", [(0, 1), (1, 3), (3, 2), (1, None)])
+def test_match_plan_equals_sort_path(protected, splits):
+    torch.manual_seed(9)
+    m = torch.randn(2, 69, 16)
+    pa, pb = (protected + 1) // 2, protected // 2
+    r = 12
+    expected = _torch_plan(m[:, ::2], m[:, 1::2], pa, pb, r, protected > 0)
+    got = _triton.match_plan(m[:, ::2], m[:, 1::2], pa, pb, r, None, protected > 0, splits=splits)
+    for e, g, name in zip(expected, got, ("unm", "src", "dst"), strict=True):
+        assert g.dtype == torch.int64 and torch.equal(g, e), name
+
+
+@needs_interpreter
+def test_match_plan_ties_rank_by_position_and_first_destination():
+    """Equal best scores rank by row index; equal destinations resolve to the first (torch's rules)."""
+    a = torch.zeros(1, 6, 8)
+    b = torch.zeros(1, 100, 8)
+    a[0, :, 0] = 1.0  # every a row has cosine 1 with b rows 3 and 90 (in different splits), and 0 elsewhere
+    b[0, :, 1] = 1.0
+    b[0, 3] = torch.tensor([2.0] + [0.0] * 7)
+    b[0, 90] = torch.tensor([5.0] + [0.0] * 7)
+    a[0, 4, 2] = 1.0  # row 4 scores lower than the others
+    unm, src, dst = _triton.match_plan(a, b, 0, 0, 3, None, False, splits=2)
+    assert src[0, :, 0].tolist() == [0, 1, 2] and dst[0, :, 0].tolist() == [3, 3, 3]  # hand-derived
+    assert unm[0, :, 0].tolist() == [3, 5, 4]  # score order: rows 3, 5 (cosine 1), then row 4
+    protected = _triton.match_plan(a, b, 1, 0, 3, None, True, splits=2)
+    assert protected[1][0, :, 0].tolist() == [1, 2, 3] and protected[0][0, :, 0].tolist() == [0, 4, 5]
+
+
+@needs_interpreter
+def test_match_plan_with_penalty_and_bad_input():
+    torch.manual_seed(10)
+    m = torch.randn(2, 41, 16)
+    pen = mc.TokenPairPenalty(torch.rand(2, 41), 0.6, "guide")
+    expected = _torch_plan(m[:, ::2], m[:, 1::2], 1, 0, 8, True, pen)
+    got = _triton.match_plan(m[:, ::2], m[:, 1::2], 1, 0, 8, pen, True, splits=2)
+    assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
+    with pytest.raises(ValueError, match="match_plan needs 0 < r <= Na"):
+        _triton.match_plan(m[:, ::2], m[:, 1::2], 1, 0, 0)
+
+
 @needs_interpreter
 @pytest.mark.parametrize(
     "dtype, flags",
@@ -251,6 +302,48 @@ def test_gpu_patched_vit_fast_path_matches_torch_path():
     with torch.no_grad():
         ref, out = _both(model, x)
     torch.testing.assert_close(out.float(), ref.float(), atol=5e-2, rtol=5e-2)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("shape", [(1, 1025, 64, 40), (1, 197, 64, 16), (256, 197, 64, 16), (8, 4097, 64, 1024)])
+def test_gpu_match_plan_equals_sort_path(shape):
+    """Small batches split the destinations; large N (Na > 2048) keeps the fused matcher + torch sort."""
+    b, n, c, r = shape
+    torch.manual_seed(3)
+    m = torch.randn(b, n, c, device="cuda", dtype=torch.float16)
+    ref = _torch_plan(m[:, ::2], m[:, 1::2], 1, 0, r, True)
+    if (n + 1) // 2 <= _triton.MAX_PLAN_ROWS:
+        got = _triton.match_plan(m[:, ::2], m[:, 1::2], 1, 0, r, None, True)
+        agree = (got[1] == ref[1]).float().mean().item()  # fp16 last-bit near-ties may reorder a few sources
+        assert agree > 0.97, agree
+        assert torch.equal(got[0].sort(dim=1).values, got[0]) and got[0].shape == ref[0].shape
+    x = torch.randn(b, n, 96, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        (ref_x, ref_s), (out_x, out_s) = _both(lambda: mc.merge_wavg(mc.bipartite_soft_matching(m, r, True)[0], x))
+    assert out_x.shape == ref_x.shape and torch.equal(out_s.sum(1), ref_s.sum(1))
+
+
+@gpu
+@needs_cuda
+def test_gpu_cuda_graph_helper_matches_eager():
+    timm = pytest.importorskip("timm")
+    from merge_core.kernels.graph import cuda_graph
+
+    torch.manual_seed(4)
+    model = timm.create_model("vit_small_patch16_224").cuda().half().eval()
+    mc.patch.timm(model, prop_attn=False)
+    model.r = 16
+    model.merge_policy = "force"
+    x = torch.randn(4, 3, 224, 224, device="cuda", dtype=torch.float16)
+    with torch.inference_mode():
+        eager = model(x)
+    fast = cuda_graph(model, x)
+    assert fast.merged
+    torch.testing.assert_close(fast(x).float(), eager.float(), atol=2e-2, rtol=2e-2)
+    y = torch.randn_like(x)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(y).float(), model(y).float(), atol=2e-2, rtol=2e-2)
 
 
 # ---------------------------------------------------------------- log(size) channel inside the qkv projection

@@ -10,6 +10,7 @@ import torch
 
 from merge_core import kernels, patch
 from merge_core.bench import bound_forward, measure, vit_macs
+from merge_core.kernels import policy
 from merge_core.kernels.graph import cuda_graph
 from merge_core.schedule import parse_r
 
@@ -133,7 +134,7 @@ def bench_model(
                 continue
             r_list = parse_r(len(model.blocks), row["r"])
             res = {**info, **row, "compiled": execution == "compile", "execution": execution, **timing}
-            decision = getattr(model, "_merge_policy_decision", None)
+            decision = policy.last_decision(model)
             if row["kind"] == "merge_auto":
                 merged = row.get("graph_merged") if execution == "cudagraph" else (decision or {}).get("merge")
                 res["policy_merged"] = merged

@@ -8,7 +8,7 @@ Backends, all exact (they agree in tests and with attention over duplicated keys
 - ``flex``: FlexAttention with a key-bias ``score_mod`` (compiled on CUDA; eager elsewhere).
 - ``channel``: one extra head channel carries log(size): q' = [q, 1/scale], k' = [k, log s], so
   scale * q'.k' = scale * q.k + log s, padded to a multiple of 8 so FlashAttention still runs.
-- ``auto``: the fastest measured backend for the device (see ``choose_backend``).
+- ``auto``: the backend measured fastest for the input's device, dtype and shape (``choose_backend``).
 """
 
 from __future__ import annotations
@@ -78,13 +78,27 @@ def flex_attention_bias(q, k, v, bias: torch.Tensor, scale: float) -> torch.Tens
     return fn(q, k, v, bias, scale)
 
 
-def choose_backend(q: torch.Tensor, dropout_p: float = 0.0) -> str:
-    """Pick the backend measured fastest for this input (docs/gpu-results.md).
+# Tokens from which the log(size)-channel backend beats SDPA's float mask on CUDA (fp16/bf16): the channel's
+# q/k/v copies cost O(N D) while the mask's slower attention kernel costs O(N^2 D). H100, 2026-11-22: the mask
+# won at N = 99 and 197 (0.63 vs 0.80 ms at 256x12x197x64); docs/gpu-results.md has the N = 1025 rows.
+CHANNEL_MIN_TOKENS = 512
 
-    H100, fp16, ViT shapes (B*H = 3072, N = 99..197, D = 64): the SDPA float mask beat ``channel`` (its
-    q/k/v copies cost more than FlashAttention saves) and eager FlexAttention; the timm adapter avoids the
-    copies by building the channel inside the qkv projection (``merge_core.kernels.prop_attn``).
+
+def choose_backend(q: torch.Tensor, dropout_p: float = 0.0) -> str:
+    """The backend measured fastest for ``q``'s device, dtype and shape (docs/gpu-results.md).
+
+    - CUDA, fp16/bf16, no dropout, head dim a multiple of 8 with room for 8 more channels in a flash kernel,
+      and at least ``CHANNEL_MIN_TOKENS`` tokens: ``channel`` (FlashAttention on D + 8).
+    - Everything else (CPU, fp32, dropout, short sequences): ``sdpa`` with a float key mask.
+    ``flex`` is never picked: it was 10-30x slower than both in every measurement here.
     """
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    head_dim, tokens = q.shape[-1], q.shape[-2]
+    flash_dtype = q.dtype in (torch.float16, torch.bfloat16)
+    channel_fits = head_dim % 8 == 0 and head_dim + 8 <= 256
+    if q.is_cuda and flash_dtype and dropout_p == 0.0 and channel_fits and tokens >= CHANNEL_MIN_TOKENS:
+        return "channel"
     return "sdpa"
 
 

@@ -25,6 +25,7 @@ import os
 import statistics
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,14 @@ WARMUP, ITERS = 3, 10
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("merge_core_policy_override", default=None)
 _memory: dict[str, dict[str, Any]] = {}
 _disk_loaded: set[str] = set()
+# per model: a memo of decisions by cheap key (no attribute is added to the model) and the last decision
+_per_model: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def last_decision(model: Any) -> dict[str, Any] | None:
+    """The decision the policy applied to ``model``'s last calibrated-or-cached forward (key, merge, timings)."""
+    entry = _per_model.get(model)
+    return None if entry is None else entry["last"]
 
 
 def cache_path() -> Path:
@@ -137,6 +146,7 @@ def clear_cache(disk: bool = False) -> None:
     """Forget decisions (in this process; also on disk with ``disk=True``)."""
     _memory.clear()
     _disk_loaded.clear()
+    _per_model.clear()
     if disk:
         with contextlib.suppress(FileNotFoundError):
             cache_path().unlink()
@@ -190,23 +200,31 @@ def resolve_r(model: Any, x: torch.Tensor, r_list: list[int], run: Callable[[], 
         return r_list
     if get_policy(model) == "force" or not _calibratable(model, x):
         return r_list
-    key = policy_key(model, x, r_list)
-    entry = cached_decision(key)
+    from . import get_mode
+
+    slot = _per_model.setdefault(model, {"memo": {}, "last": None})
+    fast_key = (tuple(x.shape), x.dtype, x.device, tuple(r_list), get_mode())
+    fast_key += (_state_field(model, "prop_attn"), _state_field(model, "attn_backend"))
+    entry = slot["memo"].get(fast_key)
     if entry is None:
+        key = policy_key(model, x, r_list)
+        entry = cached_decision(key)
+        if entry is None:
 
-        def forced():
-            with override("force"):
-                run()
+            def forced():
+                with override("force"):
+                    run()
 
-        def plain():
-            with override("zero"):
-                run()
+            def plain():
+                with override("zero"):
+                    run()
 
-        with torch.no_grad():
-            ms_merged, ms_plain = time_pair(forced, plain, WARMUP, ITERS, x.device)
-        entry = record(key, ms_merged < ms_plain, ms_merged, ms_plain, "eager calibration")
-    with contextlib.suppress(AttributeError):
-        model._merge_policy_decision = {"key": key, **entry}
+            with torch.no_grad():
+                ms_merged, ms_plain = time_pair(forced, plain, WARMUP, ITERS, x.device)
+            entry = record(key, ms_merged < ms_plain, ms_merged, ms_plain, "eager calibration")
+        entry = {"key": key, **entry}
+        slot["memo"][fast_key] = entry
+    slot["last"] = entry
     return list(r_list) if entry["merge"] else [0] * len(r_list)
 
 
@@ -216,6 +234,7 @@ __all__ = [
     "cached_decision",
     "clear_cache",
     "get_policy",
+    "last_decision",
     "override",
     "policy_key",
     "record",
