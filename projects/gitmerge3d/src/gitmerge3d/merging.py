@@ -141,6 +141,7 @@ class LayerRecord:
     tokens: int
     kept: list[int]  # tokens per patch group after merging (one entry per group: normal, low)
     group_patches: list[int]
+    strides: list[int]  # bin stride of each group (n_bins = tokens // stride destinations)
 
 
 @dataclass
@@ -170,7 +171,7 @@ class MergedSerializedAttention(SerializedAttention):
             low = weighted_patch_groups(v, threshold=cfg.wp_threshold, rule=cfg.wp_rule)
         if low is None:
             out, kept = self._merged(q, k, v, bias, int(n * cfg.r), cfg.stride)
-            self._record(b, n, [kept], [b])
+            self._record(b, n, [kept], [b], [cfg.stride])
             return out
         hi_idx, lo_idx = (~low).nonzero(as_tuple=True)[0], low.nonzero(as_tuple=True)[0]
         out = torch.empty_like(v)
@@ -180,11 +181,11 @@ class MergedSerializedAttention(SerializedAttention):
         lo_out, lo_kept = self._merged(q[lo_idx], k[lo_idx], v[lo_idx], sub(bias, lo_idx), n - cfg.low_r, lo_stride)
         out[hi_idx] = hi_out.to(out.dtype)
         out[lo_idx] = lo_out.to(out.dtype)
-        self._record(b, n, [hi_kept, lo_kept], [len(hi_idx), len(lo_idx)])
+        self._record(b, n, [hi_kept, lo_kept], [len(hi_idx), len(lo_idx)], [cfg.stride, lo_stride])
         return out
 
-    def _record(self, patches: int, tokens: int, kept: list[int], groups: list[int]) -> None:
-        self._gm_state.layers.append(LayerRecord(self._gm_name, patches, tokens, kept, groups))
+    def _record(self, patches: int, tokens: int, kept: list[int], groups: list[int], strides: list[int]) -> None:
+        self._gm_state.layers.append(LayerRecord(self._gm_name, patches, tokens, kept, groups, strides))
 
     def _merged(self, q, k, v, bias, r: int, stride: int):
         cfg = self._gm_state.config

@@ -1,0 +1,1 @@
+"""Command-line tools: scene conversion and the FLOPs/latency/memory benchmark."""
