@@ -205,3 +205,25 @@ def from_dict(data: dict) -> CN:
     cfg.merge_from_other_cfg(CN(data))
     validate(cfg)
     return cfg
+
+
+def flatten(data: dict, prefix: str = "") -> dict:
+    """{"DATA": {"BATCH_SIZE": 64}} -> {"DATA.BATCH_SIZE": 64}."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def unflatten(flat: dict) -> dict:
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out

@@ -1,0 +1,1 @@
+"""Loops: teacher export, stage-1 training, losses and the LR schedule."""

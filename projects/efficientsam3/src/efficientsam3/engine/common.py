@@ -1,0 +1,87 @@
+"""Pieces the export and the trainer share: CLI flags that map onto config keys, the teacher on a device."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch import nn
+
+from run_kit import OneLineArgumentParser
+
+from ..config import ConfigError, load_config
+from ..model.merged_teacher import apply_merging
+from ..model.teacher import build_teacher, check_teacher_shape
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# CLI flag dest -> config key (the reference's flags; an explicit flag beats the config file).
+FLAG_KEYS = {
+    "batch_size": "DATA.BATCH_SIZE",
+    "data_path": "DATA.DATA_PATH",
+    "pretrained": "MODEL.PRETRAINED",
+    "resume": "MODEL.RESUME",
+    "accumulation_steps": "TRAIN.ACCUMULATION_STEPS",
+    "output": "OUTPUT",
+    "tag": "TAG",
+    "teacher_embed_path": "DISTILL.TEACHER_EMBED_PATH",
+    "sam3_checkpoint": "TEACHER.CHECKPOINT",
+    "teacher_type": "TEACHER.TYPE",
+    "merge_r": "TEACHER.MERGE_R",
+    "merge_global_r": "TEACHER.MERGE_GLOBAL_R",
+}
+
+
+def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = OneLineArgumentParser(prog=prog, description=description)
+    p.add_argument("--cfg", required=True, metavar="FILE", help="yacs YAML config (BASE: includes allowed)")
+    p.add_argument(
+        "--opts", nargs="+", default=[], metavar="KEY VALUE", help="config overrides, e.g. DATA.BATCH_SIZE 8"
+    )
+    p.add_argument("--batch-size", type=int, help="per-GPU batch (DATA.BATCH_SIZE)")
+    p.add_argument("--data-path", help="SA-1B root with images/{train,val} (DATA.DATA_PATH)")
+    p.add_argument("--output", help="output folder (OUTPUT)")
+    p.add_argument("--tag", help="run tag (TAG)")
+    p.add_argument("--teacher-embed-path", help="embedding store folder (DISTILL.TEACHER_EMBED_PATH)")
+    p.add_argument("--sam3-checkpoint", help="local sam3.pt for the teacher trunk (TEACHER.CHECKPOINT)")
+    p.add_argument("--teacher-type", help="sam3 | sam3_tiny | standin (TEACHER.TYPE)")
+    p.add_argument("--merge-r", type=int, help="merged teacher: tokens merged per window (TEACHER.MERGE_R)")
+    p.add_argument("--merge-global-r", type=int, help="merged teacher: tokens merged in global blocks")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--only-cpu", action="store_true", help="run on CPU with AMP off (reference flag)")
+    p.add_argument("--disable-amp", action="store_true", help="AMP_ENABLE False")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> tuple:
+    """(cfg, explicit config keys) from --cfg, --opts and the typed flags."""
+    overrides = {key: getattr(args, dest) for dest, key in FLAG_KEYS.items() if getattr(args, dest, None) is not None}
+    if getattr(args, "disable_amp", False) or getattr(args, "only_cpu", False):
+        overrides["AMP_ENABLE"] = False
+    if getattr(args, "online_teacher", False):
+        overrides["DISTILL.ONLINE_TEACHER"] = True
+    cfg = load_config(args.cfg, args.opts, overrides)
+    explicit = set(overrides) | set(args.opts[0::2])
+    return cfg, explicit
+
+
+def teacher_on(cfg, device: torch.device) -> nn.Module:
+    """The configured teacher (merged if TEACHER.MERGE_R / MERGE_GLOBAL_R > 0) on `device` in its dtype.
+    On CPU it runs in fp32 whatever TEACHER.DTYPE says (bf16 matmuls on CPU are slow)."""
+    t = build_teacher(
+        cfg.TEACHER.TYPE, cfg.TEACHER.CHECKPOINT, cfg.DISTILL.EMBED_DIM, cfg.DISTILL.EMBED_SIZE, cfg.DATA.IMG_SIZE
+    )
+    check_teacher_shape(t, cfg.DISTILL.EMBED_DIM, cfg.DISTILL.EMBED_SIZE, cfg.DATA.IMG_SIZE)
+    if cfg.TEACHER.MERGE_R or cfg.TEACHER.MERGE_GLOBAL_R:
+        if cfg.TEACHER.TYPE == "standin":
+            raise ConfigError("TEACHER.MERGE_R: the stand-in teacher has no attention to merge; use sam3 or sam3_tiny")
+        apply_merging(t, cfg.TEACHER.MERGE_R, cfg.TEACHER.MERGE_GLOBAL_R)
+    dtype = DTYPES[cfg.TEACHER.DTYPE] if device.type == "cuda" else torch.float32
+    return t.to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def run_teacher(teacher: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    dtype = next(teacher.parameters()).dtype
+    return teacher(images.to(dtype)).float()
