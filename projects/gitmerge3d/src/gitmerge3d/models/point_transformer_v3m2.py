@@ -117,7 +117,9 @@ class SerializedAttention(PointModule):
 
     def patches(self, point: Point):
         """(order, inverse, K): serialized order with duplicate padding, its inverse, patch size."""
-        k = min(int(offset2bincount(point["offset"]).min().item()), self.patch_size_max)
+        if "min_bincount" not in point.keys():  # one host sync per Point, not per block
+            point["min_bincount"] = int(offset2bincount(point["offset"]).min().item())
+        k = min(point["min_bincount"], self.patch_size_max)
         self.patch_size = k
         key = f"pad_unpad_{k}"
         if key not in point.keys():
