@@ -126,3 +126,41 @@ def test_stride_rule():
     cfg = merging.parse_merge_config({"tome": "patch", "r": 0.9, "threshold": 0.9, "low_r": 32})
     assert cfg.stride == 10 and cfg.no_rand is True and cfg.prop_attn == "off"
     assert merging.parse_merge_config({"tome": None}) is None
+
+
+def official_attention_reference(q, k, v, r, stride, scale):
+    """One patch and head at a time, following the official description step by step (python loops)."""
+    n = q.shape[-2]
+    out = torch.empty_like(v)
+    heads = q.shape[1]
+    for b in range(q.shape[0]):
+        for h in range(heads):
+            off = (max(stride // heads, 1) * h) % stride
+            dst = [j * stride + off for j in range(n // stride)]
+            src = [i for i in range(n) if i not in dst]
+            m = F.normalize(v[b, h], dim=-1)
+            best = [max(float(m[s] @ m[d]) for d in dst) for s in src]
+            match = [max(range(len(dst)), key=lambda j, s=s: (float(m[s] @ m[dst[j]]), -j)) for s in src]
+            rank = sorted(range(len(src)), key=lambda i: -best[i])
+            r_eff = min(len(src), r)
+            groups = [[i] for i in (src[j] for j in rank[r_eff:])] + [[d] for d in dst]
+            for j in rank[:r_eff]:
+                groups[len(src) - r_eff + match[j]].append(src[j])
+            mq, mk, mv = (torch.stack([t[b, h, g].mean(0) for g in groups]) for t in (q, k, v))
+            size = torch.tensor([float(len(g)) for g in groups])
+            attn = (mq * scale @ mk.T + size.log()[:, None]).softmax(-1)  # official per-row size bias
+            y = attn @ mv
+            for slot, g in enumerate(groups):
+                out[b, h, g] = y[slot]
+    return out
+
+
+@pytest.mark.parametrize("prop_attn", ["faithful", "off"])
+def test_merged_attention_equals_official_reference(prop_attn):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 30, 4, generator=g) for _ in range(3))
+    attn = SerializedAttention(12, 3, 30)
+    merging.patch(torch.nn.Sequential(attn), {"tome": "patch", "r": 0.8, "stride": 4, "prop_attn": prop_attn})
+    got = attn.attend(q, k, v, None, None)
+    want = official_attention_reference(q, k, v, int(30 * 0.8), 4, attn.scale)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
