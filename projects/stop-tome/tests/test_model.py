@@ -47,8 +47,9 @@ def test_stop_token_layout(clip_sd):
     # re-run the blocks by hand and check the slot contents
     vis = model.clip.visual
     with torch.no_grad():
-        frames = vis.embed(vis.TemporalPrompt(video))
-        inter = vis.TemporalPrompt.inter_frame_prompt(frames)
+        prompted, region = vis.TemporalPrompt(video)
+        frames = vis.embed(prompted)
+        inter = vis.TemporalPrompt.inter_frame_prompt(frames, region)
         lp = local[:, None] + inter[None]
         x = torch.cat([frames[:, :, :1], lp[0], frames[:, :, 1:]], 2).flatten(1, 2)
         x = torch.cat([vis.prompt_embeddings.expand(2, -1, -1), x], 1)

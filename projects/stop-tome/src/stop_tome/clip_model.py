@@ -26,7 +26,9 @@ class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in fp32 (OpenAI's fp16 handling), cast back to the input dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
 
 
 class QuickGELU(nn.Module):
@@ -182,7 +184,12 @@ class VisionTransformer(nn.Module):
     """CLIP's ViT run per video. ``num_global`` > 0 adds STOP's global prompts (``prompt_embeddings``)."""
 
     def __init__(
-        self, spec: ClipSpec, lora: bool = False, num_global: int = 0, temporal_prompt: nn.Module | None = None
+        self,
+        spec: ClipSpec,
+        lora: bool = False,
+        num_global: int = 0,
+        temporal_prompt: nn.Module | None = None,
+        num_local: int = 0,
     ):
         super().__init__()
         w, p = spec.vision_width, spec.vision_patch_size
@@ -195,7 +202,7 @@ class VisionTransformer(nn.Module):
         self.transformer = Transformer(w, spec.vision_layers, spec.vision_heads, lora)
         self.ln_post = LayerNorm(w)
         self.proj = nn.Parameter(scale * torch.randn(w, spec.embed_dim))
-        self.num_global = num_global
+        self.num_global, self.num_local = num_global, num_local
         if num_global:
             bound = math.sqrt(6.0 / float(3 * p * p + w))  # STOP's xavier-style bound for the global prompts
             self.prompt_embeddings = nn.Parameter(torch.empty(1, num_global, w).uniform_(-bound, bound))
@@ -232,13 +239,15 @@ class VisionTransformer(nn.Module):
         Output tokens are before ln_post; with G globals, group tokens follow them.
         """
         b, t = video.shape[:2]
+        p = 0 if local_prompts is None else local_prompts.shape[3]
+        if p != self.num_local:
+            raise ValueError(f"local_prompts: expected {self.num_local} prompts per frame, got {p}")
         if self.TemporalPrompt is not None:
-            video = self.TemporalPrompt(video)
+            video, region = self.TemporalPrompt(video)
         frames = self.embed(video)
         if self.TemporalPrompt is not None:
-            inter = self.TemporalPrompt.inter_frame_prompt(frames)  # (B, T, P, D), same for every layer
+            inter = self.TemporalPrompt.inter_frame_prompt(frames, region)  # (B, T, P, D), same for every layer
             local_prompts = local_prompts + inter[None].to(local_prompts.dtype)
-        p = 0 if local_prompts is None else local_prompts.shape[3]
         if p:
             frames = torch.cat([frames[:, :, :1], local_prompts[0].to(frames.dtype), frames[:, :, 1:]], 2)
         x = frames.flatten(1, 2)
@@ -267,11 +276,16 @@ class CLIP(nn.Module):
     """OpenAI CLIP (ViT) with optional STOP/DGL prompts; text deep prompts are inserted by ``encode_text``."""
 
     def __init__(
-        self, spec: ClipSpec, lora: bool = False, num_global: int = 0, temporal_prompt: nn.Module | None = None
+        self,
+        spec: ClipSpec,
+        lora: bool = False,
+        num_global: int = 0,
+        temporal_prompt: nn.Module | None = None,
+        num_local: int = 0,
     ) -> None:
         super().__init__()
         self.spec = spec
-        self.visual = VisionTransformer(spec, lora, num_global, temporal_prompt)
+        self.visual = VisionTransformer(spec, lora, num_global, temporal_prompt, num_local)
         self.transformer = Transformer(spec.transformer_width, spec.transformer_layers, spec.transformer_heads, lora)
         self.token_embedding = nn.Embedding(spec.vocab_size, spec.transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(spec.context_length, spec.transformer_width))

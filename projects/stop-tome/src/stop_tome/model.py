@@ -3,7 +3,7 @@
 Modes (``--temporal_prompt``): ``group2-2`` = STOP (DGL prompts + STOP's prompter), ``DGL`` = the DGL baseline inside
 STOP's code, ``none`` = plain CLIP4Clip (every frame an independent image, meanP over frame CLS features).
 ``clip_state_dict`` fixes the shapes only (as in STOP); ``from_pretrained`` also copies the weights.
-Merging is applied when ``task_config.tome_r > 0`` or a cross-frame schedule is given.
+Merging is applied when ``task_config.tome_r > 0`` (then also the cross-frame joins, if given).
 """
 
 from __future__ import annotations
@@ -82,7 +82,11 @@ class CLIP4Clip(nn.Module):
         if prompted and num_global < 1:
             raise ValueError("--global_visual_prompt_length must be >= 1 with STOP/DGL prompts")
         self.clip = CLIP(
-            spec, lora=prompted and bool(_cfg(task_config, "lora")), num_global=num_global, temporal_prompt=temporal
+            spec,
+            lora=prompted and bool(_cfg(task_config, "lora")),
+            num_global=num_global,
+            temporal_prompt=temporal,
+            num_local=local,
         )
         self.prompts = None
         if prompted:
@@ -99,13 +103,13 @@ class CLIP4Clip(nn.Module):
         if int(_cfg(task_config, "freeze_clip")):
             self.freeze_clip()
         cross_layers = parse_int_list(_cfg(task_config, "tome_cross_layers"), "tome_cross_layers")
-        if int(_cfg(task_config, "tome_r")) > 0 or cross_layers:
+        if int(_cfg(task_config, "tome_r")) > 0:
             from .merging import apply_tome_patch
 
             apply_tome_patch(
                 self,
                 r=int(_cfg(task_config, "tome_r")),
-                trace_source=bool(_cfg(task_config, "tome_trace_source")),
+                trace_source="index" if _cfg(task_config, "tome_trace_source") else False,
                 prop_attn=bool(_cfg(task_config, "tome_prop_attn")),
                 cross_layers=cross_layers,
                 cross_frames=parse_int_list(_cfg(task_config, "tome_cross_frames"), "tome_cross_frames"),

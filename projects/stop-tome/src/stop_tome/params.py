@@ -156,6 +156,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, s
         parser.error("one of --do_train or --do_eval is required")
     if args.tome_cross_layers and args.temporal_prompt != "none":
         parser.error("argument --tome_cross_layers: cross-frame merging needs --temporal_prompt none")
+    if args.tome_cross_layers and args.tome_r < 1:
+        parser.error("argument --tome_cross_layers: needs --tome_r >= 1 (tome_r 0 switches all merging off)")
     if not 0.0 <= args.warmup_proportion < 1.0:
         parser.error(f"argument --warmup_proportion: expected a value in [0, 1), got {args.warmup_proportion}")
     return args, explicit

@@ -143,7 +143,6 @@ class TemporalPrompt(nn.Module):
         )
         self.InterMLP = nn.Sequential(nn.Linear(grid * grid, 16), nn.PReLU(), nn.Linear(16, local_prompts))
         self.Cal_Net_Inter = nn.Conv3d(1, 1, kc, padding=_pad(kc))
-        self._mask: torch.Tensor | None = None
 
     def region_mask(self, video: torch.Tensor) -> torch.Tensor:
         """(B, T, 3, H, W) -> bool (B, T, grid, grid): the top-eta patches of the temporal dynamics map."""
@@ -154,29 +153,26 @@ class TemporalPrompt(nn.Module):
         kth = dyn.flatten(2).sort(dim=2, descending=True).values[:, :, min(self.eta, g * g - 1)]
         return dyn > kth[:, :, None, None]
 
-    def forward(self, video: torch.Tensor) -> torch.Tensor:
-        """Pixel prompt: ``x + 0.05 * prompt + 0.05 * prompt * mask``."""
+    def forward(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixel prompt ``x + 0.05 * prompt + 0.05 * prompt * mask``; returns (prompted video, region mask)."""
         prompt = self.dropout1(self.Conv(video.transpose(1, 2)))  # (B, 16, T, H, W)
         prompt = self.dropout2(self.MLP(prompt.permute(0, 2, 3, 4, 1)))  # (B, T, H, W, 3)
         prompt = self.dropout2(prompt.permute(0, 1, 4, 2, 3))
         mask = self.region_mask(video)
-        self._mask = mask
         p = self.patch_size
         pixel_mask = mask.repeat_interleave(p, 2).repeat_interleave(p, 3)[:, :, None].to(video.dtype)
         pixel_mask = nn.functional.pad(
             pixel_mask, (0, video.shape[-1] - pixel_mask.shape[-1], 0, video.shape[-2] - pixel_mask.shape[-2])
         )
-        return video + prompt * 0.05 + prompt * pixel_mask * 0.05
+        return video + prompt * 0.05 + prompt * pixel_mask * 0.05, mask
 
-    def inter_frame_prompt(self, frames: torch.Tensor) -> torch.Tensor:
-        """frames (B, T, 1 + N, D) after ln_pre -> (B, T, P, D) prompts (needs ``forward`` first for the mask)."""
-        if self._mask is None:
-            raise RuntimeError("TemporalPrompt.inter_frame_prompt needs the pixel pass (forward) first")
+    def inter_frame_prompt(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """frames (B, T, 1 + N, D) after ln_pre and the region mask of ``forward`` -> (B, T, P, D) prompts."""
         b, t, _, d = frames.shape
         x = frames[:, :, 1:].reshape(b, -1, d)
         x = self.Attention(x, x, x, need_weights=False)[0].view(b, 1, t, -1, d)  # (B, 1, T, N, D)
         weight = self.Cal_Net_Inter(x)[:, 0]  # (B, T, N, D)
-        region = self._mask.reshape(b, t, -1, 1).to(weight.dtype)
+        region = mask.reshape(b, t, -1, 1).to(weight.dtype)
         weight = (weight + weight * region).mean(dim=(2, 3))  # (B, T)
         weight = (weight - weight.min()) / (weight.max() - weight.min()).clamp_min(1e-6)
         x = self.InterConv(x)[:, 0]  # (B, T, N, D)
