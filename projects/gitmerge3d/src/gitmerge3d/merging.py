@@ -4,10 +4,12 @@ Matching, grouping and the prop-attn modes are merge-core's (``merge_core.binned
 ``merge_core.patch_energy.weighted_patch_groups``, ``merge_core.patch_attention.patch_attention``);
 this module only wires them into the attention of every encoder and decoder block.
 
-Adapter shape (the merge-core adapter kit's, written on the existing merge-core functions because
-the kit had not landed): ``patch(model, config)`` swaps each ``SerializedAttention``'s class for
-``MergedSerializedAttention`` and registers a pre-forward hook that resets a typed per-forward
-``MergeState``; ``remove_patch(model)`` restores classes, attributes and hooks.
+Built on merge-core's adapter kit (``merge_core.adapter.MergeAdapter``): ``patch(model, config)``
+swaps the root's class (the per-forward ``MergeState`` reset) and each ``SerializedAttention``'s class
+for ``MergedSerializedAttention``; ``remove_patch(model)`` is the kit's. The state records, per
+attention block, the tokens kept per patch (``state.tokens``) and a ``LayerRecord`` with the groups
+(``state.extra["layers"]``). Merging is inside attention, so the block's own token count never changes
+and the kit's ``size``/source maps stay unused.
 
 Config keys follow the official ``additional_info`` dict (see ``parse_merge_config``).
 """
@@ -15,15 +17,18 @@ Config keys follow the official ``additional_info`` dict (see ``parse_merge_conf
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from merge_core.adapter import MergeAdapter, MergeState, state_of
+from merge_core.adapter import remove_patch as kit_remove_patch
 from merge_core.binned import PatchMatch, patch_match
 from merge_core.patch_attention import PROP_ATTN, patch_attention
 from merge_core.patch_energy import RULES, weighted_patch_groups
+from merge_core.schedule import parse_r
 
 from .models.point_transformer_v3m2 import SerializedAttention
 
@@ -144,39 +149,67 @@ class LayerRecord:
     strides: list[int]  # bin stride of each group (n_bins = tokens // stride destinations)
 
 
-@dataclass
-class MergeState:
-    """Per-forward record, reset by the model's pre-forward hook."""
+def layer_records(model: nn.Module) -> list[LayerRecord]:
+    """Per-attention-block records of the last forward (empty when nothing merged)."""
+    return state_of(model).extra.get("layers", [])
 
-    config: MergeConfig
-    layers: list[LayerRecord] = field(default_factory=list)
 
-    def reset(self) -> None:
-        self.layers = []
+def config_of(model: nn.Module) -> MergeConfig:
+    return state_of(model).extra["gitmerge3d"]
+
+
+def resolve_r(r, num_layers: int) -> tuple[float | None, list[int]]:
+    """``model.r``: a float in (0, 1) is GitMerge3D's fraction (int(K*r) per patch of K tokens);
+    an int or per-layer list is merge-core's count of tokens removed per patch (0 = off)."""
+    if isinstance(r, float) and 0.0 < r < 1.0:
+        return r, [0] * num_layers
+    return None, parse_r(num_layers, r)
+
+
+class _MergeRoot:
+    """Mixin of the patched model: resets the per-forward state, then runs the original forward."""
+
+    def forward(self, *args, **kwargs):
+        state: MergeState = self._merge_info
+        fraction, counts = resolve_r(self.r, len(state.extra["blocks"]))
+        state.begin(len(counts), counts)
+        state.extra["fraction"] = fraction
+        state.extra["layers"] = []
+        return super().forward(*args, **kwargs)
 
 
 class MergedSerializedAttention(SerializedAttention):
-    """SerializedAttention whose patch attention runs on merged tokens (class swapped in by ``patch``)."""
+    """SerializedAttention whose patch attention runs on merged tokens (swapped in by the adapter)."""
 
-    _gm_state: MergeState
-    _gm_name: str
+    _merge_info: MergeState
+    _merge_layer: int
+
+    def _tokens_to_merge(self, n: int) -> int:
+        state = self._merge_info
+        fraction = state.extra.get("fraction")
+        if fraction:
+            return int(n * fraction)
+        return state.r[self._merge_layer] if state.r else 0
 
     def attend(self, q, k, v, bias, point):
-        cfg = self._gm_state.config
+        state = self._merge_info
+        cfg: MergeConfig = state.extra["gitmerge3d"]
         b, _, n, _ = q.shape
-        if cfg.r == 0.0:
+        r = self._tokens_to_merge(n)
+        if r <= 0:
+            state.tokens.append(n)
             return super().attend(q, k, v, bias, point)
         low = None
         if cfg.tome == "weighted_patch":
             low = weighted_patch_groups(v, threshold=cfg.wp_threshold, rule=cfg.wp_rule)
         if low is None:
-            out, kept = self._merged(q, k, v, bias, int(n * cfg.r), cfg.stride)
+            out, kept = self._merged(q, k, v, bias, r, cfg.stride)
             self._record(b, n, [kept], [b], [cfg.stride])
             return out
         hi_idx, lo_idx = (~low).nonzero(as_tuple=True)[0], low.nonzero(as_tuple=True)[0]
         out = torch.empty_like(v)
         sub = lambda t, i: None if t is None else t[i]  # noqa: E731
-        hi_out, hi_kept = self._merged(q[hi_idx], k[hi_idx], v[hi_idx], sub(bias, hi_idx), int(n * cfg.r), cfg.stride)
+        hi_out, hi_kept = self._merged(q[hi_idx], k[hi_idx], v[hi_idx], sub(bias, hi_idx), r, cfg.stride)
         lo_stride = max(n // cfg.low_r, 1)
         lo_out, lo_kept = self._merged(q[lo_idx], k[lo_idx], v[lo_idx], sub(bias, lo_idx), n - cfg.low_r, lo_stride)
         out[hi_idx] = hi_out.to(out.dtype)
@@ -185,10 +218,13 @@ class MergedSerializedAttention(SerializedAttention):
         return out
 
     def _record(self, patches: int, tokens: int, kept: list[int], groups: list[int], strides: list[int]) -> None:
-        self._gm_state.layers.append(LayerRecord(self._gm_name, patches, tokens, kept, groups, strides))
+        state = self._merge_info
+        name = state.extra["blocks"][self._merge_layer]
+        state.extra["layers"].append(LayerRecord(name, patches, tokens, kept, groups, strides))
+        state.tokens.append(kept[0])  # kept tokens per patch inside attention (normal group)
 
     def _merged(self, q, k, v, bias, r: int, stride: int):
-        cfg = self._gm_state.config
+        cfg: MergeConfig = self._merge_info.extra["gitmerge3d"]
         n = q.shape[-2]
         if q.shape[0] == 0:
             return v, n
@@ -220,46 +256,61 @@ class MergedSerializedAttention(SerializedAttention):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=self.scale)
 
 
-_STATE_ATTR = "_gitmerge3d_state"
-_HOOK_ATTR = "_gitmerge3d_hook"
+class GitMerge3DAdapter(MergeAdapter):
+    """merge-core adapter for PT-v3m2: every SerializedAttention (encoder and decoder) merges in-attention.
+
+    ``model.r`` after ``apply``: the config's fraction (float in (0, 1)) or merge-core's per-patch token
+    counts (int or per-layer list); 0 runs the unpatched computation exactly.
+    """
+
+    name = "gitmerge3d-ptv3"
+
+    def __init__(self, config: MergeConfig):
+        self.config = config
+
+    def check(self, model: nn.Module) -> None:
+        if not self.layers(model):
+            raise TypeError(f"model ({type(model).__name__}) has no SerializedAttention modules to merge")
+
+    def layers(self, model: nn.Module) -> list[nn.Module]:
+        return [m for m in model.modules() if isinstance(m, SerializedAttention)]
+
+    def protected_tokens(self, model: nn.Module) -> tuple[int, bool, bool]:
+        return 0, False, False
+
+    def attach(self, model: nn.Module, state: MergeState) -> None:
+        names = {id(m): n for n, m in model.named_modules()}
+        blocks = self.layers(model)
+        state.extra["gitmerge3d"] = self.config
+        state.extra["blocks"] = [names[id(m)] for m in blocks]
+        state.extra["layers"] = []
+        state.extra["fraction"] = self.config.r  # until the first forward resolves model.r
+        self.swap(model, _MergeRoot, state)
+        for i, attn in enumerate(blocks):
+            self.swap(attn, MergedSerializedAttention, state)
+            self.attach_attr(attn, "_merge_info", state, state)
+            self.attach_attr(attn, "_merge_layer", i, state)
+
+    def init_r(self, model: nn.Module, state: MergeState) -> None:
+        self.attach_attr(model, "r", self.config.r, state)
 
 
 def patch(model: nn.Module, config: MergeConfig | Mapping) -> MergeState:
-    """Enable merging in every SerializedAttention of ``model``; returns the shared per-forward state."""
+    """Enable merging in every SerializedAttention of ``model`` with an ``additional_info``-style config."""
     if isinstance(config, Mapping):
         config = parse_merge_config(config)
     if config is None:
         raise ValueError("merging config has tome=None: nothing to patch (use remove_patch to disable)")
-    if hasattr(model, _STATE_ATTR):
-        remove_patch(model)
-    state = MergeState(config)
-    found = 0
-    for name, module in model.named_modules():
-        if isinstance(module, SerializedAttention):
-            module.__class__ = MergedSerializedAttention
-            module._gm_state = state
-            module._gm_name = name
-            found += 1
-    if not found:
-        raise ValueError("model has no SerializedAttention modules to merge")
-    setattr(model, _STATE_ATTR, state)
-    setattr(model, _HOOK_ATTR, model.register_forward_pre_hook(lambda mod, args: state.reset()))
-    return state
+    GitMerge3DAdapter(config).apply(model, prop_attn=False)
+    return state_of(model)
 
 
 def remove_patch(model: nn.Module) -> None:
-    """Undo ``patch``: plain SerializedAttention classes, no state attributes, no hook."""
-    for module in model.modules():
-        if isinstance(module, MergedSerializedAttention):
-            module.__class__ = SerializedAttention
-            del module._gm_state
-            del module._gm_name
-    if hasattr(model, _HOOK_ATTR):
-        getattr(model, _HOOK_ATTR).remove()
-        delattr(model, _HOOK_ATTR)
-    if hasattr(model, _STATE_ATTR):
-        delattr(model, _STATE_ATTR)
+    """Undo ``patch`` (merge-core's remove: classes, attributes and caches restored); no-op when unpatched."""
+    if isinstance(model.__dict__.get("_merge_info"), MergeState):
+        kit_remove_patch(model)
 
 
 def merge_state(model: nn.Module) -> MergeState | None:
-    return getattr(model, _STATE_ATTR, None)
+    state = model.__dict__.get("_merge_info")
+    return state if isinstance(state, MergeState) else None

@@ -76,8 +76,9 @@ def count_macs(model: nn.Module, inputs: dict) -> MacCount:
 
     def attn_hook(mod, inp, out):
         record = None
-        if isinstance(mod, MergedSerializedAttention) and state is not None and state.config.r > 0:
-            record = state.layers[-1]
+        records = state.extra.get("layers", []) if state is not None else []
+        if isinstance(mod, MergedSerializedAttention) and records and records[-1].name == names.get(id(mod)):
+            record = records[-1]
         macs = _attention_matmul_macs(mod, out, record)
         counts.attention += macs
         counts.attention_matmul += macs
