@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "motorcycle_left")
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
 
 
 def _photo(name: str, scale: int = 4) -> np.ndarray:

@@ -85,6 +85,12 @@ def convert(student_ckpt: str, sam3_ckpt: str, output: str, backbone: str | None
 
 
 def main(argv=None) -> dict:
+    from .engine.common import run_cli
+
+    return run_cli("efficientsam3-convert-stage1", _main, argv)
+
+
+def _main(argv=None) -> dict:
     p = OneLineArgumentParser(prog="efficientsam3-convert-stage1", description=__doc__.splitlines()[0])
     p.add_argument("--student-ckpt", required=True, help="stage-1 ckpt_epoch_N.pth (or a bare student state dict)")
     p.add_argument("--sam3-checkpoint", required=True, help="local sam3.pt")

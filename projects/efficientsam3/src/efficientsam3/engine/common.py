@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 from torch import nn
@@ -85,3 +86,16 @@ def teacher_on(cfg, device: torch.device) -> nn.Module:
 def run_teacher(teacher: nn.Module, images: torch.Tensor) -> torch.Tensor:
     dtype = next(teacher.parameters()).dtype
     return teacher(images.to(dtype)).float()
+
+
+def run_cli(prog: str, fn, argv=None):
+    """Run an entry point; expected failures (bad config, missing file, bad checkpoint, missing embedding)
+    become one line `prog: error: ...` on stderr and exit status 2 instead of a traceback."""
+    from ..store import MissingEmbeddingError
+
+    try:
+        return fn(argv)
+    except (ValueError, FileNotFoundError, MissingEmbeddingError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        raise SystemExit(2) from None

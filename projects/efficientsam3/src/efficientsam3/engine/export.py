@@ -16,7 +16,7 @@ from run_kit import RunLogger, barrier, cleanup_distributed, progress, setup_dis
 from ..data.sa1b import SA1BDataset, collate
 from ..store import EmbeddingStore, StoreWriter, read_keys
 from ..store.compact import ErrorMeter
-from .common import base_parser, config_from_args, run_teacher, teacher_on
+from .common import base_parser, config_from_args, run_cli, run_teacher, teacher_on
 
 
 def build_parser():
@@ -125,7 +125,7 @@ def _check(cfg, args, env, teacher, split, workers, log) -> dict:
 
 
 def main(argv=None) -> None:
-    export(argv)
+    run_cli("efficientsam3-save-embeddings", export, argv)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from ..data.sa1b import SA1BDataset, collate
 from ..data.transforms import valid_mask
 from ..model.students import build_student
 from ..store import EmbeddingStore
-from .common import DTYPES, base_parser, config_from_args, run_teacher, teacher_on
+from .common import DTYPES, base_parser, config_from_args, run_cli, run_teacher, teacher_on
 from .losses import stage1_loss
 from .schedule import lr_at, param_groups, scaled_lr
 
@@ -240,7 +240,7 @@ def _train(cfg, args, env, log, ckpt, ckpt_path) -> dict:
 
 
 def main(argv=None) -> None:
-    train(argv)
+    run_cli("efficientsam3-train-stage1", train, argv)
 
 
 if __name__ == "__main__":
