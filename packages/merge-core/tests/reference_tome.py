@@ -43,3 +43,33 @@ def reference_merge(
         outs.append(torch.stack([x[bi, g].mean(0) for g in ordered]))
         sizes.append(torch.tensor([[float(len(g))] for g in ordered]))
     return torch.stack(outs), torch.stack(sizes), all_groups
+
+
+def reference_groups(metric: torch.Tensor, r: int, protected: int) -> list[list[list[int]]]:
+    """Groups of current-token indices per merged token, for a protected prefix of ``protected`` tokens.
+
+    Loop form of ToMe's bipartite matching: even tokens are sources, odd tokens destinations; the first
+    ``protected`` tokens are neither. Each source takes its most similar destination (first on ties); the
+    ``r`` best-scoring sources merge (earlier on ties). Output order: the prefix, unmerged sources, then
+    destinations, each in original order.
+    """
+    batch, n, _ = metric.shape
+    r = min(r, (n - protected) // 2)
+    result = []
+    for bi in range(batch):
+        m = metric[bi] / metric[bi].norm(dim=-1, keepdim=True)
+        sources = [i for i in range(0, n, 2) if i >= protected]
+        dests = [j for j in range(1, n, 2) if j >= protected]
+        best = []
+        for i in sources:
+            scores = [float(m[i] @ m[j]) for j in dests]
+            top = max(range(len(dests)), key=lambda k: (scores[k], -k))
+            best.append((scores[top], i, dests[top]))
+        order = sorted(range(len(best)), key=lambda k: (-best[k][0], k))
+        merged = [best[k] for k in order[:r]]
+        unmerged = sorted(best[k][1] for k in order[r:])
+        groups = {j: [j] for j in dests}
+        for _, i, j in merged:
+            groups[j].append(i)
+        result.append([[i] for i in range(protected)] + [[i] for i in unmerged] + [sorted(groups[j]) for j in dests])
+    return result

@@ -2,6 +2,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from reference_tome import reference_groups  # noqa: I001
 
 import merge_core as mc
 
@@ -51,35 +52,37 @@ def test_merging_keeps_prefix_and_sizes(name):
     torch.testing.assert_close(info["source"].sum(-1, keepdim=True), info["size"])
 
 
-def _manual_forward(model, x, r):
-    """Block-by-block re-statement of ToMe on timm's modules (LayerScale + q/k-norm aware)."""
+def _oracle_forward(model, x, r):
+    """ToMe on timm's modules, merging by the loop-based oracle (no merge-core op involved)."""
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
-    size = None
+    size = torch.ones(x.shape[0], x.shape[1], 1)
     for blk in model.blocks:
         attn = blk.attn
         y = blk.norm1(x)
         b, n, c = y.shape
         q, k, v = attn.qkv(y).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k = attn.q_norm(q), attn.k_norm(k)
-        logits = (q * attn.scale) @ k.transpose(-2, -1)
-        if size is not None:
-            logits = logits + size.log()[:, None, None, :, 0]
+        logits = (q * attn.scale) @ k.transpose(-2, -1) + size.log()[:, None, None, :, 0]
         y = (logits.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c)
         x = x + blk.ls1(attn.proj(attn.norm(y)))
-        merge, _ = mc.bipartite_soft_matching(k.mean(1), r, protected=model.num_prefix_tokens)
-        x, size = mc.merge_wavg(merge, x, size)
+        groups = reference_groups(k.mean(1), r, model.num_prefix_tokens)
+        x = torch.stack(
+            [torch.stack([(x[i, g] * size[i, g]).sum(0) / size[i, g].sum() for g in gs]) for i, gs in enumerate(groups)]
+        )
+        size = torch.stack([torch.stack([size[i, g].sum(0) for g in gs]) for i, gs in enumerate(groups)])
         x = x + blk.ls2(blk.mlp(blk.norm2(x)))
     return model.forward_head(model.norm(x)), size
 
 
 @pytest.mark.parametrize("name", ["layerscale_qknorm", "registers"])
-def test_merged_forward_equals_manual_tome(name):
+def test_merged_forward_equals_oracle_tome(name):
     model, x = _model(name), _images()
     with torch.no_grad():
-        expected, _ = _manual_forward(model, x, 12)
+        expected, expected_size = _oracle_forward(model, x, 12)
         mc.patch.timm(model, prop_attn=True, attn_backend="reference")
         model.r = 12
         torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model._merge_info.size, expected_size)
 
 
 def test_avg_pool_is_size_weighted():
@@ -138,15 +141,6 @@ def test_remove_patch_restores_model():
     assert type(model) is cls and not hasattr(model, "r")
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
-
-
-def test_torch_compile_without_graph_breaks():
-    model, x = _model("vit_small", depth=2), _images(batch=1)
-    mc.patch.timm(model)
-    model.r = 8
-    compiled = torch.compile(model, backend="eager", fullgraph=True)
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), model(x))
 
 
 def test_bad_inputs():

@@ -1,9 +1,11 @@
 """merge-core: token-merging ops with ToMe's API, CUDA-aware, plus model adapters.
 
-Switch from ToMe by changing the import: ``import merge_core as tome``; ``merge_core.patch.timm(model)``.
+Switch from ToMe by changing the import: ``import merge_core as tome`` gives ``tome.patch.timm/mae/swag``,
+``tome.merge.*``, ``tome.utils.parse_r/benchmark`` and ``tome.vis.make_visualization``. Beyond ToMe:
+``patch.torchvision``, ``patch.hf`` and the adapter kit ``merge_core.adapter`` for your own models.
 """
 
-from . import patch
+from . import adapter, merge, patch, utils, vis
 from .attention import proportional_attention
 from .binned import binned_soft_matching
 from .matching import (
@@ -26,7 +28,11 @@ from .schedule import keep_rate_schedule, parse_r, tokens_per_layer
 from .vis import make_visualization
 
 __all__ = [
+    "adapter",
+    "merge",
     "patch",
+    "utils",
+    "vis",
     "bipartite_soft_matching",
     "binned_soft_matching",
     "do_nothing",

@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 
+def as_int(value: object, name: str) -> int:
+    """An integer from what ToMe users pass: int, numpy integer, integral float (8.0) or 0-d tensor.
+
+    Bools and non-integral values (2.5) are rejected: ToMe would truncate 2.5 silently.
+    """
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool:
+        value = value.item()
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer():
+        return int(value)
+    raise TypeError(
+        f"{name} must be a non-negative int (or numpy integer, integral float, 0-d tensor), "
+        f"got {type(value).__name__} {value!r}"
+    )
+
+
 def check_count(value: object, name: str) -> int:
-    """Validate a non-negative integer count such as ``r`` (bools and floats are rejected)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a non-negative int, got {type(value).__name__} {value!r}")
+    """Validate and return a non-negative integer count such as ``r`` (see ``as_int`` for accepted forms)."""
+    value = as_int(value, name)
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
     return value

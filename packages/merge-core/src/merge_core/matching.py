@@ -101,11 +101,11 @@ def bipartite_soft_matching(
     ``[protected tokens in original order, unmerged sources, destinations]``: identical to ToMe
     for the class/distillation token cases.
     """
-    check_count(r, "r")
+    r = check_count(r, "r")
     check_tokens(metric, "metric")
     if protected is None:
         protected = int(class_token) + int(distill_token)
-    check_count(protected, "protected")
+    protected = check_count(protected, "protected")
     t = metric.shape[-2]
     r = min(r, (t - protected) // 2)
     if r <= 0:
@@ -194,7 +194,7 @@ def kth_bipartite_soft_matching(metric: torch.Tensor, k: int) -> tuple[MergeFn, 
     Tokens past the last full group of ``k`` are dropped by ``merge`` (as in ToMe); ``unmerge``
     returns the rounded length. No token is protected.
     """
-    check_count(k, "k")
+    k = check_count(k, "k")
     check_tokens(metric, "metric")
     if k <= 1:
         return do_nothing, do_nothing
@@ -238,7 +238,7 @@ def random_bipartite_soft_matching(
 
     The merged sequence holds only the ``N - r`` destinations in random order; no token is protected.
     """
-    check_count(r, "r")
+    r = check_count(r, "r")
     check_tokens(metric, "metric")
     shape, device = metric.shape, metric.device
     n_tokens = metric.shape[-2]

@@ -7,6 +7,7 @@ import torch
 from .matching import (  # noqa: F401  (re-exported: ToMe's ``tome.merge`` module holds the matchers too)
     MergeFn,
     bipartite_soft_matching,
+    do_nothing,
     kth_bipartite_soft_matching,
     random_bipartite_soft_matching,
 )

@@ -29,8 +29,8 @@ def prune_by_score(scores: torch.Tensor, r: int, protected: int = 0) -> tuple[Me
     ``r`` is clamped to the number of unprotected tokens. Returns ``(merge, unmerge)`` closures that
     apply to any tensor shaped (..., N, C) with the same leading dims as ``scores``.
     """
-    check_count(r, "r")
-    check_count(protected, "protected")
+    r = check_count(r, "r")
+    protected = check_count(protected, "protected")
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
     if scores.dim() < 2:

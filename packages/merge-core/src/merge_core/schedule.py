@@ -3,37 +3,43 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
+
+import torch
 
 from ._checks import check_count
 
-RSpec = int | tuple[int, float] | Sequence[int]
+RSpec = int | float | torch.Tensor | tuple[int, float] | Sequence[int]
 
 
 def parse_r(num_layers: int, r: RSpec) -> list[int]:
     """Resolve ``r`` into one count per layer, like ToMe's ``parse_r``.
 
-    - ``int``: the same r at every layer.
+    - a count (``int``, numpy integer, integral float such as ``8.0``, 0-d tensor): the same r at every layer.
     - ``(r, inflect)``: a linear ramp; inflect < 0 merges more early, > 0 more late.
     - ``list`` (any non-tuple sequence): explicit per-layer values, zero-padded to ``num_layers``.
 
-    Unlike ToMe a list longer than the model raises instead of being silently truncated.
+    Unlike ToMe a list longer than the model raises instead of being ignored past the depth, a
+    non-integral r (``2.5``) raises instead of being truncated, and one layer gives ``[r]`` (ToMe divides by 0).
     """
-    check_count(num_layers, "num_layers")
+    num_layers = check_count(num_layers, "num_layers")
     if isinstance(r, Sequence) and not isinstance(r, (tuple, str)):
-        values = list(r)
+        values = [check_count(value, f"r[{i}]") for i, value in enumerate(r)]
         if len(values) > num_layers:
             raise ValueError(f"r schedule has {len(values)} entries but the model has {num_layers} layers")
-        for i, value in enumerate(values):
-            check_count(value, f"r[{i}]")
         return values + [0] * (num_layers - len(values))
     inflect = 0.0
     if isinstance(r, tuple):
         if len(r) != 2:
             raise ValueError(f"a tuple r must be (r, inflect), got {r!r}; use a list for a per-layer schedule")
         r, inflect = r
+        if isinstance(inflect, torch.Tensor) and inflect.dim() == 0:
+            inflect = inflect.item()
+        if isinstance(inflect, bool) or not isinstance(inflect, numbers.Real):
+            raise TypeError(f"r's inflect (second item of (r, inflect)) must be a number, got {inflect!r}")
         inflect = float(inflect)
-    check_count(r, "r")
+    r = check_count(r, "r")
     if num_layers == 0:
         return []
     if num_layers == 1:

@@ -1,0 +1,94 @@
+"""torchvision / Hugging Face adapters beyond the conformance suite: pooling, towers, clear refusals."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import merge_core as mc
+from merge_core.testing.conformance import tensors
+
+transformers = pytest.importorskip("transformers")
+HF = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
+
+
+def _images(batch=2):
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def test_siglip_attention_pool_is_size_weighted():
+    torch.manual_seed(0)
+    model = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**HF)).eval()
+    head_cls = type(model.head)
+    mc.patch.hf(model)
+    model.r = 4
+    with torch.no_grad():
+        out = model(pixel_values=_images())
+        size = model._merge_info.size
+        tokens = out.last_hidden_state
+        assert tokens.shape[1] == 16 - 8
+        # a token of size s must pool like s copies of it, through the unpatched head
+        plain = head_cls.forward
+        copies = [t.repeat_interleave(s[:, 0].long(), dim=0)[None] for t, s in zip(tokens, size, strict=True)]
+        expected = torch.cat([plain(model.head, c) for c in copies])
+    torch.testing.assert_close(out.pooler_output, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_clip_model_merges_only_the_vision_tower():
+    torch.manual_seed(0)
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    model = transformers.CLIPModel(transformers.CLIPConfig(vision_config=HF, text_config=text)).eval()
+    ids = torch.tensor([[0, 5, 6, 2]])
+    with torch.no_grad():
+        text_before = model.get_text_features(input_ids=ids)
+        mc.patch.hf(model)
+        model.r = 3
+        feats = model.get_image_features(pixel_values=_images())
+        assert model._merge_info.tokens == [14, 11]
+        features = getattr(feats, "pooler_output", feats)
+        assert torch.isfinite(features).all()
+        text_after = model.get_text_features(input_ids=ids)
+        for a, b in zip(tensors(text_after), tensors(text_before), strict=True):
+            assert torch.equal(a, b)
+    assert type(model.text_model.encoder.layers[0]).__name__ == "CLIPEncoderLayer"
+
+
+def test_hf_rejects_unsupported_heads_and_masks():
+    torch.manual_seed(0)
+    with pytest.raises(TypeError, match="Dinov2ForImageClassification is not supported: it averages patch tokens"):
+        mc.patch.hf(transformers.Dinov2ForImageClassification(transformers.Dinov2Config(**HF)))
+    with pytest.raises(TypeError, match="model must be one of the Hugging Face vision encoders"):
+        mc.patch.hf(torch.nn.Linear(2, 2))
+    model = transformers.Dinov2Model(transformers.Dinov2Config(**HF)).eval()
+    mc.patch.hf(model)
+    model.r = 2
+    with pytest.raises(ValueError, match="attention_mask cannot be combined with token merging"):
+        mask = torch.ones(2, 17, dtype=torch.bool)
+        mask[:, -1] = False
+        model(pixel_values=_images(), attention_mask=mask)
+
+
+def test_unsupported_models_keep_a_clear_error():
+    eva = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=28, depth=1)
+    with pytest.raises(TypeError, match="model must be a timm VisionTransformer .*got Eva"):
+        mc.patch.timm(eva)
+    resnet = timm.create_model("resnet10t", pretrained=False)
+    with pytest.raises(TypeError, match="model must be a timm VisionTransformer"):
+        mc.patch.timm(resnet)
+    with pytest.raises(TypeError, match="model must be a torchvision VisionTransformer"):
+        mc.patch.swag(resnet)
+
+
+def test_no_module_imports_transformers_or_torchvision():
+    """Optional extras: no merge_core module imports them (adapters recognise classes by name)."""
+    import ast
+    from pathlib import Path
+
+    offenders = []
+    for path in Path(mc.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("transformers", "torchvision")]
+    assert not offenders
