@@ -15,8 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from plyfile import PlyData
-from scipy.spatial import cKDTree
 
 # ScanNet's 20 benchmark classes as nyu40 ids (index = segment20 label)
 SCANNET20_NYU40 = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 24, 28, 33, 34, 36, 39)
@@ -50,17 +50,29 @@ def read_ply(path: str | Path) -> dict[str, np.ndarray]:
     return out
 
 
-def estimate_normals(coord: np.ndarray, k: int = 16) -> np.ndarray:
-    """Unit normals from the smallest-eigenvalue direction of each point's k-neighbour covariance."""
-    k = min(k, len(coord))
-    _, idx = cKDTree(coord).query(coord, k=k)
-    nbr = coord[idx.reshape(len(coord), k)] - coord[idx.reshape(len(coord), k)].mean(1, keepdims=True)
-    cov = np.einsum("nki,nkj->nij", nbr, nbr)
-    _, vecs = np.linalg.eigh(cov)
-    normal = vecs[:, :, 0].astype(np.float32)
-    inward = coord.mean(0) - coord
-    normal[(normal * inward).sum(1) < 0] *= -1
-    return normal
+def knn(coord: torch.Tensor, k: int, chunk: int = 2048) -> torch.Tensor:
+    """Indices (N, k) of each point's k nearest points (itself included), by chunked brute force."""
+    out = []
+    for s in range(0, len(coord), chunk):
+        d = torch.cdist(coord[s : s + chunk], coord)
+        out.append(d.topk(k, dim=1, largest=False).indices)
+    return torch.cat(out)
+
+
+def estimate_normals(coord: np.ndarray, k: int = 16, device: str | None = None) -> np.ndarray:
+    """Unit normals from the smallest-eigenvalue direction of each point's k-neighbour covariance.
+
+    Oriented towards the scene centre (into the room). Runs on CUDA when available (torch, no scipy).
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pts = torch.from_numpy(np.ascontiguousarray(coord, dtype=np.float32)).to(device)
+    idx = knn(pts, min(k, len(pts)))
+    nbr = pts[idx] - pts[idx].mean(1, keepdim=True)
+    cov = (nbr.transpose(1, 2) @ nbr).double()
+    normal = torch.linalg.eigh(cov).eigenvectors[:, :, 0].float()
+    inward = pts.mean(0) - pts
+    normal = torch.where(((normal * inward).sum(1) < 0)[:, None], -normal, normal)
+    return normal.cpu().numpy()
 
 
 def map_labels(labels: np.ndarray, label_map: str) -> np.ndarray:

@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from merge_core.bench import time_calls
 
 from .. import merging
-from ..datasets.convert import convert_scene
+from ..datasets.convert import NORMAL_MODES, convert_scene
 from ..datasets.scene import load_scene, prepare_input, tile_scene
 from ..models import PointTransformerV3, load_backbone, sonata_config
 from ..models import sparse_conv as sc
@@ -56,12 +56,12 @@ def parse_rows(text: str) -> list[tuple[str, str | None, float]]:
     return rows
 
 
-def load_inputs(path: str, tile: int, grid: float, device, tmp: Path) -> tuple[dict, int]:
+def load_inputs(path: str, tile: int, grid: float, device, tmp: Path, normals: str = "estimate") -> tuple[dict, int]:
     src = Path(path)
     if src.is_dir():
         scene = load_scene(src)
     elif src.is_file():
-        scene = load_scene(convert_scene(src, tmp, name="scene"))
+        scene = load_scene(convert_scene(src, tmp, name="scene", normals=normals))
     else:
         raise FileNotFoundError(f"--scene '{src}' not found (a Pointcept scene folder, .bin or .ply)")
     if tile > 1:
@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scene", required=True, help="Pointcept scene folder, or a raw .bin/.ply (converted)")
     p.add_argument("--tile", type=int, default=1, help="side-by-side copies of the scene (4 -> ~160k points)")
     p.add_argument("--grid-size", type=float, default=0.02)
+    p.add_argument("--normals", default="estimate", choices=NORMAL_MODES, help="for a raw --scene file")
     p.add_argument("--variant", default="0c", choices=("0a", "0b", "0c", "pretrain"))
     p.add_argument("--reduced", action="store_true", help="toy-width, one-block-per-stage model (CPU checks)")
     p.add_argument("--weights", help="checkpoint to load (default: random weights, as the issue's figures)")
@@ -159,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         sc.set_backend(args.spconv)
         torch.manual_seed(args.seed)
         tmp = Path(args.out).parent if args.out else Path(".")
-        inputs, n_raw = load_inputs(args.scene, args.tile, args.grid_size, device, tmp / ".gitmerge3d-bench-scene")
+        scratch = tmp / ".gitmerge3d-bench-scene"
+        inputs, n_raw = load_inputs(args.scene, args.tile, args.grid_size, device, scratch, args.normals)
         model = build_model(args, device)
         results = [run_row(model, inputs, name, mode, r, args, device) for name, mode, r in rows]
     except (OSError, ValueError) as exc:
