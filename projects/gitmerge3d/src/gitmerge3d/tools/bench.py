@@ -92,7 +92,8 @@ def run_row(model, inputs, name, mode, r, args, device) -> dict:
             return model(inputs)
 
     torch.manual_seed(0)
-    macs = count_macs(model, inputs)
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp), kernels():
+        macs = count_macs(model, inputs)  # same dtype as the timed runs: no extra autotuning on first use
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
