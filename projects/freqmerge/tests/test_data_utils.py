@@ -8,13 +8,15 @@ import torch
 from freqmerge.config import Config
 from freqmerge.data.cifar100 import (
     CIFAR100,
+    DatasetError,
     DatasetNotFoundError,
     build_loaders,
     build_transforms,
     find_cifar_dir,
     load_split,
+    usable_workers,
+    write_cifar100,
 )
-from freqmerge.engine import load_checkpoint, save_checkpoint
 from freqmerge.utils.metrics import AverageMeter, accuracy, compute_throughput, count_gmacs
 
 
@@ -93,14 +95,38 @@ def test_gflops_are_macs_like_the_guide():
     assert count_gmacs(model, 224) == pytest.approx(4.6, abs=0.05)  # guide: 4.61 "GFLOPs"
 
 
-def test_checkpoint_is_atomic_and_weights_only(tmp_path):
-    path = str(tmp_path / "ck" / "best_model.pth")
-    save_checkpoint({"model": {"w": torch.ones(2)}, "epoch": 3, "history": [{"epoch": 1, "val_top1": 1.5}]}, path)
-    assert os.listdir(tmp_path / "ck") == ["best_model.pth"]
-    state = load_checkpoint(path)
-    assert state["epoch"] == 3 and torch.equal(state["model"]["w"], torch.ones(2))
-    torch.save({"model": {}, "bad": object.__new__(Config)}, tmp_path / "unsafe.pth")
-    from freqmerge.engine import UserError
+def _copy_of(fake_cifar, tmp_path):
+    import shutil
 
-    with pytest.raises(UserError, match="--ckpt"):
-        load_checkpoint(str(tmp_path / "unsafe.pth"))
+    dst = tmp_path / "copy"
+    shutil.copytree(fake_cifar, dst)
+    return dst / "cifar-100-python"
+
+
+def test_truncated_pickle_is_one_line_naming_the_file(fake_cifar, tmp_path):
+    folder = _copy_of(fake_cifar, tmp_path)
+    data = (folder / "train").read_bytes()
+    (folder / "train").write_bytes(data[: len(data) // 3])
+    with pytest.raises(DatasetError) as info:
+        load_split(str(folder.parent), train=True)
+    msg = str(info.value)
+    assert "\n" not in msg and str(folder / "train") in msg and "truncated" in msg and "re-extract" in msg
+
+
+def test_foreign_pickles_are_one_line(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    write_cifar100(str(tmp_path), (np.zeros((2, 32, 32, 3), np.uint8), [0, 1]), (np.zeros((2, 32, 32, 3)), [0, 1]))
+    with open(folder / "test", "wb") as f:
+        pickle.dump({"pixels": 1}, f)
+    with pytest.raises(DatasetError, match="has no 'data' entry"):
+        load_split(str(tmp_path), train=False)
+    with open(folder / "test", "wb") as f:
+        pickle.dump([1, 2, 3], f)
+    with pytest.raises(DatasetError, match="holds a list"):
+        load_split(str(tmp_path), train=False)
+
+
+def test_workers_capped_at_available_cores():
+    cores = len(os.sched_getaffinity(0))
+    assert usable_workers(4) == min(4, cores)
+    assert usable_workers(0) == 0 and usable_workers(10_000) == cores

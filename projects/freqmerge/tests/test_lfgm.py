@@ -123,3 +123,88 @@ def test_bad_inputs():
         LFGM(radius=-1)
     with pytest.raises(ValueError, match="grid"):
         lfgm_from_pixels(torch.randn(1, 3, 100, 90))
+
+
+# ------------------------------------------------------------------------------------ border-safe option
+def numpy_reflect_reference(mean_map: np.ndarray, radius: float) -> np.ndarray:
+    """Mirror-pad with numpy's 'symmetric' mode to 2H x 2W, full complex FFT, disc in original-grid units, crop."""
+    b, h, w = mean_map.shape
+    ext = np.pad(mean_map, ((0, 0), (0, h), (0, w)), mode="symmetric")
+    spec = np.fft.fft2(ext, norm="ortho")
+    ky = np.fft.fftfreq(2 * h) * h  # cycles per h patches
+    kx = np.fft.fftfreq(2 * w) * w
+    spec = spec * ((ky[:, None] ** 2 + kx[None, :] ** 2) > radius**2)
+    hp = np.fft.ifft2(spec, norm="ortho").real[:, :h, :w]
+    e = (hp**2).reshape(b, -1)
+    lo, hi = e.min(1, keepdims=True), e.max(1, keepdims=True)
+    return (e - lo) / (hi - lo + 1e-6)
+
+
+def test_reflect_matches_independent_reference():
+    x = torch.randn(2, 14 * 12, generator=torch.Generator().manual_seed(3))
+    phi = lfgm_from_channel_mean(x, (14, 12), 2, border="reflect")
+    np.testing.assert_allclose(phi.numpy(), numpy_reflect_reference(x.reshape(2, 14, 12).numpy(), 2), atol=1e-5)
+
+
+def test_reflect_ignores_a_ramp_that_wrap_calls_an_edge():
+    """A smooth left-to-right ramp has no edge; the periodic FFT sees a jump between the first and last column."""
+    ramp = torch.linspace(0, 1, 14).repeat(14, 1).reshape(1, -1)
+    wrap = lfgm_from_channel_mean(ramp, (14, 14), 2, border="wrap").reshape(14, 14)
+    assert wrap[:, [0, 13]].mean() > 0.5  # border columns light up
+    # Reflect: the mirrored ramp is a triangle wave, nearly all below the cut-off; what is left is tiny everywhere
+    # (min-max would stretch it to [0, 1]), so compare the raw high-pass energy before normalisation.
+    h, w = 14, 14
+    f = ramp.reshape(1, h, w)
+    ext = torch.cat([f, f.flip(-2)], -2)
+    ext = torch.cat([ext, ext.flip(-1)], -1)
+    spec = torch.fft.rfft2(ext, norm="ortho") * highpass_mask(2 * h, 2 * w, 2, scale=2)
+    reflect_energy = torch.fft.irfft2(spec, s=(2 * h, 2 * w), norm="ortho")[:, :h, :w].square()
+    spec_w = torch.fft.rfft2(f, norm="ortho") * highpass_mask(h, w, 2)
+    wrap_energy = torch.fft.irfft2(spec_w, s=(h, w), norm="ortho").square()
+    assert reflect_energy.max() < 0.05 * wrap_energy.max()
+
+
+def test_bad_border():
+    with pytest.raises(ValueError, match="border must be one of"):
+        lfgm_scores(torch.randn(1, 196, 4), (14, 14), border="zero")
+
+
+PHOTOS = ("astronaut", "chelsea", "coffee")
+
+
+def _photo_and_sobel(name: str):
+    from skimage import color, data, filters, transform
+
+    img = transform.resize(getattr(data, name)(), (224, 224), anti_aliasing=True).astype(np.float32)
+    sobel = filters.sobel(color.rgb2gray(img)).reshape(14, 16, 14, 16).mean((1, 3))  # edge strength per patch
+    return torch.from_numpy(img).permute(2, 0, 1)[None], sobel
+
+
+def _smooth_edge_means(name: str, border: str) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """Mean LFGM over the smoothest and the edgiest quarter of patches (ranked by Sobel, independent of LFGM)."""
+    tensor, sobel = _photo_and_sobel(name)
+    phi = lfgm_from_pixels(tensor, border=border)[0].numpy()
+    lo, hi = np.quantile(sobel, [0.25, 0.75])
+    return float(phi[sobel <= lo].mean()), float(phi[sobel >= hi].mean()), phi, sobel <= lo
+
+
+@pytest.mark.parametrize("name", PHOTOS)
+def test_reflect_scores_smooth_below_edges_on_real_photos(name):
+    smooth, edge, _, _ = _smooth_edge_means(name, "reflect")
+    assert smooth < edge, (name, smooth, edge)
+
+
+def test_wrap_border_artefact_on_real_photos_and_reflect_removes_it():
+    """The guide's periodic FFT: smooth patches on the image border score far above smooth interior ones."""
+    ring = np.zeros((14, 14), bool)
+    ring[0] = ring[-1] = ring[:, 0] = ring[:, -1] = True
+    inverted = 0
+    for name in PHOTOS:
+        s_wrap, e_wrap, phi_wrap, smooth = _smooth_edge_means(name, "wrap")
+        _, _, phi_reflect, _ = _smooth_edge_means(name, "reflect")
+        inverted += s_wrap >= e_wrap
+        border_smooth = smooth & ring
+        assert border_smooth.any()
+        assert phi_wrap[border_smooth].mean() > 1.5 * phi_wrap[smooth & ~ring].mean()
+        assert phi_reflect[border_smooth].mean() < 0.75 * phi_wrap[border_smooth].mean()
+    assert inverted >= 1  # with wrap, at least one photo ranks its smooth quarter above its edges

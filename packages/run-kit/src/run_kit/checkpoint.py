@@ -97,17 +97,16 @@ def _why_unreadable(path: Path, exc: BaseException) -> str:
     if not head:
         return "the file is empty"
     text = str(exc)
-    if "Weights only load failed" in text or "weights_only" in text:
-        found = re.search(r"GLOBAL ([\w.\-]+)", text)
-        what = f" ({found.group(1)})" if found else ""
-        return f"it holds a Python object{what} that a weights-only load refuses; it is not a plain checkpoint"
+    found = re.search(r"GLOBAL ([\w.\-]+)", text)
+    if found:
+        return f"it holds a Python object ({found.group(1)}) that a weights-only load refuses; not a plain checkpoint"
     if head.startswith(b"PK"):
         return "the zip archive is truncated or corrupt (an interrupted copy or save?)"
-    if head[:1] == b"\x80":
-        return "the legacy pickle stream is truncated or corrupt"
     printable = sum(32 <= b < 127 or b in (9, 10, 13) for b in head) / len(head)
     if printable > 0.9:
         return f"it is a text file (starts with {head[:24].decode('ascii', 'replace')!r}), not a PyTorch checkpoint"
+    if head[:1] == b"\x80":
+        return "the legacy pickle stream is truncated or corrupt"
     return f"not a PyTorch checkpoint ({type(exc).__name__})"
 
 

@@ -36,6 +36,7 @@ USE_GRAD_CHECKPOINT = False  # activation checkpointing (only without token merg
 
 # --- Defaults the guide leaves open (documented in README) ---------------------------------------
 PENALTY_MODE = "shifted"  # "shifted": (1+cos)/2 * (1 - a*max(phi)); "guide": cos * (1 - a*max(phi)) as printed
+LFGM_BORDER = "wrap"  # "wrap": the guide's periodic FFT; "reflect": mirror-extended grid, no border artefact
 PHI_POOL = "mean"  # how grid scores are pooled onto merged tokens at later layers: "mean" or "amax"
 SCORER = "lfgm"  # token scorer: lfgm | attention | random (pruning) | none (= ToMe)
 PROP_ATTN = False  # ToMe's proportional attention (log(size) on the keys); not part of the guide's algorithm
@@ -43,7 +44,7 @@ PRETRAINED = True  # timm hub weights when online; otherwise --pretrained_path o
 PRETRAINED_PATH = ""  # local timm checkpoint (state dict), loaded with weights_only=True
 LABEL_SMOOTHING = 0.0
 WARMUP_EPOCHS = 0  # linear LR warm-up epochs before the cosine decay
-NUM_WORKERS = 4
+NUM_WORKERS = 4  # capped at the CPU cores this process may use (DataLoader warns above that)
 SEED = 42
 DATA_ROOT = "data"  # holds cifar-100-python/ (torchvision's on-disk layout)
 OUTPUT_DIR = "."  # checkpoints/, logs/, visualizations/ are created under it
@@ -53,12 +54,17 @@ VIS_DIR = "visualizations"
 BEST_CHECKPOINT = "best_model.pth"
 LAST_CHECKPOINT = "last_model.pth"  # written every epoch, used by --resume
 HISTORY_FILE = "training_history.json"
+TRAIN_LOG_FILE = "train_log.txt"  # the lines train.py prints (rank 0); TensorBoard events go to logs/tensorboard/
 ABLATION_FILE = "ablation_results.json"
 ALPHA_SWEEP = [0.0, 0.25, 0.5, 0.7, 1.0]
 SCORING_STRATEGIES = ["random", "attention", "lfgm"]
 BENCHMARK_BATCH_SIZE = 64
 BENCHMARK_WARMUP = 10
 BENCHMARK_ITERS = 30
+# On a CPU the GPU values above take minutes per model; used there unless the --bench_* flags are given.
+CPU_BENCHMARK_BATCH_SIZE = 8
+CPU_BENCHMARK_WARMUP = 1
+CPU_BENCHMARK_ITERS = 5
 MODEL_KWARGS: dict[str, Any] = {}  # extra timm.create_model kwargs (tests build a tiny ViT with this)
 
 
@@ -86,6 +92,7 @@ class Config:
     freqmerge: bool = True
     penalty_mode: str = PENALTY_MODE
     phi_pool: str = PHI_POOL
+    lfgm_border: str = LFGM_BORDER
     scorer: str = SCORER
     prop_attn: bool = PROP_ATTN
     pretrained: bool = PRETRAINED
@@ -146,6 +153,7 @@ MERGE_FIELDS = (
     "freqmerge",
     "penalty_mode",
     "phi_pool",
+    "lfgm_border",
     "scorer",
     "prop_attn",
 )

@@ -1,4 +1,5 @@
-"""Shared machinery of train/evaluate/ablation: CLI parsing, devices and DDP, loops, checkpoints, tables."""
+"""FreqMerge's own run logic: its CLI flags and their Config fields, the classification loops, checkpoint/config
+glue and tables. Generic plumbing (atomic checkpoints, resume state, DDP, logging, seeds) is ``run_kit``."""
 
 from __future__ import annotations
 
@@ -6,22 +7,31 @@ import argparse
 import json
 import math
 import os
-import random
+import platform
 import sys
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
-from tqdm.auto import tqdm
+
+from run_kit import (
+    CheckpointError,
+    DistEnv,
+    OneLineArgumentParser,
+    all_reduce_sum,
+    amp_autocast,
+    load_checkpoint,
+    load_state_dict_checked,
+    progress,
+    setup_distributed,
+)
 
 from . import config as C
 from .config import Config
 from .utils.metrics import AverageMeter, accuracy
+
+OneLineParser = OneLineArgumentParser  # the name the commands used before run_kit existed
 
 
 class UserError(Exception):
@@ -29,13 +39,6 @@ class UserError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-class OneLineParser(argparse.ArgumentParser):
-    """argparse with one-line errors ("prog: error: argument --alpha: ...") instead of usage + error."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message.splitlines()[0]}\n")
-
-
 def _number(kind: type, low: float | None, high: float | None, low_open: bool = False) -> Callable[[str], Any]:
     def parse(text: str):
         try:
@@ -86,6 +89,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no_freqmerge", action="store_true", help="plain timm ViT, no token merging")
     x = p.add_argument_group("extra model options")
     x.add_argument("--hpf_radius", type=non_negative_float, help=f"LFGM high-pass radius (default {C.HPF_RADIUS})")
+    x.add_argument(
+        "--lfgm_border",
+        choices=["wrap", "reflect"],
+        help="LFGM at the image border: 'wrap' = the guide's periodic FFT (default), 'reflect' = mirror-extended",
+    )
     x.add_argument("--penalty_mode", choices=["shifted", "guide"], help="'guide' = the README formula as printed")
     x.add_argument("--phi_pool", choices=["mean", "amax"], help="pooling of grid scores onto merged tokens")
     x.add_argument("--scorer", choices=["lfgm", "attention", "random", "none"], help="token scorer (default lfgm)")
@@ -104,7 +112,11 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output_dir", help="where checkpoints/, logs/, visualizations/ go (default: current folder)")
     g.add_argument("--download", action="store_true", help="download CIFAR-100 with torchvision if missing (online)")
     g.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
-    g.add_argument("--num_workers", type=non_negative_int, help=f"DataLoader workers (default {C.NUM_WORKERS})")
+    g.add_argument(
+        "--num_workers",
+        type=non_negative_int,
+        help=f"DataLoader workers (default {C.NUM_WORKERS}, capped at the CPU cores available)",
+    )
     g.add_argument("--seed", type=non_negative_int, help=f"random seed (default {C.SEED})")
     g.add_argument("--batch_size", type=positive_int, help=f"mini-batch size per process (default {C.BATCH_SIZE})")
     g.add_argument("--no_amp", action="store_true", help="run in float32 (no float16 autocast)")
@@ -113,9 +125,19 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("throughput measurement")
-    g.add_argument("--bench_batch_size", type=positive_int, help=f"default {C.BENCHMARK_BATCH_SIZE}")
-    g.add_argument("--bench_warmup", type=non_negative_int, help=f"default {C.BENCHMARK_WARMUP}")
-    g.add_argument("--bench_iters", type=positive_int, help=f"default {C.BENCHMARK_ITERS}")
+    g.add_argument(
+        "--bench_batch_size",
+        type=positive_int,
+        help=f"default {C.BENCHMARK_BATCH_SIZE} on GPU, {C.CPU_BENCHMARK_BATCH_SIZE} on CPU",
+    )
+    g.add_argument(
+        "--bench_warmup",
+        type=non_negative_int,
+        help=f"default {C.BENCHMARK_WARMUP} / {C.CPU_BENCHMARK_WARMUP} (GPU / CPU)",
+    )
+    g.add_argument(
+        "--bench_iters", type=positive_int, help=f"default {C.BENCHMARK_ITERS} / {C.CPU_BENCHMARK_ITERS} (GPU / CPU)"
+    )
 
 
 # argparse dest -> Config field, for flags whose value is copied as is.
@@ -124,6 +146,7 @@ _DIRECT = {
     "keep_rate": "keep_rate",
     "merge_layers": "merge_layers",
     "hpf_radius": "hpf_radius",
+    "lfgm_border": "lfgm_border",
     "penalty_mode": "penalty_mode",
     "phi_pool": "phi_pool",
     "scorer": "scorer",
@@ -147,31 +170,45 @@ _DIRECT = {
     "bench_warmup": "benchmark_warmup",
     "bench_iters": "benchmark_iters",
 }
+# argparse dest of a switch -> (Config field, value it sets).
+_SWITCHES = {
+    "no_freqmerge": ("freqmerge", False),
+    "prop_attn": ("prop_attn", True),
+    "no_prop_attn": ("prop_attn", False),
+    "no_amp": ("use_amp", False),
+    "no_multi_gpu": ("use_multi_gpu", False),
+    "no_pretrained": ("pretrained", False),
+    "download": ("download", True),
+    "grad_checkpoint": ("use_grad_checkpoint", True),
+    "deterministic": ("cudnn_deterministic", True),
+}
+# Config field -> the flag named in messages.
+FLAG_OF = {field: f"--{dest}" for dest, field in _DIRECT.items()} | {
+    field: f"--{dest}" for dest, (field, _) in _SWITCHES.items()
+}
 
 
 def cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """Config changes requested on the command line (flags left at None are not overrides)."""
+    """Config changes requested on the command line (flags left at None / switches left off are not overrides)."""
     out: dict[str, Any] = {}
     for dest, name in _DIRECT.items():
         value = getattr(args, dest, None)
         if value is not None:
             out[name] = list(value) if isinstance(value, list) else value
-    if getattr(args, "no_freqmerge", False):
-        out["freqmerge"] = False
-    if getattr(args, "prop_attn", False):
-        out["prop_attn"] = True
-    if getattr(args, "no_prop_attn", False):
-        out["prop_attn"] = False
-    if getattr(args, "no_amp", False):
-        out["use_amp"] = False
-    if getattr(args, "no_multi_gpu", False):
-        out["use_multi_gpu"] = False
-    if getattr(args, "no_pretrained", False):
-        out["pretrained"] = False
-    if getattr(args, "download", False):
-        out["download"] = True
-    if getattr(args, "grad_checkpoint", False):
-        out["use_grad_checkpoint"] = True
+    for dest, (name, value) in _SWITCHES.items():
+        if getattr(args, dest, False):
+            out[name] = value
+    return out
+
+
+def explicit_fields(dests: Iterable[str]) -> set[str]:
+    """Config fields set by the flags the user typed (``run_kit.explicit_dests``), for ``reconcile_config``."""
+    out = set()
+    for dest in dests:
+        if dest in _DIRECT:
+            out.add(_DIRECT[dest])
+        elif dest in _SWITCHES:
+            out.add(_SWITCHES[dest][0])
     return out
 
 
@@ -183,93 +220,42 @@ def check_merge_layers(cfg: Config, depth: int) -> None:
 
 def run_main(fn: Callable[[], Any], prog: str) -> Any:
     """Run a command; user errors become one line on stderr and exit status 1."""
-    from .data.cifar100 import DatasetNotFoundError
+    from .data.cifar100 import DatasetError
     from .models.vit_freqmerge import PretrainedWeightsError
 
     try:
         return fn()
-    except (UserError, DatasetNotFoundError, PretrainedWeightsError) as exc:
+    except (UserError, DatasetError, PretrainedWeightsError, CheckpointError) as exc:
         sys.exit(f"{prog}: error: {exc}")
     except KeyboardInterrupt:
         sys.exit(f"{prog}: interrupted")
 
 
-# ------------------------------------------------------------------------------------ devices / DDP
-@dataclass
-class Runtime:
-    device: torch.device
-    distributed: bool = False
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
-    if name:
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise UserError(f"argument --device: unknown device {name!r}") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"argument --device: {name!r} requested but CUDA is not available")
-        return device
-    return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def setup_runtime(cfg: Config, device_name: str | None = None) -> Runtime:
-    """Single process, or one process per GPU under torchrun (DistributedDataParallel)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        if not cfg.use_multi_gpu:
-            raise UserError("argument --no_multi_gpu: launched by torchrun with WORLD_SIZE > 1; run plain python")
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        device = resolve_device(device_name, local_rank)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", local_rank)  # one GPU per process
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        runtime = Runtime(device, True, dist.get_rank(), dist.get_world_size(), local_rank)
-    else:
-        runtime = Runtime(resolve_device(device_name))
-        if cfg.use_multi_gpu and torch.cuda.device_count() > 1:
-            print(
-                f"{torch.cuda.device_count()} GPUs visible; multi-GPU training uses DDP: "
-                f"torchrun --nproc_per_node={torch.cuda.device_count()} train.py ... (running on one GPU now)"
-            )
-    if runtime.device.type == "cuda":
+# ------------------------------------------------------------------------------------------ devices
+def setup_runtime(cfg: Config, device_name: str | None = None) -> DistEnv:
+    """run_kit's DistEnv (one process, or one per GPU under torchrun) plus FreqMerge's cuDNN/multi-GPU settings."""
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+    if launched and not cfg.use_multi_gpu:
+        raise UserError("argument --no_multi_gpu: launched by torchrun with WORLD_SIZE > 1; run plain python")
+    try:
+        env = setup_distributed(device_name or "auto")
+    except ValueError as exc:
+        raise UserError(f"argument --{exc}") from None
+    if not env.distributed and cfg.use_multi_gpu and torch.cuda.device_count() > 1:
+        n = torch.cuda.device_count()
+        print(f"{n} GPUs visible; multi-GPU training is DDP: torchrun --nproc_per_node={n} train.py ... (one GPU now)")
+    if env.device.type == "cuda":
         torch.backends.cudnn.benchmark = bool(cfg.cudnn_benchmark) and not cfg.cudnn_deterministic
         torch.backends.cudnn.deterministic = bool(cfg.cudnn_deterministic)
-    return runtime
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def autocast(device: torch.device, enabled: bool):
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return nullcontext()
+    return env
 
 
 def amp_enabled(cfg: Config, device: torch.device) -> bool:
     return bool(cfg.use_amp) and device.type == "cuda"
 
 
-def all_reduce_sum(values: Sequence[float], runtime: Runtime) -> list[float]:
-    if not runtime.distributed:
-        return list(values)
-    t = torch.tensor(list(values), dtype=torch.float64, device=runtime.device)
-    dist.all_reduce(t)
-    return t.tolist()
+def _reduce(values: Sequence[float], env: DistEnv) -> list[float]:
+    return all_reduce_sum(torch.tensor(list(values), dtype=torch.float64), env).tolist()
 
 
 # -------------------------------------------------------------------------------------------- loops
@@ -277,8 +263,8 @@ def cosine_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]
     def fn(step: int) -> float:
         if warmup_steps and step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        progress_ = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress_, 1.0)))
 
     return fn
 
@@ -290,21 +276,22 @@ def train_one_epoch(
     scheduler,
     scaler,
     criterion: nn.Module,
-    runtime: Runtime,
+    env: DistEnv,
     amp: bool,
     epoch: int,
     max_batches: int = 0,
 ) -> dict[str, float]:
+    """One pass over ``loader``; loss and Top-1 averaged over every sample of every rank."""
     model.train()
     loss_m, top1_m = AverageMeter("loss"), AverageMeter("top1")
     total = len(loader) if not max_batches else min(max_batches, len(loader))
-    bar = tqdm(loader, total=total, desc=f"train {epoch}", leave=False, disable=not runtime.is_main, dynamic_ncols=True)
+    bar = progress(loader, env.is_main, total=total, desc=f"train {epoch}", leave=False)
     for step, (images, targets) in enumerate(bar):
         if max_batches and step >= max_batches:
             break
-        images = images.to(runtime.device, non_blocking=True)
-        targets = targets.to(runtime.device, non_blocking=True)
-        with autocast(runtime.device, amp):
+        images = images.to(env.device, non_blocking=True)
+        targets = targets.to(env.device, non_blocking=True)
+        with amp_autocast(env.device, amp):
             logits = model(images)
             loss = criterion(logits, targets)
         if not torch.isfinite(loss):
@@ -317,17 +304,19 @@ def train_one_epoch(
         n = targets.shape[0]
         loss_m.update(loss.item(), n)
         top1_m.update(accuracy(logits.float(), targets, (1,))[0], n)
-        bar.set_postfix(loss=f"{loss_m.avg:.3f}", top1=f"{top1_m.avg:.1f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-    sums = all_reduce_sum([loss_m.sum, top1_m.sum, loss_m.count], runtime)
+        if env.is_main:
+            lr = optimizer.param_groups[0]["lr"]
+            bar.set_postfix(loss=f"{loss_m.avg:.3f}", top1=f"{top1_m.avg:.1f}", lr=f"{lr:.2e}")
+    sums = _reduce([loss_m.sum, top1_m.sum, loss_m.count], env)
     count = max(sums[2], 1)
-    return {"loss": sums[0] / count, "top1": sums[1] / count}
+    return {"loss": sums[0] / count, "top1": sums[1] / count, "steps": min(total, len(loader))}
 
 
 @torch.no_grad()
 def evaluate_model(
     model: nn.Module,
     loader,
-    runtime: Runtime,
+    env: DistEnv,
     amp: bool,
     max_batches: int = 0,
     num_classes: int | None = None,
@@ -339,13 +328,12 @@ def evaluate_model(
     loss_sum = top1 = top5 = count = 0.0
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64) if num_classes else None
     total = len(loader) if not max_batches else min(max_batches, len(loader))
-    bar = tqdm(loader, total=total, desc=desc, leave=False, disable=not runtime.is_main, dynamic_ncols=True)
-    for step, (images, targets) in enumerate(bar):
+    for step, (images, targets) in enumerate(progress(loader, env.is_main, total=total, desc=desc, leave=False)):
         if max_batches and step >= max_batches:
             break
-        images = images.to(runtime.device, non_blocking=True)
-        targets = targets.to(runtime.device, non_blocking=True)
-        with autocast(runtime.device, amp):
+        images = images.to(env.device, non_blocking=True)
+        targets = targets.to(env.device, non_blocking=True)
+        with amp_autocast(env.device, amp):
             logits = model(images)
         logits = logits.float()
         n = targets.shape[0]
@@ -357,67 +345,30 @@ def evaluate_model(
         if confusion is not None:
             idx = targets.cpu() * num_classes + logits.argmax(1).cpu()
             confusion += torch.bincount(idx, minlength=num_classes * num_classes)
-    loss_sum, top1, top5, count = all_reduce_sum([loss_sum, top1, top5, count], runtime)
+    loss_sum, top1, top5, count = _reduce([loss_sum, top1, top5, count], env)
     count = max(count, 1)
     out: dict[str, Any] = {"loss": loss_sum / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count}
     out["num_images"] = int(count)
     if confusion is not None:
-        if runtime.distributed:
-            confusion = confusion.to(runtime.device)
-            dist.all_reduce(confusion)
+        confusion = all_reduce_sum(confusion, env).to(torch.int64)
         out["confusion"] = confusion.cpu().reshape(num_classes, num_classes).numpy()
     return out
 
 
 # -------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(state: dict[str, Any], path: str) -> str:
-    """Atomic: write a temporary file in the same folder, then ``os.replace`` it into place."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-def load_checkpoint(path: str, arg: str = "--ckpt") -> dict[str, Any]:
-    """A checkpoint written by train.py (or a bare state dict), loaded with ``weights_only=True``."""
+def open_checkpoint(path: str, arg: str = "--ckpt") -> dict[str, Any]:
+    """A checkpoint written by train.py, or a bare state dict; errors are one line naming ``arg``."""
     if not path:
         raise UserError(f"argument {arg}: no checkpoint given")
-    if not os.path.isfile(path):
-        raise UserError(f"argument {arg}: checkpoint {path!r} not found (train first: python train.py)")
+    if not os.path.exists(path):
+        raise UserError(f"argument {arg}: checkpoint '{path}' not found (train first: python train.py)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt or not a torch file
-        raise UserError(f"argument {arg}: cannot read {path!r}: {str(exc).splitlines()[0][:200]}") from None
-    if not isinstance(state, dict):
-        raise UserError(f"argument {arg}: {path!r} does not hold a checkpoint dict")
+        state = load_checkpoint(path)
+    except CheckpointError as exc:
+        raise UserError(f"argument {arg}: {exc}") from None
     if "model" not in state:
         state = {"model": state}
     return state
-
-
-def write_json(data: Any, path: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, default=_json_default)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
-
-
-def _json_default(obj: Any):
-    if isinstance(obj, (np.integer, np.floating)):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    return str(obj)
 
 
 def config_for_checkpoint(state: dict[str, Any], overrides: dict[str, Any]) -> Config:
@@ -430,13 +381,12 @@ def config_for_checkpoint(state: dict[str, Any], overrides: dict[str, Any]) -> C
     return cfg.replace(**overrides)
 
 
-def load_model_weights(model: nn.Module, state: dict[str, Any], arg: str = "--ckpt") -> None:
-    weights = {k.removeprefix("module."): v for k, v in state["model"].items()}
+def load_model_weights(model: nn.Module, state: dict[str, Any], path: str, arg: str = "--ckpt") -> None:
+    """Checkpoint weights into ``model``; a wrong architecture is one line naming the file and the first bad key."""
     try:
-        model.load_state_dict(weights)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise UserError(f"argument {arg}: weights do not fit the model ({first[:200]})") from None
+        load_state_dict_checked(model, state["model"], f"argument {arg}: '{path}'")
+    except CheckpointError as exc:
+        raise UserError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------------------------- text
@@ -465,6 +415,4 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    import platform
-
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

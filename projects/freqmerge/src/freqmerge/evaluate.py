@@ -14,11 +14,12 @@ from datetime import datetime, timezone
 
 import torch
 
+from run_kit import DistEnv, cleanup_distributed, parse_args_explicit, write_json_atomic
+
 from . import config as C
 from .config import Config
 from .engine import (
     OneLineParser,
-    Runtime,
     add_bench_args,
     add_model_args,
     add_run_args,
@@ -28,13 +29,13 @@ from .engine import (
     config_for_checkpoint,
     device_name,
     evaluate_model,
+    explicit_fields,
     format_table,
-    load_checkpoint,
     load_model_weights,
+    open_checkpoint,
     positive_int,
     run_main,
     setup_runtime,
-    write_json,
 )
 
 DEFAULT_CKPT = os.path.join(C.CHECKPOINT_DIR, C.BEST_CHECKPOINT)
@@ -54,12 +55,14 @@ def build_parser(prog: str | None = None) -> OneLineParser:
     return p
 
 
-def model_from_checkpoint(cfg: Config, state: dict, runtime_device: torch.device, freqmerge: bool | None = None):
+def model_from_checkpoint(
+    cfg: Config, state: dict, runtime_device: torch.device, freqmerge: bool | None = None, path: str = "checkpoint"
+):
     from .models.vit_freqmerge import apply_freqmerge, create_backbone
 
     model = create_backbone(cfg, pretrained=False)
     check_merge_layers(cfg, len(model.blocks))
-    load_model_weights(model, state)
+    load_model_weights(model, state, path)
     use = cfg.freqmerge if freqmerge is None else freqmerge
     if use:
         apply_freqmerge(model, cfg)
@@ -88,9 +91,8 @@ def heatmap_scores(model, images: torch.Tensor, cfg: Config) -> tuple[torch.Tens
             return matcher.records[layer]["phi_grid"], f"block {layer} tokens (first merge layer)"
     tokens = model.patch_embed(images)
     grid = tuple(model.patch_embed.grid_size)
-    return lfgm_scores(tokens.reshape(tokens.shape[0], -1, tokens.shape[-1]), grid, cfg.hpf_radius).reshape(
-        -1, *grid
-    ), "patch-embedding tokens"
+    flat = tokens.reshape(tokens.shape[0], -1, tokens.shape[-1])
+    return lfgm_scores(flat, grid, cfg.hpf_radius, cfg.lfgm_border).reshape(-1, *grid), "patch-embedding tokens"
 
 
 def pick_images(dataset, count: int) -> tuple[torch.Tensor, list[int]]:
@@ -108,17 +110,41 @@ def pick_images(dataset, count: int) -> tuple[torch.Tensor, list[int]]:
     return torch.stack([img for img, _ in items]), [lbl for _, lbl in items]
 
 
+def bench_defaults(cfg: Config, device: torch.device, explicit: set[str] | None) -> Config:
+    """On a CPU, the guide's GPU benchmark sizes take minutes per model: use small ones unless the user set them.
+
+    ``explicit`` = Config fields set on the command line (None: keep ``cfg`` as given).
+    """
+    if device.type != "cpu" or explicit is None:
+        return cfg
+    cpu = {
+        "benchmark_batch_size": C.CPU_BENCHMARK_BATCH_SIZE,
+        "benchmark_warmup": C.CPU_BENCHMARK_WARMUP,
+        "benchmark_iters": C.CPU_BENCHMARK_ITERS,
+    }
+    return cfg.replace(**{k: v for k, v in cpu.items() if k not in explicit})
+
+
 def evaluate(
-    cfg: Config, ckpt: str, benchmark=False, visualize=False, confusion=False, num_vis=4, device=None, state=None
+    cfg: Config,
+    ckpt: str,
+    benchmark=False,
+    visualize=False,
+    confusion=False,
+    num_vis=4,
+    device=None,
+    state=None,
+    explicit: set[str] | None = None,
 ):
     from .data.cifar100 import build_loaders
     from .models.vit_freqmerge import merge_schedule, token_counts
     from .utils.metrics import compute_throughput, count_gmacs, count_params
     from .utils.visualize import denormalize, plot_confusion_matrix, plot_lfgm_heatmaps
 
-    state = load_checkpoint(ckpt) if state is None else state
-    runtime: Runtime = setup_runtime(cfg, device)
-    model = model_from_checkpoint(cfg, state, runtime.device)
+    state = open_checkpoint(ckpt) if state is None else state
+    runtime: DistEnv = setup_runtime(cfg, device)
+    cfg = bench_defaults(cfg, runtime.device, explicit)
+    model = model_from_checkpoint(cfg, state, runtime.device, path=ckpt)
     mean = model.pretrained_cfg.get("mean", (0.485, 0.456, 0.406))
     std = model.pretrained_cfg.get("std", (0.229, 0.224, 0.225))
     _, val_loader, classes = build_loaders(cfg, mean, std, distributed=runtime.distributed, train=False)
@@ -148,10 +174,11 @@ def evaluate(
             warmup=cfg.benchmark_warmup,
             iters=cfg.benchmark_iters,
             amp=amp,
+            log=print,
         )
         row.update(compute_throughput(model, **bench))
         if cfg.freqmerge:
-            plain = model_from_checkpoint(cfg, state, runtime.device, freqmerge=False)
+            plain = model_from_checkpoint(cfg, state, runtime.device, freqmerge=False, path=ckpt)
             base = {"method": "ViT (no merging, same weights)", "params_m": count_params(plain)}
             base["gmacs"] = count_gmacs(plain, cfg.image_size, runtime.device)
             base.update(compute_throughput(plain, **bench))
@@ -180,12 +207,13 @@ def evaluate(
             "outputs": outputs,
             "config": cfg.to_dict(),
         }
-        outputs["results"] = write_json(result, os.path.join(cfg.log_dir, "eval_results.json"))
+        outputs["results"] = str(write_json_atomic(os.path.join(cfg.log_dir, "eval_results.json"), result))
         cols = [
             ("method", "Method", ""),
             ("params_m", "Params (M)", ".2f"),
             ("gmacs", "GFLOPs", ".2f"),
             ("img_s", "Throughput (img/s)", ".1f"),
+            ("img_s_range", "img/s min-max", ""),
             ("speedup", "Speedup", ".2f"),
             ("top1", "Top-1 (%)", ".2f"),
             ("top5", "Top-5 (%)", ".2f"),
@@ -195,22 +223,21 @@ def evaluate(
         print(format_table(rows, cols))
         for key, path in outputs.items():
             print(f"Saved {key}: {path}")
-        return result
-    return None
+    cleanup_distributed()
+    return result if runtime.is_main else None
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict | None:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, dests = parse_args_explicit(parser, argv)
 
     def run():
-        state = load_checkpoint(args.ckpt)
+        state = open_checkpoint(args.ckpt)
         cfg = config_for_checkpoint(state, cli_overrides(args))
-        return evaluate(
-            cfg, args.ckpt, args.benchmark, args.visualize, args.confusion, args.num_vis, args.device, state
-        )
+        opts = (args.benchmark, args.visualize, args.confusion, args.num_vis, args.device, state)
+        return evaluate(cfg, args.ckpt, *opts, explicit=explicit_fields(dests))
 
-    run_main(run, parser.prog)
+    return run_main(run, parser.prog)
 
 
 if __name__ == "__main__":

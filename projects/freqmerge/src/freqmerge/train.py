@@ -8,16 +8,34 @@ Outputs (under --output_dir, default the current folder): ``checkpoints/best_mod
 from __future__ import annotations
 
 import os
+import sys
 import time
 from datetime import datetime, timezone
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+
+from run_kit import (
+    RunLogger,
+    barrier,
+    cleanup_distributed,
+    gather_rng_states,
+    grad_scaler,
+    parse_args_explicit,
+    progress,
+    reconcile_config,
+    restore_resume_state,
+    resume_state,
+    save_checkpoint,
+    seed_everything,
+    set_sampler_epoch,
+    wrap_ddp,
+)
 
 from . import config as C
 from .config import Config
 from .engine import (
+    FLAG_OF,
     OneLineParser,
     UserError,
     add_model_args,
@@ -27,19 +45,20 @@ from .engine import (
     cli_overrides,
     cosine_lambda,
     evaluate_model,
+    explicit_fields,
     format_table,
-    load_checkpoint,
     non_negative_float,
     non_negative_int,
+    open_checkpoint,
     positive_float,
     positive_int,
     run_main,
-    save_checkpoint,
-    set_seed,
     setup_runtime,
     train_one_epoch,
-    write_json,
 )
+
+# On --resume these always come from the command line (they describe this machine, not the run).
+ALWAYS_FROM_CLI = ("output_dir", "download")
 
 
 def build_parser(prog: str | None = None) -> OneLineParser:
@@ -60,6 +79,9 @@ def build_parser(prog: str | None = None) -> OneLineParser:
     x.add_argument("--warmup_epochs", type=non_negative_int, help=f"linear warm-up epochs (default {C.WARMUP_EPOCHS})")
     x.add_argument("--grad_checkpoint", action="store_true", help="USE_GRAD_CHECKPOINT (only without merging)")
     x.add_argument("--max_train_batches", type=non_negative_int, help="stop each epoch after N batches (smoke runs)")
+    x.add_argument(
+        "--deterministic", action="store_true", help="CUDNN_DETERMINISTIC: deterministic kernels (bit-exact resume)"
+    )
     return p
 
 
@@ -71,39 +93,56 @@ def _optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def train(cfg: Config, resume: str | None = None, device: str | None = None) -> dict:
-    """Full training run; returns {"best_top1", "history", "best_path", ...}."""
+def _resume_config(cfg: Config, state: dict, explicit: set[str], path: str, is_main: bool) -> Config:
+    """The resumed run's config: the checkpoint's, except for flags typed now (each differing one is reported)."""
+
+    def warn(msg: str) -> None:
+        if is_main:
+            print(f"warning: {msg}", file=sys.stderr)
+
+    stored = state.get("config")
+    if not isinstance(stored, dict):
+        raise UserError(f"argument --resume: '{path}' holds no run config (not written by train.py)")
+    known = Config.from_dict(stored).to_dict()
+    merged = reconcile_config(known, cfg.to_dict(), explicit, always_cli=ALWAYS_FROM_CLI, warn=warn, flags=FLAG_OF)
+    return Config.from_dict(merged)
+
+
+def train(cfg: Config, resume: str | None = None, device: str | None = None, explicit: set[str] | None = None) -> dict:
+    """Full training run; returns {"best_top1", "history", "best_path", ...} on every rank.
+
+    ``resume``: a checkpoint path, or "" for ``checkpoints/last_model.pth``. ``explicit``: the Config fields the
+    user set on the command line; on resume every other field comes from the checkpoint.
+    """
     from .data.cifar100 import build_loaders, find_cifar_dir
     from .models.vit_freqmerge import configure_model, create_backbone, merge_schedule, token_counts, unwrap
     from .utils.metrics import count_gmacs, count_params
     from .utils.visualize import plot_training_curves
 
-    runtime = setup_runtime(cfg, device)
-    set_seed(cfg.seed + runtime.rank)
-    if cfg.cudnn_deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    env = setup_runtime(cfg, device)
+    state = None
+    resume_path = ""
+    if resume is not None:
+        last = os.path.join(cfg.checkpoint_dir, C.LAST_CHECKPOINT)
+        resume_path = resume or (last if os.path.isfile(last) else os.path.join(cfg.checkpoint_dir, C.BEST_CHECKPOINT))
+        state = open_checkpoint(resume_path, "--resume")
+        if "optimizer" not in state or "epoch" not in state:
+            raise UserError(f"argument --resume: '{resume_path}' is not a training checkpoint (no optimizer/epoch)")
+        cfg = _resume_config(cfg, state, set(explicit or ()), resume_path, env.is_main)
+    seed_everything(cfg.seed + env.rank, deterministic=cfg.cudnn_deterministic)
     best_path = os.path.join(cfg.checkpoint_dir, C.BEST_CHECKPOINT)
     last_path = os.path.join(cfg.checkpoint_dir, C.LAST_CHECKPOINT)
-    state = None
-    if resume is not None:
-        resume = resume or (last_path if os.path.isfile(last_path) else best_path)
-        state = load_checkpoint(resume, "--resume")
-        if "optimizer" not in state or "epoch" not in state:
-            raise UserError(f"argument --resume: {resume!r} is not a training checkpoint (no optimizer/epoch)")
-        stored = Config.from_dict(state.get("config", {}))
-        keep = {k: getattr(stored, k) for k in (*C.ARCH_FIELDS, *C.MERGE_FIELDS)}
-        cfg = cfg.replace(**keep)
 
     if not cfg.download:  # fail fast on missing data, before the (possibly slow) backbone set-up
         find_cifar_dir(cfg.data_root)
     # Only rank 0 asks the hub; DDP broadcasts rank 0's weights to the others.
-    model = create_backbone(cfg, pretrained=cfg.pretrained and runtime.is_main and state is None)
+    model = create_backbone(cfg, pretrained=cfg.pretrained and env.is_main and state is None)
     check_merge_layers(cfg, len(model.blocks))
     configure_model(model, cfg)
-    model.to(runtime.device)
+    model.to(env.device)
     mean = model.pretrained_cfg.get("mean", (0.485, 0.456, 0.406))
     std = model.pretrained_cfg.get("std", (0.229, 0.224, 0.225))
-    train_loader, val_loader, classes = build_loaders(cfg, mean, std, distributed=runtime.distributed)
+    train_loader, val_loader, classes = build_loaders(cfg, mean, std, distributed=env.distributed)
     if len(classes) != cfg.num_classes:
         raise UserError(f"argument --data_root: found {len(classes)} classes, expected {cfg.num_classes}")
 
@@ -113,45 +152,45 @@ def train(cfg: Config, resume: str | None = None, device: str | None = None) -> 
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_lambda(total_steps, cfg.warmup_epochs * steps_per_epoch)
     )
-    amp = amp_enabled(cfg, runtime.device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    amp = amp_enabled(cfg, env.device)
+    scaler = grad_scaler(env.device, amp)
     history: list[dict] = []
-    best_top1, start_epoch = -1.0, 1
+    best_top1, start_epoch, step = -1.0, 1, 0
     if state is not None:
-        model.load_state_dict({k.removeprefix("module."): v for k, v in state["model"].items()})
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scheduler"):
-            scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler") and amp:
-            scaler.load_state_dict(state["scaler"])
+        state.setdefault("step", (int(state["epoch"])) * steps_per_epoch)  # checkpoints from before run_kit
+        info = restore_resume_state(state, model, optimizer, scheduler, scaler, source=resume_path)  # + RNG
         history = list(state.get("history", []))
         best_top1 = float(state.get("best_top1", -1.0))
-        start_epoch = int(state["epoch"]) + 1
-        if runtime.is_main:
-            print(f"Resumed from {resume} at epoch {start_epoch - 1} (best val Top-1 {best_top1:.2f}%)")
-
-    net: nn.Module = model
-    if runtime.distributed:
-        ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        start_epoch, step = info.epoch + 1, info.step
+    net = wrap_ddp(model, env)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    if runtime.is_main:
-        mode = "plain ViT (no merging)" if not cfg.freqmerge else f"FreqMerge scorer={cfg.scorer} alpha={cfg.alpha}"
-        print(
-            f"{cfg.backbone} | {mode} | device {runtime.device} x{runtime.world_size} | AMP {amp} | "
-            f"{len(train_loader.dataset)} train / {len(val_loader.dataset)} val images"
-        )
+    log = RunLogger(
+        cfg.log_dir,
+        env.is_main,
+        tensorboard=True,
+        history_name=C.HISTORY_FILE,
+        log_name=C.TRAIN_LOG_FILE,
+        resume_step=start_epoch - 1 if state is not None else None,
+    )
+    if state is not None:
+        log.history = [dict(row) for row in history]  # the checkpoint's history is the truth
+        shown = ", ".join(f"{k}={getattr(cfg, k)}" for k in ("epochs", "batch_size", "lr", "alpha", "keep_rate"))
+        log.info(f"Resumed {resume_path} after epoch {start_epoch - 1} (best val Top-1 {best_top1:.2f}%); {shown}")
+    mode = "plain ViT (no merging)" if not cfg.freqmerge else f"FreqMerge scorer={cfg.scorer} alpha={cfg.alpha}"
+    log.info(
+        f"{cfg.backbone} | {mode} | device {env.device} x{env.world_size} | AMP {amp} | "
+        f"{len(train_loader.dataset)} train / {len(val_loader.dataset)} val images"
+    )
 
-    epochs = range(start_epoch, cfg.epochs + 1)
-    bar = tqdm(epochs, desc="epochs", disable=not runtime.is_main, dynamic_ncols=True)
+    bar = progress(range(start_epoch, cfg.epochs + 1), env.is_main, desc="epochs")
     for epoch in bar:
-        if runtime.distributed and hasattr(train_loader.sampler, "set_epoch"):
-            train_loader.sampler.set_epoch(epoch)
+        set_sampler_epoch(train_loader, epoch)
         t0 = time.time()
         tr = train_one_epoch(
-            net, train_loader, optimizer, scheduler, scaler, criterion, runtime, amp, epoch, cfg.max_train_batches
+            net, train_loader, optimizer, scheduler, scaler, criterion, env, amp, epoch, cfg.max_train_batches
         )
-        va = evaluate_model(net, val_loader, runtime, amp, cfg.max_eval_batches, desc=f"val {epoch}")
+        step += tr["steps"]
+        va = evaluate_model(net, val_loader, env, amp, cfg.max_eval_batches, desc=f"val {epoch}")
         row = {
             "epoch": epoch,
             "train_loss": tr["loss"],
@@ -162,44 +201,42 @@ def train(cfg: Config, resume: str | None = None, device: str | None = None) -> 
             "lr": float(optimizer.param_groups[0]["lr"]),
             "epoch_time_s": time.time() - t0,
         }
-        history.append(row)
+        history.append({"step": epoch, **row})
+        log.log_scalars(epoch, **row)
         improved = va["top1"] > best_top1
         best_top1 = max(best_top1, va["top1"])
-        if runtime.is_main:
-            ckpt = {
-                "model": unwrap(net).state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch,
-                "history": history,
-                "best_top1": best_top1,
-                "config": cfg.to_dict(),
-            }
-            save_checkpoint(ckpt, last_path)
+        rng = gather_rng_states(env)  # collective: every rank's RNG goes into rank 0's checkpoint
+        if env.is_main:
+            ckpt = resume_state(
+                net, optimizer, scheduler, scaler, epoch=epoch, step=step, config=cfg.to_dict(), sampler_epoch=epoch,
+                rng=rng,
+            )  # fmt: skip
+            ckpt.update(history=history, best_top1=best_top1)
+            save_checkpoint(last_path, ckpt)
             if improved:
-                save_checkpoint(ckpt, best_path)
-            write_json(history, os.path.join(cfg.log_dir, C.HISTORY_FILE))
+                save_checkpoint(best_path, ckpt)
             plot_training_curves(history, os.path.join(cfg.vis_dir, "training_curves.png"))
             bar.set_postfix(val_top1=f"{va['top1']:.2f}", best=f"{best_top1:.2f}")
-            tqdm.write(
+            log.info(
                 f"epoch {epoch}/{cfg.epochs}: train loss {tr['loss']:.4f} top1 {tr['top1']:.2f}% | "
                 f"val loss {va['loss']:.4f} top1 {va['top1']:.2f}% top5 {va['top5']:.2f}%"
                 + (" (best, saved)" if improved else "")
             )
+        barrier(env)
         every = cfg.empty_cache_every_n_epochs
-        if runtime.device.type == "cuda" and every and epoch % every == 0:
+        if env.device.type == "cuda" and every and epoch % every == 0:
             torch.cuda.empty_cache()
+    log.close()
 
     result = {"best_top1": best_top1, "history": history, "best_path": best_path, "last_path": last_path}
-    if runtime.is_main and history:
+    if env.is_main and history:
         base = unwrap(net)
         schedule = merge_schedule(base, cfg.keep_rate, cfg.merge_layers) if cfg.freqmerge else [0] * len(base.blocks)
         best = max(history, key=lambda h: h["val_top1"])
         summary = {
             "method": "FreqMerge" if cfg.freqmerge else "ViT (baseline)",
             "params_m": count_params(base),
-            "gmacs": count_gmacs(base, cfg.image_size, runtime.device),
+            "gmacs": count_gmacs(base, cfg.image_size, env.device),
             "best_epoch": best["epoch"],
             "top1": best["val_top1"],
             "top5": best["val_top5"],
@@ -220,17 +257,17 @@ def train(cfg: Config, resume: str | None = None, device: str | None = None) -> 
         stamp = f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
         print(f"Saved {best_path}, {os.path.join(cfg.log_dir, C.HISTORY_FILE)}, {curves} ({stamp})")
         result["summary"] = summary
-    if runtime.distributed:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    cleanup_distributed()
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict | None:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, dests = parse_args_explicit(parser, argv)
     cfg = Config().replace(**cli_overrides(args))
-    run_main(lambda: train(cfg, resume=args.resume, device=args.device), parser.prog)
+    return run_main(
+        lambda: train(cfg, resume=args.resume, device=args.device, explicit=explicit_fields(dests)), parser.prog
+    )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,11 @@ FOLDER = "cifar-100-python"
 FILES = ("train", "test", "meta")
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetError(ValueError):
+    """CIFAR-100 files are missing or unreadable; the message is one line saying which file and what to do."""
+
+
+class DatasetNotFoundError(DatasetError, FileNotFoundError):
     """CIFAR-100 is not where the config says (message is one line, with where to put it)."""
 
 
@@ -63,13 +67,28 @@ def download_cifar100(data_root: str) -> str:
     return find_cifar_dir(data_root)
 
 
-def _get(d: dict, key: str):
-    return d[key.encode()] if key.encode() in d else d[key]
+def _get(d: dict, key: str, path: str = "CIFAR-100 pickle"):
+    if key.encode() in d:
+        return d[key.encode()]
+    if key in d:
+        return d[key]
+    raise DatasetError(f"CIFAR-100 file '{path}' has no '{key}' entry; is it the official cifar-100-python format?")
 
 
 def _load_pickle(path: str) -> dict:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+    """One CIFAR pickle; a truncated or foreign file is a one-line ``DatasetError`` (not a 30-line traceback)."""
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="bytes")
+    except Exception as exc:  # UnpicklingError, EOFError, ValueError, ... from a damaged file
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise DatasetError(
+            f"CIFAR-100 file '{path}' is corrupt or truncated ({reason}); "
+            f"re-extract {FOLDER}/ from cifar-100-python.tar.gz"
+        ) from None
+    if not isinstance(entry, dict):
+        raise DatasetError(f"CIFAR-100 file '{path}' holds a {type(entry).__name__}, expected the official dict")
+    return entry
 
 
 def _text(values) -> list[str]:
@@ -79,12 +98,17 @@ def _text(values) -> list[str]:
 def load_split(data_root: str, train: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(images uint8 (N, 32, 32, 3), fine labels int64 (N,), class names) of one split."""
     folder = find_cifar_dir(data_root)
-    entry = _load_pickle(os.path.join(folder, "train" if train else "test"))
-    data = np.asarray(_get(entry, "data"), dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    labels = np.asarray(_get(entry, "fine_labels"), dtype=np.int64)
-    classes = _text(_get(_load_pickle(os.path.join(folder, "meta")), "fine_label_names"))
+    path = os.path.join(folder, "train" if train else "test")
+    entry = _load_pickle(path)
+    raw = np.asarray(_get(entry, "data", path), dtype=np.uint8)
+    if raw.size % 3072:
+        raise DatasetError(f"CIFAR-100 file '{path}': 'data' has {raw.size} values, not a multiple of 3 x 32 x 32")
+    data = raw.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    labels = np.asarray(_get(entry, "fine_labels", path), dtype=np.int64)
+    meta = os.path.join(folder, "meta")
+    classes = _text(_get(_load_pickle(meta), "fine_label_names", meta))
     if len(labels) != len(data):
-        raise ValueError(f"{folder}: {len(data)} images but {len(labels)} labels")
+        raise DatasetError(f"CIFAR-100 file '{path}': {len(data)} images but {len(labels)} labels")
     return np.ascontiguousarray(data), labels, classes
 
 
@@ -114,6 +138,12 @@ def build_transforms(image_size: int, mean: Sequence[float], std: Sequence[float
     return transforms.Compose(tail)
 
 
+def usable_workers(requested: int) -> int:
+    """``requested`` capped at the CPU cores this process may run on (more only adds contention and a warning)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(requested, cores))
+
+
 def build_loaders(
     cfg, mean: Sequence[float], std: Sequence[float], distributed: bool = False, train: bool = True
 ) -> tuple[DataLoader | None, DataLoader, list[str]]:
@@ -125,7 +155,7 @@ def build_loaders(
             torch.distributed.barrier()
     val_set = CIFAR100(cfg.data_root, train=False, transform=build_transforms(cfg.image_size, mean, std, False))
     pin = torch.cuda.is_available()
-    workers = int(cfg.num_workers)
+    workers = usable_workers(int(cfg.num_workers))
     val_sampler = DistributedSampler(val_set, shuffle=False) if distributed else None
     val_loader = DataLoader(
         val_set,

@@ -38,7 +38,7 @@ from merge_core.merge import pool_by_source, unmerge_to_source
 from merge_core.penalty import MODES, TokenPairPenalty
 from merge_core.pruning import random_pruning
 
-from .lfgm import lfgm_from_channel_mean
+from .lfgm import BORDERS, lfgm_from_channel_mean
 
 SCORERS = ("lfgm", "attention", "random", "none")
 PHI_POOLS = ("mean", "amax")
@@ -60,6 +60,7 @@ class FreqMergeMatcher:
         phi_pool: str = "mean",
         grid: tuple[int, int] = (14, 14),
         seed: int | None = None,
+        border: str = "wrap",
     ) -> None:
         if not 0.0 <= float(alpha) <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -71,6 +72,9 @@ class FreqMergeMatcher:
             raise ValueError(f"phi_pool must be one of {PHI_POOLS}, got {phi_pool!r}")
         if radius < 0:
             raise ValueError(f"radius must be >= 0, got {radius}")
+        if border not in BORDERS:
+            raise ValueError(f"border must be one of {BORDERS}, got {border!r}")
+        self.border = border
         self.alpha = float(alpha)
         self.radius = float(radius)
         self.mode = mode
@@ -85,7 +89,7 @@ class FreqMergeMatcher:
     def __repr__(self) -> str:
         return (
             f"FreqMergeMatcher(scorer={self.scorer!r}, alpha={self.alpha}, mode={self.mode!r}, "
-            f"radius={self.radius}, phi_pool={self.phi_pool!r}, grid={self.grid})"
+            f"radius={self.radius}, border={self.border!r}, phi_pool={self.phi_pool!r}, grid={self.grid})"
         )
 
     @property
@@ -112,7 +116,7 @@ class FreqMergeMatcher:
             grid_mean = channel_mean[:, protected:]
         else:
             grid_mean = unmerge_to_source(channel_mean[..., None], source_index[:, protected:])[..., 0]
-        phi_grid = lfgm_from_channel_mean(grid_mean, self.grid, self.radius)
+        phi_grid = lfgm_from_channel_mean(grid_mean, self.grid, self.radius, self.border)
         if source_index is None:
             phi = F.pad(phi_grid, (protected, 0))  # prefix tokens score 0 (they are protected anyway)
         else:

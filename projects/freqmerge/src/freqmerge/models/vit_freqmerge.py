@@ -153,6 +153,7 @@ def make_matcher(cfg, model: VisionTransformer, scorer: str | None = None) -> Fr
         phi_pool=cfg.phi_pool,
         grid=tuple(model.patch_embed.grid_size),
         seed=cfg.seed,
+        border=cfg.lfgm_border,
     )
 
 

@@ -6,12 +6,14 @@ i.e. 4.6 G multiply-accumulates. ``count_gmacs`` uses ``torch.utils.flop_counter
 softmax, norms, the FFTs of LFGM and the gathers/scatters of merging are not counted by torch's counter.
 
 Throughput: warm-up iterations first, then per-iteration timing (CUDA events on GPU, perf_counter on
-CPU) and the median iteration time; img/s = batch / median seconds.
+CPU) and the median iteration time; img/s = batch / median seconds. The fastest and slowest passes are
+reported too: on a shared CPU one pass can take several times another, and a single number hides that.
 """
 
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -109,18 +111,31 @@ def compute_throughput(
     warmup: int = 10,
     iters: int = 30,
     amp: bool = False,
-) -> dict[str, float]:
-    """Images per second of ``model`` on random inputs: {"img_s", "median_ms", "batch_size", "iters"}."""
+    log: Callable[[str], None] | None = None,
+) -> dict[str, float | str]:
+    """Images per second of ``model`` on random inputs.
+
+    Returns {"img_s" (median pass), "img_s_min", "img_s_max", "img_s_range" (text), "median_ms", "batch_size",
+    "warmup", "iters", "threads"}. ``log`` gets one line before the timing starts (it can take a while on CPU).
+    """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
     device = torch.device(device)
+    if log is not None:
+        where = "GPU" if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+        log(f"timing {iters} passes of {batch_size} images at {image_size} px after {warmup} warm-up ({where}) ...")
     batch = torch.randn(batch_size, 3, image_size, image_size, device=device)
     times = time_forward(model, batch, warmup=warmup, iters=iters, amp=amp)
     median = statistics.median(times)
+    slowest, fastest = batch_size / max(times), batch_size / min(times)
     return {
         "img_s": batch_size / median,
+        "img_s_min": slowest,
+        "img_s_max": fastest,
+        "img_s_range": f"{slowest:.1f}-{fastest:.1f}",
         "median_ms": median * 1000.0,
         "batch_size": batch_size,
         "warmup": warmup,
         "iters": iters,
+        "threads": torch.get_num_threads(),
     }
