@@ -52,3 +52,13 @@ def check_same_tokens(x: torch.Tensor, ref_shape: torch.Size, ref_device: torch.
         )
     if x.device != ref_device:
         raise ValueError(f"{name} is on {x.device} but the matching was computed on {ref_device}")
+
+
+def check_merged_tokens(x: torch.Tensor, ref_shape: torch.Size, n_merged: int, name: str) -> None:
+    """``unmerge`` takes the merged tokens: the metric's leading dims and ``n_merged`` tokens."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != len(ref_shape) or tuple(x.shape[:-1]) != (*ref_shape[:-2], n_merged):
+        raise ValueError(
+            f"{name} must have shape {(*ref_shape[:-2], n_merged)} + (C,) (the merged tokens), got {tuple(x.shape)}"
+        )

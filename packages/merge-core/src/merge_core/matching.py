@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._checks import check_count, check_same_tokens, check_tokens
+from ._checks import check_count, check_merged_tokens, check_same_tokens, check_tokens
 
 MergeFn = Callable[..., torch.Tensor]
 ScoreMod = Callable[[torch.Tensor], torch.Tensor]
@@ -145,6 +145,7 @@ def bipartite_soft_matching(
         return out.reshape(*lead, out.shape[-2], c)
 
     def unmerge(x: torch.Tensor) -> torch.Tensor:
+        check_merged_tokens(x, shape, t - r, "x")
         lead = x.shape[:-2]
         x = _flatten(x)
         n, _, c = x.shape
@@ -221,6 +222,7 @@ def kth_bipartite_soft_matching(metric: torch.Tensor, k: int) -> tuple[MergeFn, 
         return dst.reshape(*lead, dst.shape[-2], c)
 
     def unmerge(x: torch.Tensor) -> torch.Tensor:
+        check_merged_tokens(x, shape, shape[-2] // k, "x")
         lead = x.shape[:-2]
         dst = _flatten(x)
         n, _, c = dst.shape
@@ -272,6 +274,7 @@ def random_bipartite_soft_matching(
         return dst.reshape(*lead, n_tokens - r, c)
 
     def unmerge(x: torch.Tensor) -> torch.Tensor:
+        check_merged_tokens(x, shape, n_tokens - r, "x")
         lead = x.shape[:-2]
         dst = _flatten(x)
         c = dst.shape[-1]

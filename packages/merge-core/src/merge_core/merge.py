@@ -15,6 +15,15 @@ from .matching import (  # noqa: F401  (re-exported: ToMe's ``tome.merge`` modul
 
 def merge_wavg(merge: MergeFn, x: torch.Tensor, size: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted average merge, as ToMe: returns the merged ``x`` and the new ``size`` (..., N', 1)."""
+    if size is not None:
+        if size.dtype != x.dtype:
+            raise ValueError(
+                f"size must have x's dtype {x.dtype}, got {size.dtype} (cast it, or let size start as None)"
+            )
+        if size.shape != x.shape[:-1] + (1,):
+            raise ValueError(
+                f"size must have shape {tuple(x.shape[:-1]) + (1,)} for x {tuple(x.shape)}, got {tuple(size.shape)}"
+            )
     plan = None if torch.compiler.is_compiling() else getattr(merge, "plan", None)
     if plan is not None:
         from . import kernels
