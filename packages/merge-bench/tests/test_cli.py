@@ -53,3 +53,15 @@ def test_micro_rows_run_on_cpu():
     rows = micro.bench_attention(1, 2, 9, 8, torch.device("cpu"), torch.float32, args)
     assert {row["backend"] for row in rows} == {"sdpa (no size)", "reference", "sdpa", "channel"}
     assert all("error" not in row for row in rows)
+
+
+def test_interleaved_rows_use_their_own_model_copies(tmp_path):
+    path = tmp_path / "i.json"
+    argv = ["--model", "vit_tiny_patch16_224", "--batch-size", "1", "--r", "8", "--iters", "2", "--warmup", "0"]
+    assert cli.main([*argv, "--prop-attn", "both", "--auto", "--interleave", "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    assert data["interleaved"] is True
+    rows = {(row["kind"], row["prop_attn"]): row for row in data["rows"]}
+    assert set(rows) == {("timm", None), ("merge", False), ("merge", True), ("merge_auto", True)}
+    assert all(row["runs"] == 2 and "error" not in row for row in rows.values())
+    assert rows["merge", True]["gmacs_per_image_merged"] < rows["timm", None]["gmacs_per_image_merged"]

@@ -106,6 +106,15 @@ def test_best_destinations_penalty(mode, dtype):
 
 
 @needs_interpreter
+def test_best_destinations_long_sequence_path(monkeypatch):
+    """Long sequences normalise in torch once and use bigger tiles; forced here on a small shape."""
+    monkeypatch.setattr(_triton, "PRENORM_PAIRS", 1)
+    torch.manual_seed(11)
+    m = torch.randn(2, 75, 16)
+    _check_best(m[:, ::2], m[:, 1::2], 1, 0)
+
+
+@needs_interpreter
 def test_best_destinations_penalty_bad_phi():
     m = torch.randn(2, 21, 16)
     pen = mc.TokenPairPenalty(torch.rand(2, 20), 0.5)

@@ -60,6 +60,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tome", action="store_true", help="add the ToMe-style unfused baseline")
     p.add_argument("--torch-path", action="store_true", help="add merge rows with the fused kernels off")
     p.add_argument("--auto", action="store_true", help="add rows with the automatic (never-slower) merge policy")
+    p.add_argument("--interleave", action="store_true", help="time rows round-robin, one model copy per row")
     p.add_argument("--warmup", type=int, default=None, help="default: 2 on CPU, 10 on CUDA")
     p.add_argument("--iters", type=int, default=None, help="timed runs, median reported (5 CPU, 30 CUDA)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")

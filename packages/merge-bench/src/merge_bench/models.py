@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import time
+import copy
+import statistics
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from merge_core import kernels, patch
-from merge_core.bench import bound_forward, measure, vit_macs
+from merge_core.bench import bound_forward, measure, time_calls, vit_macs
 from merge_core.kernels import policy
 from merge_core.kernels.graph import cuda_graph
 from merge_core.schedule import parse_r
@@ -93,6 +94,43 @@ def _unpatch(model) -> None:
     model.__dict__.pop("merge_policy", None)
 
 
+def _timed_rows(model, rows, x, execution, args, device, log) -> list[tuple[dict, Any, dict | None, str | None]]:
+    """Time every row; with ``args.interleave`` each row gets its own copy of the model and the rows are timed
+    round-robin (one call of each per round), so host-speed drift over the run hits all rows alike."""
+    interleave = getattr(args, "interleave", False)
+    built = []
+    for row in rows:
+        target = copy.deepcopy(model) if interleave else model
+        if not interleave:
+            _unpatch(model)
+        try:
+            fn = make_fn(target, row, x, execution)
+            if not interleave:
+                built.append((row, target, measure(fn, device, args.warmup, args.iters), None))
+                del fn
+                continue
+            for _ in range(args.warmup):  # also triggers the policy's one-time calibration
+                fn()
+            built.append((row, target, fn, None))
+        except Exception as exc:  # keep the other rows; report the failure
+            log(f"  {row} failed: {type(exc).__name__}: {exc}")
+            built.append((row, target, None, f"{type(exc).__name__}: {exc}"))
+    if interleave:
+        times: list[list[float]] = [[] for _ in built]
+        for _ in range(args.iters):
+            for k, (_, _, fn, err) in enumerate(built):
+                if err is None:
+                    times[k] += time_calls(fn, device, 0, 1)
+        built = [
+            (row, target, None if err else _summary(times[k]), err) for k, (row, target, _, err) in enumerate(built)
+        ]
+    return built
+
+
+def _summary(times: list[float]) -> dict[str, float]:
+    return {"ms_median": statistics.median(times), "ms_min": min(times), "ms_max": max(times), "runs": len(times)}
+
+
 def bench_model(
     name: str, batch: int, args, device: torch.device, dtype: torch.dtype, log=print, on_row=None, **model_kwargs
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -101,6 +139,7 @@ def bench_model(
     info = {"model": name, "batch": batch, "dtype": str(dtype).replace("torch.", ""), "params": count_params(model)}
     info["img_size"] = list(model.patch_embed.img_size)
     info["gmacs_per_image"] = vit_macs(model) / 1e9
+    info["interleaved"] = bool(getattr(args, "interleave", False))
     log(
         f"{name} @{info['img_size'][0]}: {info['params'] / 1e6:.1f} M params, {info['gmacs_per_image']:.2f} "
         f"GMACs/image (multiply-accumulates; FLOPs = 2 x MACs), batch {batch}, {info['dtype']}, {device}"
@@ -118,24 +157,17 @@ def bench_model(
         for _ in range(max(1, args.warmup)):
             model(x)
     for execution in modes[args.mode]:
+        rows = [dict(row) for row in variants(args)]
+        rows = [row for row in rows if execution == "eager" or row["kind"] not in ("tome", "merge_torch")]
         base = None
-        for row in variants(args):
-            row = dict(row)
-            if execution != "eager" and row["kind"] in ("tome", "merge_torch"):
-                continue
-            _unpatch(model)
-            t0 = time.perf_counter()
-            try:
-                fn = make_fn(model, row, x, execution)
-                timing = measure(fn, device, args.warmup, args.iters)
-            except Exception as exc:  # keep the other rows; report the failure
-                log(f"  {row} failed: {type(exc).__name__}: {exc}")
-                results.append({**info, **row, "execution": execution, "error": f"{type(exc).__name__}: {exc}"})
+        for row, target, timing, err in _timed_rows(model, rows, x, execution, args, device, log):
+            if err is not None:
+                results.append({**info, **row, "execution": execution, "error": err})
                 continue
             r_list = parse_r(len(model.blocks), row["r"])
             res = {**info, **row, "compiled": execution == "compile", "execution": execution, **timing}
-            decision = policy.last_decision(model)
             if row["kind"] == "merge_auto":
+                decision = policy.last_decision(target)
                 merged = row.get("graph_merged") if execution == "cudagraph" else (decision or {}).get("merge")
                 res["policy_merged"] = merged
                 if decision is not None and execution != "cudagraph":
@@ -149,12 +181,11 @@ def bench_model(
             if row["kind"] == "timm":
                 base = res["img_per_s"]
             res["speedup"] = res["img_per_s"] / base if base else None
-            res["setup_s"] = time.perf_counter() - t0 - timing["ms_median"] * (args.warmup + args.iters) / 1e3
             results.append(res)
             log("  " + row_text(res))
             if on_row is not None:  # partial results survive a time limit
                 on_row(results)
-            del fn
+        torch.cuda.empty_cache() if device.type == "cuda" else None
     _unpatch(model)
     return info, results
 

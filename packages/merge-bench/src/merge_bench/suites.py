@@ -95,6 +95,7 @@ def _sweep(args, payload, log, checkpoint):
             sweep_args.bounds = img == 512 and batch == 32  # the flagship row gets its zero-overhead bounds
             sweep_args.tome = sweep_args.torch_path = False
             sweep_args.mode = "eager+cudagraph" if args.device.type == "cuda" else "eager"
+            sweep_args.interleave = True  # eager rows are host-bound: time them round-robin (see models.py)
             entry: dict[str, Any] = {"label": label, "model": name, "img_size": img, "batch": batch, "rows": []}
             payload["sweep"].append(entry)
 

@@ -52,6 +52,15 @@ def _normalised_rows(ptr, rows, rmask, ch, cmask, stride_n, DTYPE: tl.constexpr)
 
 
 @triton.jit
+def _rows(ptr, rows, rmask, ch, cmask, stride_n, DTYPE: tl.constexpr, PRENORM: tl.constexpr):
+    """Rows as the matcher needs them: already normalised by torch (PRENORM) or normalised here."""
+    if PRENORM:
+        x = tl.load(ptr + rows[:, None] * stride_n + ch[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        return x.to(DTYPE)
+    return _normalised_rows(ptr, rows, rmask, ch, cmask, stride_n, DTYPE)
+
+
+@triton.jit
 def _best_dst_kernel(
     a_ptr,
     b_ptr,
@@ -74,6 +83,7 @@ def _best_dst_kernel(
     stride_os,
     SCORE_MOD: tl.constexpr,
     DOT_F32: tl.constexpr,
+    PRENORM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -91,7 +101,7 @@ def _best_dst_kernel(
     rmask = rows < Na
     ch = tl.arange(0, BLOCK_C)
     cmask = ch < C
-    a_n = _normalised_rows(a_ptr + bid * stride_ab, rows, rmask, ch, cmask, stride_an, DTYPE)
+    a_n = _rows(a_ptr + bid * stride_ab, rows, rmask, ch, cmask, stride_an, DTYPE, PRENORM)
     if SCORE_MOD != 0:
         phi_a = _round(tl.load(phi_ptr + bid * stride_phib + 2 * rows, mask=rmask, other=0.0).to(tl.float32), DTYPE)
     best = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -101,7 +111,7 @@ def _best_dst_kernel(
     for n0 in range(col_start, col_end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         nmask = cols < col_end
-        b_n = _normalised_rows(b_ptr + bid * stride_bb, cols, nmask, ch, cmask, stride_bn, DTYPE)
+        b_n = _rows(b_ptr + bid * stride_bb, cols, nmask, ch, cmask, stride_bn, DTYPE, PRENORM)
         if DOT_F32:  # fp32 inputs, or bf16 under the CPU interpreter (its bf16 dot is broken)
             s = tl.dot(a_n.to(tl.float32), tl.trans(b_n.to(tl.float32)), input_precision="ieee")
         else:
@@ -170,6 +180,8 @@ def _match_grid(batch: int, na: int, nb: int, c: int, device: torch.device, spli
     block = 64 if block_c <= 128 else 32
     target = 2 * _sm_count(device)
     block_m = min(block, _pow2(na))
+    if prenormalise(batch, na, nb) and block_c <= 128:
+        block_m = 128  # long sequences: bigger row tiles, each destination tile is loaded by fewer programs
     if block_m > 32 and triton.cdiv(na, block_m) * batch < target:
         block_m = 32  # small batches: more, smaller row blocks
     block_n = min(block, _pow2(nb))
@@ -181,9 +193,21 @@ def _match_grid(batch: int, na: int, nb: int, c: int, device: torch.device, spli
     return block_m, block_n, block_c, row_blocks, triton.cdiv(nb, split_cols), split_cols
 
 
+PRENORM_PAIRS = 1 << 24
+
+
+def prenormalise(batch: int, na: int, nb: int) -> bool:
+    """Long sequences: normalise a and b once in torch (two ops) instead of per tile in every program."""
+    return batch * na * nb >= PRENORM_PAIRS
+
+
 def _launch_match(a, b, protected_a, protected_b, score_mod, best, idx, block_m, block_n, block_c, grid, split_cols):
     batch, na, c = a.shape
     nb = b.shape[1]
+    prenorm = prenormalise(batch, na, nb)
+    if prenorm:  # the torch reference's own normalisation, so rounding matches it exactly
+        a = a / a.norm(dim=-1, keepdim=True)
+        b = b / b.norm(dim=-1, keepdim=True)
     phi, stride_phib, alpha, mode = _penalty_args(score_mod, batch, na, nb, a)
     _best_dst_kernel[grid](
         a,
@@ -207,10 +231,11 @@ def _launch_match(a, b, protected_a, protected_b, score_mod, best, idx, block_m,
         best.stride(1) if best.dim() == 3 else 0,
         SCORE_MOD=mode,
         DOT_F32=a.dtype == torch.float32 or (a.dtype == torch.bfloat16 and not a.is_cuda),
+        PRENORM=prenorm,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_C=block_c,
-        num_warps=4,
+        num_warps=8 if block_m >= 128 else 4,
     )
 
 
@@ -233,9 +258,24 @@ def best_destinations(a, b, protected_a: int = 0, protected_b: int = 0, score_mo
 
 
 @triton.jit
-def _plan_kernel(
+def _reduced_best(pbest_ptr, pidx_ptr, rows, rmask, S, stride_ps):
+    """Best (score, destination) per row over the destination splits; the earlier split keeps ties."""
+    best = tl.load(pbest_ptr + rows, mask=rmask, other=float("-inf"))
+    best_idx = tl.load(pidx_ptr + rows, mask=rmask, other=0)
+    for s in range(1, S):
+        v = tl.load(pbest_ptr + s * stride_ps + rows, mask=rmask, other=float("-inf"))
+        vi = tl.load(pidx_ptr + s * stride_ps + rows, mask=rmask, other=0)
+        better = v > best
+        best = tl.where(better, v, best)
+        best_idx = tl.where(better, vi, best_idx)
+    return best, best_idx
+
+
+@triton.jit
+def _rank_kernel(
     pbest_ptr,
     pidx_ptr,
+    rank_ptr,
     unm_ptr,
     src_ptr,
     dst_ptr,
@@ -244,64 +284,67 @@ def _plan_kernel(
     R,
     stride_pb,
     stride_ps,
+    stride_plan,
     SORT_UNM: tl.constexpr,
     BLOCK: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
-    """One batch row: reduce the split partials, rank rows by score (stable, descending) and write the plan.
+    """CHUNK rows of one batch row: rank by score among all Na rows (stable, descending) and write the plan.
 
     rank(i) = #{j: s_j > s_i} + #{j < i: s_j == s_i}, i.e. torch's stable descending sort. Rows of rank < R
-    merge: src[rank] = i, dst[rank] = their best destination. The rest stay: in index order when SORT_UNM
-    (protected prefix, as the torch path sorts them), else in rank order.
+    merge: src[rank] = i, dst[rank] = their best destination. Without SORT_UNM the others go to unm[rank - R]
+    (rank order); with it ``_unm_kernel`` places them in index order from the ranks stored here.
     """
-    bid = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0)
+    bid = tl.program_id(1).to(tl.int64)
+    pb = pbest_ptr + bid * stride_pb
+    pi = pidx_ptr + bid * stride_pb
     rows = tl.arange(0, BLOCK)
     rmask = rows < Na
-    base = pbest_ptr + bid * stride_pb
-    ibase = pidx_ptr + bid * stride_pb
-    best = tl.load(base + rows, mask=rmask, other=float("-inf"))
-    best_idx = tl.load(ibase + rows, mask=rmask, other=0)
-    for s in range(1, S):
-        v = tl.load(base + s * stride_ps + rows, mask=rmask, other=float("-inf"))
-        vi = tl.load(ibase + s * stride_ps + rows, mask=rmask, other=0)
-        better = v > best  # strict: the earlier split (smaller destination index) keeps ties
-        best = tl.where(better, v, best)
-        best_idx = tl.where(better, vi, best_idx)
-    if S > 1:  # reduced values go to split 0 so chunks below can read them back
-        tl.debug_barrier()
-        tl.store(base + rows, best, mask=rmask)
-        tl.store(ibase + rows, best_idx, mask=rmask)
-        tl.debug_barrier()
-    carry = tl.full([], 0, tl.int32)
-    for i0 in range(0, Na, CHUNK):
-        i = i0 + tl.arange(0, CHUNK)
-        imask = i < Na
-        si = tl.load(base + i, mask=imask, other=float("-inf"))
-        di = tl.load(ibase + i, mask=imask, other=0)
-        ahead = (best[None, :] > si[:, None]) | ((best[None, :] == si[:, None]) & (rows[None, :] < i[:, None]))
-        ahead = ahead & rmask[None, :]
-        rank = tl.reduce(ahead.to(tl.int32), 1, _add)
-        is_src = (rank < R) & imask
-        tl.store(src_ptr + bid * R + rank, i.to(tl.int64), mask=is_src)
-        tl.store(dst_ptr + bid * R + rank, di.to(tl.int64), mask=is_src)
-        if SORT_UNM:
-            before = tl.associative_scan(is_src.to(tl.int32), 0, _add) - is_src.to(tl.int32)
-            slot = i - carry - before
-            carry += tl.reduce(is_src.to(tl.int32), 0, _add)
-        else:
-            slot = rank - R
-        tl.store(unm_ptr + bid * (Na - R) + slot, i.to(tl.int64), mask=imask & (rank >= R))
+    best, _ = _reduced_best(pb, pi, rows, rmask, S, stride_ps)
+    i = pid * CHUNK + tl.arange(0, CHUNK)
+    imask = i < Na
+    si, di = _reduced_best(pb, pi, i, imask, S, stride_ps)
+    ahead = (best[None, :] > si[:, None]) | ((best[None, :] == si[:, None]) & (rows[None, :] < i[:, None]))
+    rank = tl.reduce((ahead & rmask[None, :]).to(tl.int32), 1, _add)
+    is_src = (rank < R) & imask
+    plan = bid * stride_plan
+    tl.store(src_ptr + plan + rank, i.to(tl.int64), mask=is_src)
+    tl.store(dst_ptr + plan + rank, di.to(tl.int64), mask=is_src)
+    if SORT_UNM:
+        tl.store(rank_ptr + bid * stride_pb + i, rank, mask=imask)
+    else:
+        tl.store(unm_ptr + plan + rank - R, i.to(tl.int64), mask=imask & (rank >= R))
+
+
+@triton.jit
+def _unm_kernel(
+    rank_ptr, src_ptr, unm_ptr, Na, R, stride_rank, stride_plan, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr
+):
+    """Unmerged rows in index order: row i (rank >= R) goes to slot i - #{merged rows before i}."""
+    pid = tl.program_id(0)
+    bid = tl.program_id(1).to(tl.int64)
+    i = pid * CHUNK + tl.arange(0, CHUNK)
+    imask = i < Na
+    rank = tl.load(rank_ptr + bid * stride_rank + i, mask=imask, other=0)
+    before = tl.zeros([CHUNK], tl.int32)
+    for k0 in range(0, R, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        src = tl.load(src_ptr + bid * stride_plan + k, mask=k < R, other=2147483647)
+        before += tl.reduce((src[None, :] < i[:, None]).to(tl.int32), 1, _add)
+    tl.store(unm_ptr + bid * stride_plan + i - before, i.to(tl.int64), mask=imask & (rank >= R))
 
 
 MAX_PLAN_ROWS = 2048
 
 
 def match_plan(a, b, protected_a: int, protected_b: int, r: int, score_mod=None, sort_unm: bool = True, splits=None):
-    """Bipartite matching in two launches: (unm_idx, src_idx, dst_idx), each (B, n, 1) int64, as the torch
-    path computes them (best destination per ``a`` row, stable descending sort, first ``r`` rows merge).
+    """Bipartite matching without a sort: (unm_idx, src_idx, dst_idx), each (B, n, 1) int64, as the torch path
+    computes them (best destination per ``a`` row, stable descending sort, first ``r`` rows merge).
 
-    Launch 1: the matcher over rows x destination splits x batch (fills the GPU at batch 1); launch 2: one
-    program per batch row reduces the splits and ranks the rows (no sort, no host sync). Needs Na <= 2048.
+    Launch 1: the matcher over rows x destination splits x batch (fills the GPU at batch 1); launch 2: ranks
+    by counting, over row chunks x batch; launch 3 (protected prefix only): unmerged rows in index order.
+    No host sync. Needs Na <= 2048 (each rank program holds all Na scores).
     """
     a, b = _check_pair(a, b)
     batch, na, c = a.shape
@@ -310,31 +353,37 @@ def match_plan(a, b, protected_a: int, protected_b: int, r: int, score_mod=None,
         raise ValueError(f"match_plan needs 0 < r <= Na <= {MAX_PLAN_ROWS} and Nb > 0, got r={r}, Na={na}, Nb={nb}")
     _penalty_args(score_mod, batch, na, nb, a)
     block_m, block_n, block_c, row_blocks, n_splits, split_cols = _match_grid(batch, na, nb, c, a.device, splits)
-    pbest = torch.empty(batch, n_splits, na, device=a.device, dtype=torch.float32)
-    pidx = torch.empty(batch, n_splits, na, device=a.device, dtype=torch.int32)
+    scratch = torch.empty(batch, 2 * n_splits + 1, na, device=a.device, dtype=torch.int32)  # one allocation
+    pbest = scratch[:, :n_splits].view(torch.float32)
+    pidx, rank = scratch[:, n_splits : 2 * n_splits], scratch[:, 2 * n_splits]
     grid = (row_blocks, n_splits, batch)
     _launch_match(a, b, protected_a, protected_b, score_mod, pbest, pidx, block_m, block_n, block_c, grid, split_cols)
-    unm = torch.empty(batch, na - r, 1, device=a.device, dtype=torch.int64)
-    src = torch.empty(batch, r, 1, device=a.device, dtype=torch.int64)
-    dst = torch.empty(batch, r, 1, device=a.device, dtype=torch.int64)
+    plan = torch.empty(batch, na + r, device=a.device, dtype=torch.int64)  # [unm | src | dst], one allocation
+    unm, src, dst = plan[:, : na - r, None], plan[:, na - r : na, None], plan[:, na:, None]
     block = _pow2(na)
-    chunk = max(1, min(64, 16384 // block))
-    _plan_kernel[(batch,)](
+    chunk = max(4, min(64, 8192 // block))
+    _rank_kernel[(triton.cdiv(na, chunk), batch)](
         pbest,
         pidx,
+        rank,
         unm,
         src,
         dst,
         na,
         n_splits,
         r,
-        pbest.stride(0),
+        scratch.stride(0),
         pbest.stride(1),
+        plan.stride(0),
         SORT_UNM=sort_unm,
         BLOCK=block,
         CHUNK=chunk,
-        num_warps=4 if block <= 512 else 8,
+        num_warps=4,
     )
+    if sort_unm:
+        _unm_kernel[(triton.cdiv(na, 64), batch)](
+            rank, src, unm, na, r, rank.stride(0), plan.stride(0), CHUNK=64, BLOCK_K=64
+        )
     return unm, src, dst
 
 
