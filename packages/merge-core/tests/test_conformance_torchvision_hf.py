@@ -46,6 +46,7 @@ def _hf_case(name, build, tokens, compile=False):
         num_tokens=tokens,
         r=[3, 2, 2],
         run_compile=compile,
+        compile_marks=("slow",),  # the timm case compiles in the fast suite; one tiny compile is enough there
     )
 
 
@@ -59,6 +60,7 @@ class TestTorchvisionHFConformance(AdapterConformance):
             num_tokens=17,
             r=[3, 2, 2],
             run_compile=True,
+            compile_marks=("slow",),
         ),
         _hf_case("hf_vit", lambda: transformers.ViTModel(transformers.ViTConfig(**HF)), 17, compile=True),
         _hf_case(

@@ -44,3 +44,67 @@ def test_matching_cuda_equals_cpu():
     gpu, size_gpu = mc.merge_wavg(merge_gpu, x.cuda())
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(size_gpu.cpu(), size_cpu)
+
+
+def _cuda_cases():
+    import torchvision
+    import transformers
+
+    from merge_core.testing.conformance import AdapterCase
+
+    def seeded(fn):
+        def build():
+            torch.manual_seed(0)
+            return fn().cuda().eval()
+
+        return build
+
+    images = lambda: torch.randn(4, 3, 224, 224, device="cuda")  # noqa: E731
+    hf = dict(hidden_size=384, num_hidden_layers=4, num_attention_heads=6, intermediate_size=1536)
+    return [
+        AdapterCase(
+            name="timm_vit_s",
+            build=seeded(lambda: timm.create_model("vit_small_patch16_224", depth=4)),
+            inputs=images,
+            patch=mc.patch.timm,
+            num_tokens=197,
+            r=16,
+            compile_backend="inductor",
+            atol=1e-3,
+        ),
+        AdapterCase(
+            name="torchvision_vit",
+            build=seeded(lambda: torchvision.models.VisionTransformer(224, 16, 4, 6, 384, 1536)),
+            inputs=images,
+            patch=mc.patch.swag,
+            num_tokens=197,
+            r=16,
+            compile_backend="inductor",
+            atol=1e-3,
+        ),
+        AdapterCase(
+            name="hf_vit",
+            build=seeded(lambda: transformers.ViTModel(transformers.ViTConfig(**hf))),
+            inputs=lambda: {"pixel_values": images()},
+            patch=mc.patch.hf,
+            num_tokens=197,
+            r=16,
+            compile_backend="inductor",
+            atol=1e-3,
+        ),
+    ]
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_conformance_on_cuda(index):
+    """The conformance checks on CUDA (kernel dispatch, qkv-channel prop-attn) with Inductor compilation."""
+    from merge_core.testing import conformance as conf
+
+    case = _cuda_cases()[index]
+    conf.check_r0_exact(case)
+    conf.check_token_counts(case)
+    conf.check_remove_patch(case)
+    conf.check_backward(case)
+    for dtype in (torch.float16, torch.bfloat16):
+        conf.check_dtype(case, dtype)
+    conf.check_compile(case)

@@ -40,7 +40,7 @@ class AdapterCase:
     tokens never merged (``None``: read from the state). ``r``: the schedule of the merging checks.
     ``expected_tokens(schedule)``: token count leaving each layer (default: ToMe's clamp per layer).
     ``compile_backend``: ``aot_eager`` traces fully through dynamo and AOTAutograd, fast on CPU; use
-    ``inductor`` on a GPU.
+    ``inductor`` on a GPU. ``compile_marks``: pytest marker names for this case's compile check (e.g. ``slow``).
     """
 
     name: str
@@ -54,6 +54,7 @@ class AdapterCase:
     dtypes: Sequence[torch.dtype] = (torch.float16, torch.bfloat16)
     compile_backend: str = "aot_eager"
     run_compile: bool = True
+    compile_marks: Sequence[str] = ()
     atol: float = 1e-5
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -229,9 +230,17 @@ class AdapterConformance:
                 ids = [f"{c.name}-{str(d).replace('torch.', '')}" for c, d in pairs]
                 metafunc.parametrize(("case", "dtype"), pairs, ids=ids)
             else:
-                cases = list(self.cases)
+                cases: list[Any] = list(self.cases)
                 if metafunc.function.__name__ == "test_compile_fullgraph":
-                    cases = [c for c in cases if c.run_compile]
+                    import pytest  # only reached under pytest
+
+                    cases = [
+                        pytest.param(c, marks=[getattr(pytest.mark, m) for m in c.compile_marks], id=c.name)
+                        for c in cases
+                        if c.run_compile
+                    ]
+                    metafunc.parametrize("case", cases)
+                    return
                 metafunc.parametrize("case", cases, ids=[c.name for c in cases])
 
     def test_r0_exact(self, case: AdapterCase) -> None:
