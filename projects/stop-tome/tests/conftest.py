@@ -19,6 +19,20 @@ MSRVTT_DIR = SHARED / "msrvtt"
 
 
 @pytest.fixture(scope="session")
+def shared_video_dir() -> Path:
+    if not VIDEO_DIR.is_dir():
+        pytest.skip(f"shared clips not found at {VIDEO_DIR}")
+    return VIDEO_DIR
+
+
+@pytest.fixture(scope="session")
+def shared_msrvtt_dir() -> Path:
+    if not MSRVTT_DIR.is_dir():
+        pytest.skip(f"shared MSR-VTT CSVs not found at {MSRVTT_DIR}")
+    return MSRVTT_DIR
+
+
+@pytest.fixture(scope="session")
 def clip_sd() -> dict[str, torch.Tensor]:
     return tiny_state_dict()
 

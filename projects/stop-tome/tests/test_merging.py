@@ -131,7 +131,7 @@ def test_cross_frame_mode(clip_sd, video, tmp_path):
     img = save_merge_visualization(model, video, tmp_path / "cross.png")
     assert img.size == (2 * 64, 2 * 64)  # two clips side by side, each two frames stacked
     with pytest.raises(ValueError, match="needs --temporal_prompt none"):
-        _model(clip_sd, "DGL", tome_cross_layers="1", tome_cross_frames="2")
+        _model(clip_sd, "DGL", tome_r=1, tome_cross_layers="1", tome_cross_frames="2")
 
 
 def test_trace_source_picture(clip_sd, video, tmp_path):

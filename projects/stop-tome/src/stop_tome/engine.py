@@ -189,7 +189,7 @@ def run(args: argparse.Namespace, explicit: set[str]) -> dict[str, Any]:
         resume_ckpt = load_checkpoint(resume_path)
         if "config" not in resume_ckpt:
             raise CheckpointError(f"{resume_path}: not a training checkpoint of this project (no 'config')")
-        keep = {"resume", "output_dir", "device", "epochs", "do_eval", "do_train", "local_rank", "num_thread_reader"}
+        keep = {"resume", "output_dir", "device", "local_rank", "num_thread_reader"}  # never taken from the checkpoint
         merged = reconcile_config(resume_ckpt["config"], vars(args), explicit | keep)
         args = argparse.Namespace(**merged)
     _default_csv(args)
@@ -291,12 +291,12 @@ def _run(args: argparse.Namespace, env: DistEnv, resume_ckpt: dict | None) -> di
             if step % args.n_display == 0 or done == steps_per_epoch:
                 logger.log_scalars(
                     step,
-                    loss=float(loss) * args.gradient_accumulation_steps,
+                    loss=float(loss.detach()) * args.gradient_accumulation_steps,
                     lr=scheduler.get_last_lr()[0],
                     logit_scale=float(model.clip.logit_scale.exp()),
                     bad_videos=bad_total,
                 )
-                logger.info(f"epoch {epoch + 1} step {step}/{total} loss {float(loss):.4f}")
+                logger.info(f"epoch {epoch + 1} step {step}/{total} loss {float(loss.detach()):.4f}")
             if done >= steps_per_epoch:
                 break
         result = evaluate(model, test_loader, args, env, logger, f"epoch{epoch + 1}")

@@ -152,7 +152,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, s
     """Parse and validate; returns (args, flags given explicitly) for ``run_kit.reconcile_config``."""
     parser = build_parser()
     args, explicit = parse_args_explicit(parser, argv)
-    if not args.do_train and not args.do_eval:
+    if not args.do_train and not args.do_eval and not args.resume:
         parser.error("one of --do_train or --do_eval is required")
     if args.tome_cross_layers and args.temporal_prompt != "none":
         parser.error("argument --tome_cross_layers: cross-frame merging needs --temporal_prompt none")
