@@ -130,3 +130,20 @@ def test_workers_capped_at_available_cores():
     cores = len(os.sched_getaffinity(0))
     assert usable_workers(4) == min(4, cores)
     assert usable_workers(0) == 0 and usable_workers(10_000) == cores
+
+
+def test_training_curve_ticks_are_whole_epochs():
+    """Three epochs used to get ticks at 1.0, 1.25, 1.5, ...; every visible tick must be an integer now."""
+    import matplotlib.pyplot as plt
+
+    from freqmerge.utils.visualize import training_curves_figure
+
+    row = {"train_loss": 1.0, "val_loss": 1.1, "train_top1": 5.0, "val_top1": 4.0, "val_top5": 9.0}
+    fig = training_curves_figure([{"epoch": e, **row} for e in (1, 2, 3)])
+    try:
+        for ax in fig.axes:
+            lo, hi = ax.get_xlim()
+            ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+            assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    finally:
+        plt.close(fig)

@@ -66,8 +66,8 @@ def plot_lfgm_heatmaps(
     return path
 
 
-def plot_training_curves(history: Sequence[dict], path: str) -> str:
-    """Loss (train/val) and accuracy (train top-1, val top-1/top-5) per epoch."""
+def training_curves_figure(history: Sequence[dict]):
+    """Loss (train/val) and accuracy (train top-1, val top-1/top-5) per epoch, whole-epoch x ticks."""
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
@@ -87,6 +87,12 @@ def plot_training_curves(history: Sequence[dict], path: str) -> str:
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     fig.tight_layout()
+    return fig
+
+
+def plot_training_curves(history: Sequence[dict], path: str) -> str:
+    """``training_curves_figure`` saved as a PNG (11 x 4 inches at 110 dpi)."""
+    fig = training_curves_figure(history)
     _ensure_dir(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
