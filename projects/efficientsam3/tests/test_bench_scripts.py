@@ -27,11 +27,12 @@ def test_bench_tiny_cpu(tmp_path):
     assert saved["tiny"] and saved["device"]
     s = r["students"][0]
     assert s["student"] == "efficientvit_b0" and s["img_per_s"] > 0 and s["gmacs"] > 0
-    exact, m1, m2 = r["teacher"]
+    exact, m1, m2, b1, b2 = r["teacher"]
+    assert b1["teacher"] == "merged-block" and b1["attended"] == m1["attended"]
     assert exact["cos_mean"] == 1.0 and exact["tflop_per_img"] > 0
     assert m1["attended"] == [14, 56, 14, 56] and m2["attended"] == [10, 40, 10, 40]
     assert 1.0 > m1["cos_mean"] > m2["cos_mean"]  # more merging, less fidelity
-    assert [d["targets"] for d in r["distill"]] == ["exact", "2:8", "6:24"]
+    assert [d["targets"] for d in r["distill"]] == ["exact", "attn 2:8", "attn 6:24", "block 2:8", "block 6:24"]
     t = r["train"][0]
     assert t["record_bytes"] == 4 + 16 * 8 * 8 * 2 and t["store_read_mb_s"] > 0 and t["read_headroom"] > 0
 

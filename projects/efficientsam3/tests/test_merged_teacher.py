@@ -32,7 +32,18 @@ class TestSam3TrunkConformance(AdapterConformance):
             r=_SCHEDULE,
             expected_tokens=lambda schedule: attended_tokens(_build(), schedule),
             atol=1e-4,
-        )
+        ),
+        AdapterCase(
+            name="sam3_tiny_block",
+            build=_build,
+            inputs=_inputs,
+            patch=lambda m: apply_merging(m, 0, 0, mode="block"),
+            num_tokens=64,
+            r=_SCHEDULE,
+            expected_tokens=lambda schedule: attended_tokens(_build(), schedule),
+            atol=1e-4,
+            run_compile=False,  # same ops as sam3_tiny; compile is the slowest check on CPU
+        ),
     ]
 
 
@@ -85,3 +96,28 @@ def test_fidelity_falls_with_r():
         cos.append(e["cos_sum"] / e["cos_n"])
     assert abs(cos[0] - 1.0) < 1e-6
     assert cos[0] > cos[1] > cos[2]
+
+
+def test_block_mode_duplicates_exact():
+    """mode="block": with exact twins and identity RoPE, attention, projection and MLP on the merged set and
+    unmerged equal the full block."""
+    m = _sharp()
+    blk = m.blocks[1]
+    blk.attn.freqs_cis = torch.ones_like(blk.attn.freqs_cis)
+    x = torch.randn(1, 8, 4, 32).repeat_interleave(2, dim=2)
+    with torch.no_grad():
+        exact = blk(x)
+    apply_merging(m, 0, 32, mode="block")
+    m._merge_info.begin(len(m.blocks), m.r)
+    with torch.no_grad():
+        merged = blk(x)
+    assert m._merge_info.tokens == [] and m.r[1] == 32
+    torch.testing.assert_close(merged, exact, atol=1e-4, rtol=1e-4)
+
+
+def test_block_mode_differs_from_attn_mode():
+    x = _inputs()
+    with torch.no_grad():
+        a = apply_merging(_sharp(), 4, 16, mode="attn")(x)
+        b = apply_merging(_sharp(), 4, 16, mode="block")(x)
+    assert not torch.allclose(a, b)

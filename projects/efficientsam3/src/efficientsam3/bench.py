@@ -119,16 +119,16 @@ def bench_teacher(args, device, dtype) -> list[dict]:
             row["mfu"] = base * flops / (args.peak_tflops * 1e12)
         rows.append(row)
         print(json.dumps(row))
-        for spec in args.merge:
+        for spec, mode in [(sp, md) for md in args.merge_modes for sp in args.merge]:
             wr, gr = (int(v) for v in spec.split(":"))
-            apply_merging(model, wr, gr)
+            apply_merging(model, wr, gr, mode=mode)
             y = model(x).float()
             meter = ErrorMeter()
             meter.add(exact, y)
             e = meter.summary()
             t = measure(lambda: model(x), device, args.warmup, args.iters)
             ips = b / t["ms_median"] * 1e3
-            row = {"teacher": "merged", "window_r": wr, "global_r": gr, "batch": b, "img_per_s": ips,
+            row = {"teacher": f"merged-{mode}", "window_r": wr, "global_r": gr, "batch": b, "img_per_s": ips,
                    "speedup": ips / base, "cos_mean": e["cos_mean"], "cos_min": e["cos_min"], "mse": e["mse"],
                    "rel_mse": e["rel_mse"], "attended": attended_tokens(model, model.r)[:8]}  # fmt: skip
             rows.append(row)
@@ -147,10 +147,10 @@ def bench_distill(args, device, dtype) -> list[dict]:
     imgs = sample_images(n_train + n_test, size, seed=1).to(device)
     with torch.no_grad():
         targets = {"exact": teacher(imgs)}
-        for spec in args.merge:
+        for spec, mode in [(sp, md) for md in args.merge_modes for sp in args.merge]:
             wr, gr = (int(v) for v in spec.split(":"))
-            apply_merging(teacher, wr, gr)
-            targets[spec] = teacher(imgs)
+            apply_merging(teacher, wr, gr, mode=mode)
+            targets[f"{mode} {spec}"] = teacher(imgs)
             from merge_core.adapter import remove_patch
 
             remove_patch(teacher)
@@ -238,6 +238,7 @@ def build_parser():
     p.add_argument("--batch", type=int, nargs="+", default=None)
     p.add_argument("--teacher-batch", type=int, default=None)
     p.add_argument("--merge", nargs="+", default=None, metavar="W:G", help="window r : global r pairs")
+    p.add_argument("--merge-modes", nargs="+", default=["attn", "block"], choices=("attn", "block"))
     p.add_argument("--peak-tflops", type=float, default=None, help="dense peak of the GPU, for MFU (H200 bf16: 989)")
     p.add_argument("--sam3-checkpoint", default="", help="local sam3.pt (real teacher weights) for fidelity")
     p.add_argument("--weight-scale", type=float, default=1.0, help="scale random Linear weights (see _teacher)")

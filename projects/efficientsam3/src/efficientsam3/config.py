@@ -49,6 +49,9 @@ _C.TEACHER.CHECKPOINT = ""
 _C.TEACHER.DTYPE = "bf16"
 _C.TEACHER.MERGE_R = 0
 _C.TEACHER.MERGE_GLOBAL_R = 0
+# "attn": merge inside attention, unmerge before the projection (the design);
+# "block": projection and MLP also run on the merged tokens (faster, see model/merged_teacher.py).
+_C.TEACHER.MERGE_MODE = "attn"
 
 _C.DISTILL = CN()
 _C.DISTILL.ENABLED = True
@@ -92,6 +95,7 @@ _CHOICES = {
     "DATA.PREPROCESS": ("sam3", "letterbox"),
     "TEACHER.TYPE": ("sam3", "sam3_tiny", "standin"),
     "TEACHER.DTYPE": ("fp32", "bf16", "fp16"),
+    "TEACHER.MERGE_MODE": ("attn", "block"),
     "AMP_DTYPE": ("fp16", "bf16"),
     "TRAIN.OPTIMIZER.NAME": ("adamw",),
 }

@@ -30,6 +30,7 @@ FLAG_KEYS = {
     "teacher_type": "TEACHER.TYPE",
     "merge_r": "TEACHER.MERGE_R",
     "merge_global_r": "TEACHER.MERGE_GLOBAL_R",
+    "merge_mode": "TEACHER.MERGE_MODE",
 }
 
 
@@ -48,6 +49,7 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--teacher-type", help="sam3 | sam3_tiny | standin (TEACHER.TYPE)")
     p.add_argument("--merge-r", type=int, help="merged teacher: tokens merged per window (TEACHER.MERGE_R)")
     p.add_argument("--merge-global-r", type=int, help="merged teacher: tokens merged in global blocks")
+    p.add_argument("--merge-mode", choices=("attn", "block"), help="merged teacher: attn | block (TEACHER.MERGE_MODE)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--only-cpu", action="store_true", help="run on CPU with AMP off (reference flag)")
     p.add_argument("--disable-amp", action="store_true", help="AMP_ENABLE False")
@@ -77,7 +79,7 @@ def teacher_on(cfg, device: torch.device) -> nn.Module:
     if cfg.TEACHER.MERGE_R or cfg.TEACHER.MERGE_GLOBAL_R:
         if cfg.TEACHER.TYPE == "standin":
             raise ConfigError("TEACHER.MERGE_R: the stand-in teacher has no attention to merge; use sam3 or sam3_tiny")
-        apply_merging(t, cfg.TEACHER.MERGE_R, cfg.TEACHER.MERGE_GLOBAL_R)
+        apply_merging(t, cfg.TEACHER.MERGE_R, cfg.TEACHER.MERGE_GLOBAL_R, mode=cfg.TEACHER.MERGE_MODE)
     dtype = DTYPES[cfg.TEACHER.DTYPE] if device.type == "cuda" else torch.float32
     return t.to(device=device, dtype=dtype)
 
