@@ -48,7 +48,7 @@ def ref_hilbert(coords: list[int], bits: int) -> int:
     return h
 
 
-@pytest.mark.parametrize("depth", [1, 3, 7, 11])
+@pytest.mark.parametrize("depth", [1, 3, 7, 11, 16])
 def test_codes_match_reference(depth):
     g = torch.Generator().manual_seed(depth)
     pts = torch.randint(0, 1 << depth, (300, 3), generator=g)
@@ -104,3 +104,13 @@ def test_segment_reduce_and_grid_cluster_by_hand():
     assert cells.tolist() == [[0, 0, 0], [1, 0, 0], [0, 0, 0]]
     assert cluster.tolist() == [0, 0, 1, 1, 2]
     assert ptr.tolist() == [0, 2, 4, 5]
+
+
+def test_encode_many_equals_encode():
+    from gitmerge3d.models.serialization import ORDERS, encode_many
+
+    pts = torch.randint(0, 300, (500, 3), generator=torch.Generator().manual_seed(2))
+    batch = (torch.arange(500) >= 250).long()
+    many = encode_many(pts, batch, 9, list(ORDERS) + ["z"])
+    for o, code in zip(list(ORDERS) + ["z"], many, strict=True):
+        assert torch.equal(code, encode(pts, batch, 9, o))

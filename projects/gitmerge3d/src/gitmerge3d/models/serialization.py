@@ -24,42 +24,91 @@ def _check_coord(grid_coord: torch.Tensor, depth: int) -> torch.Tensor:
     return grid_coord.long()
 
 
+_SPREAD: dict[torch.device, torch.Tensor] = {}
+
+
+def _spread_table(device: torch.device) -> torch.Tensor:
+    """Byte -> its 8 bits moved to every third position (bit i -> bit 3i): the OCNN lookup table."""
+    if device not in _SPREAD:
+        v = torch.arange(256, dtype=torch.long)
+        table = torch.zeros(256, dtype=torch.long)
+        for i in range(8):
+            table |= ((v >> i) & 1) << (3 * i)
+        _SPREAD[device] = table.to(device)
+    return _SPREAD[device]
+
+
 def z_order_encode(grid_coord: torch.Tensor, depth: int = 16) -> torch.Tensor:
-    """Morton code with x in the highest bit of every 3-bit group."""
+    """Morton code with x in the highest bit of every 3-bit group (one table lookup per byte and axis)."""
     g = _check_coord(grid_coord, depth)
-    x, y, z = g[:, 0], g[:, 1], g[:, 2]
-    code = torch.zeros_like(x)
-    for i in range(depth):
-        bit = 1 << i
-        code |= ((x & bit) << (2 * i + 2)) | ((y & bit) << (2 * i + 1)) | ((z & bit) << (2 * i))
+    g = g & ((1 << depth) - 1)
+    table = _spread_table(g.device)
+    code = torch.zeros_like(g[:, 0])
+    for block in range((depth + 7) // 8):
+        b = (g >> (8 * block)) & 255
+        part = (table[b[:, 0]] << 2) | (table[b[:, 1]] << 1) | table[b[:, 2]]
+        code |= part << (24 * block)
     return code
 
 
+def _hilbert_tables() -> tuple[torch.Tensor, torch.Tensor]:
+    """Skilling's encoder as a finite-state machine over levels (top bit first).
+
+    State = the signed axis permutation Skilling's exchanges and inversions have applied to all lower
+    bits so far: transformed bit i = raw bit perm[i] XOR flip[i]. At a level the transformed octant is
+    that level's 3-bit digit of the (Gray-coded) transposed index; then, for i = 0, 1, 2, a set bit
+    inverts axis 0 and a clear bit exchanges axes 0 and i for the lower levels. Returns (digit, next
+    state) indexed by state * 8 + raw octant (x bit << 2 | y bit << 1 | z bit).
+    """
+    start = ((0, 1, 2), (0, 0, 0))
+    index, queue, rows = {start: 0}, [start], {}
+    while queue:
+        state = queue.pop(0)
+        perm, flip = state
+        for octant in range(8):
+            raw = ((octant >> 2) & 1, (octant >> 1) & 1, octant & 1)
+            bits = [raw[perm[i]] ^ flip[i] for i in range(3)]
+            p, f = list(perm), list(flip)
+            for i in range(3):
+                if bits[i]:
+                    f[0] ^= 1
+                else:
+                    p[0], p[i] = p[i], p[0]
+                    f[0], f[i] = f[i], f[0]
+            nxt = (tuple(p), tuple(f))
+            if nxt not in index:
+                index[nxt] = len(index)
+                queue.append(nxt)
+            rows[(index[state], octant)] = ((bits[0] << 2) | (bits[1] << 1) | bits[2], index[nxt])
+    digit = torch.zeros(len(index) * 8, dtype=torch.long)
+    nxt_state = torch.zeros(len(index) * 8, dtype=torch.long)
+    for (st, octant), (d, n) in rows.items():
+        digit[st * 8 + octant], nxt_state[st * 8 + octant] = d, n
+    return digit, nxt_state
+
+
+_HILBERT: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def hilbert_encode(grid_coord: torch.Tensor, depth: int = 16) -> torch.Tensor:
-    """Hilbert index on a (2**depth)^3 cube (Skilling's transposed form, top bit first)."""
+    """Hilbert index on a (2**depth)^3 cube (Skilling 2004, as a per-level state machine, top bit first)."""
     g = _check_coord(grid_coord, depth)
-    x = g.clone()  # (N, 3): axis values, edited in place into the transposed Hilbert form
-    n_dims = 3
-    # Walk bits from the most significant; q is the current bit, p the mask of all lower bits.
-    for level in range(depth - 1, 0, -1):
-        q = 1 << level
-        p = q - 1
-        for d in range(n_dims):
-            on = (x[:, d] & q) != 0
-            # bit set: invert the lower bits of axis 0; bit clear: exchange lower bits of axes 0 and d
-            flip0 = torch.where(on, p, 0)
-            t = torch.where(on, 0, (x[:, 0] ^ x[:, d]) & p)
-            x[:, 0] ^= flip0 | t
-            x[:, d] ^= t
-    # Interleave (axis 0 highest within each level), then Gray-decode the 3*depth-bit word.
-    gray = torch.zeros_like(x[:, 0])
-    for level in range(depth - 1, -1, -1):
-        for d in range(n_dims):
-            gray = (gray << 1) | ((x[:, d] >> level) & 1)
-    code = gray.clone()
+    if g.device not in _HILBERT:
+        _HILBERT[g.device] = tuple(t.to(g.device) for t in _hilbert_tables())
+    digit_table, next_table = _HILBERT[g.device]
+    shifts = torch.arange(depth - 1, -1, -1, device=g.device)
+    bits = (g[:, :, None] >> shifts) & 1  # (N, 3, depth), top level first
+    octants = (bits[:, 0] << 2) | (bits[:, 1] << 1) | bits[:, 2]
+    state = torch.zeros_like(g[:, 0])
+    gray = torch.zeros_like(g[:, 0])
+    for level in range(depth):
+        idx = state * 8 + octants[:, level]
+        gray = (gray << 3) | digit_table[idx]
+        state = next_table[idx]
+    code = gray
     shift = 1
-    while shift < n_dims * depth:
-        code ^= code >> shift
+    while shift < 3 * depth:  # Gray -> binary over the interleaved word (prefix XOR from the top)
+        code = code ^ (code >> shift)
         shift <<= 1
     return code
 
@@ -75,6 +124,26 @@ def encode(grid_coord: torch.Tensor, batch: torch.Tensor | None = None, depth: i
     return code
 
 
+def encode_many(grid_coord: torch.Tensor, batch: torch.Tensor | None, depth: int, orders) -> list[torch.Tensor]:
+    """``encode`` for several orders, one curve call per curve type (x/y-swapped copies stacked):
+    the bit loops are the launch-bound part of serialization on a GPU."""
+    for o in orders:
+        if o not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {o!r}")
+    n = grid_coord.shape[0]
+    out = {}
+    for curve, fn in (("z", z_order_encode), ("hilbert", hilbert_encode)):
+        wanted = [o for o in orders if o.split("-")[0] == curve]
+        if not wanted:
+            continue
+        coords = [grid_coord[:, [1, 0, 2]] if o.endswith("-trans") else grid_coord for o in wanted]
+        codes = fn(torch.cat(coords), depth)
+        for i, o in enumerate(wanted):
+            code = codes[i * n : (i + 1) * n]
+            out[o] = code if batch is None else (batch.long() << (3 * depth)) | code
+    return [out[o] for o in orders]
+
+
 def serialization_depth(grid_coord: torch.Tensor) -> int:
     """Pointcept's adaptive depth: bit length of (max grid coordinate + 1)."""
     return int(grid_coord.max().item() + 1).bit_length()
@@ -87,7 +156,7 @@ def serialize(grid_coord: torch.Tensor, batch: torch.Tensor, orders, depth: int 
     n_samples = int(batch.max().item()) + 1 if batch.numel() else 1
     if depth * 3 + n_samples.bit_length() > 63:
         raise ValueError(f"serialization needs depth*3 + batch bits <= 63, got depth={depth}, batch={n_samples}")
-    code = torch.stack([encode(grid_coord, batch, depth, o) for o in orders])
+    code = torch.stack(encode_many(grid_coord, batch, depth, orders))
     order = torch.argsort(code, dim=1)
     inverse = torch.empty_like(order)
     inverse.scatter_(1, order, torch.arange(code.shape[1], device=code.device).expand_as(order))
