@@ -108,10 +108,11 @@ def bench_teacher(args, device, dtype) -> list[dict]:
     b = args.teacher_batch
     x = sample_images(b, size).to(device=device, dtype=dtype)
     rows = []
+    run = torch.compile(model) if args.compile else model
     with torch.no_grad():
         flops = _flops(lambda: model(x[:1]))
-        exact = model(x).float()
-        t = measure(lambda: model(x), device, args.warmup, args.iters)
+        exact = run(x).float()
+        t = measure(lambda: run(x), device, args.warmup, args.iters)
         base = b / t["ms_median"] * 1e3
         row = {"teacher": "exact", "window_r": 0, "global_r": 0, "batch": b, "img_per_s": base, "speedup": 1.0,
                "tflop_per_img": flops / 1e12, "cos_mean": 1.0, "rel_mse": 0.0}  # fmt: skip
@@ -122,11 +123,14 @@ def bench_teacher(args, device, dtype) -> list[dict]:
         for spec, mode in [(sp, md) for md in args.merge_modes for sp in args.merge]:
             wr, gr = (int(v) for v in spec.split(":"))
             apply_merging(model, wr, gr, mode=mode)
-            y = model(x).float()
+            if args.compile:
+                torch._dynamo.reset()
+                run = torch.compile(model)
+            y = run(x).float()
             meter = ErrorMeter()
             meter.add(exact, y)
             e = meter.summary()
-            t = measure(lambda: model(x), device, args.warmup, args.iters)
+            t = measure(lambda run=run: run(x), device, args.warmup, args.iters)
             ips = b / t["ms_median"] * 1e3
             row = {"teacher": f"merged-{mode}", "window_r": wr, "global_r": gr, "batch": b, "img_per_s": ips,
                    "speedup": ips / base, "cos_mean": e["cos_mean"], "cos_min": e["cos_min"], "mse": e["mse"],
@@ -239,6 +243,7 @@ def build_parser():
     p.add_argument("--teacher-batch", type=int, default=None)
     p.add_argument("--merge", nargs="+", default=None, metavar="W:G", help="window r : global r pairs")
     p.add_argument("--merge-modes", nargs="+", default=["attn", "block"], choices=("attn", "block"))
+    p.add_argument("--compile", action="store_true", help="torch.compile the teacher (exact and merged)")
     p.add_argument("--peak-tflops", type=float, default=None, help="dense peak of the GPU, for MFU (H200 bf16: 989)")
     p.add_argument("--sam3-checkpoint", default="", help="local sam3.pt (real teacher weights) for fidelity")
     p.add_argument("--weight-scale", type=float, default=1.0, help="scale random Linear weights (see _teacher)")
@@ -283,7 +288,7 @@ def main(argv=None) -> dict:
         "device": torch.cuda.get_device_name(device) if gpu else platform.processor() or "cpu",
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__, "tiny": args.tiny, "threads": torch.get_num_threads(),
-        "weights": args.sam3_checkpoint or f"random x{args.weight_scale}",
+        "weights": args.sam3_checkpoint or f"random x{args.weight_scale}", "compile": args.compile,
     }  # fmt: skip
     if "students" in suites:
         result["students"] = bench_students(args, device, dtype)
