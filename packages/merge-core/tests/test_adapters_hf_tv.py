@@ -92,3 +92,26 @@ def test_no_module_imports_transformers_or_torchvision():
             names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("transformers", "torchvision")]
     assert not offenders
+
+
+def test_hf_gradient_checkpointing_with_merging():
+    torch.manual_seed(0)
+    model = transformers.ViTModel(transformers.ViTConfig(**HF)).train()
+    mc.patch.hf(model)
+    model.r = 3
+    x = _images()
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        model(pixel_values=x).last_hidden_state.square().sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    expected = grads()
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    got = grads()
+    assert model._merge_info.checkpointing and got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -76,6 +76,7 @@ class MergeState:
     source_index: torch.Tensor | None = None
     attn_bias: torch.Tensor | None = None
     tokens: list[int] = field(default_factory=list)
+    merging: bool = False  # whether any layer of this forward merges (False at r=0: the plain model runs)
     need_index: bool = False
     checkpointing: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -88,6 +89,7 @@ class MergeState:
     def begin(self, num_layers: int, r: Any, *, checkpointing: bool = False, need_index: bool = False) -> None:
         """Reset the per-forward state; ``r`` is resolved once into a static per-layer list."""
         self.r = parse_r(num_layers, r)
+        self.merging = any(self.r)
         self.size = None
         self.source = None
         self.source_index = None
@@ -96,11 +98,6 @@ class MergeState:
         self.need_index = need_index
         self.checkpointing = checkpointing
         self._entries = {}
-
-    @property
-    def merging(self) -> bool:
-        """Whether any layer of this forward merges (False at r=0: adapters then run the plain model)."""
-        return any(self.r)
 
     def attn_size(self) -> torch.Tensor | None:
         """The ``size`` attention should weight keys by (None without proportional attention)."""
