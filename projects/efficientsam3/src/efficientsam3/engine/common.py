@@ -86,7 +86,7 @@ def teacher_on(cfg, device: torch.device) -> nn.Module:
 
 @torch.no_grad()
 def run_teacher(teacher: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    dtype = next(teacher.parameters()).dtype
+    dtype = next(iter(teacher.parameters())).dtype
     return teacher(images.to(dtype)).float()
 
 

@@ -29,6 +29,7 @@ def build_parser():
         "--check", type=int, default=0, metavar="N", help="re-run the teacher on N stored keys, report error"
     )
     p.add_argument("--max-images", type=int, default=0, help="export at most this many new images (0: all)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the teacher (GPU; exact or merged)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (DATA.NUM_WORKERS)")
     return p
 
@@ -49,6 +50,8 @@ def export(argv=None) -> dict:
     log = RunLogger(out, env.is_main, tensorboard=False, log_name="export_log_rank0.txt", history_name="export.json")
     try:
         teacher = teacher_on(cfg, env.device)
+        if args.compile:
+            teacher = torch.compile(teacher)
         split = args.split or cfg.DATA.SPLIT
         workers = cfg.DATA.NUM_WORKERS if args.workers is None else args.workers
         if args.check:
