@@ -140,3 +140,26 @@ def test_reconcile_config_default_warning_category():
         warnings.simplefilter("always")
         reconcile_config({"a": 1, "b": 2}, {"a": 5, "b": 6}, {"a", "b"})
     assert [type(w.message) for w in caught] == [ConfigMismatchWarning] * 2
+
+
+@pytest.mark.gpu
+def test_cuda_rng_and_scaler_round_trip(tmp_path):
+    """CUDA RNG of every device and an enabled GradScaler survive a weights-only checkpoint."""
+    from run_kit import grad_scaler
+
+    seed_everything(1)
+    state = capture_rng_state()
+    expected = torch.rand(4, device="cuda").cpu()
+    model = nn.Linear(3, 3).cuda()
+    scaler = grad_scaler(torch.device("cuda"), True)
+    scaler.scale(torch.ones(1, device="cuda"))  # the scale tensor is created lazily
+    scaler.update(1024.0)
+    save_checkpoint(tmp_path / "c.pth", {**resume_state(model, None, None, scaler, epoch=0, step=0, config={}),
+                                         "rng_now": state})  # fmt: skip
+    torch.rand(100, device="cuda")
+    ckpt = load_checkpoint(tmp_path / "c.pth")
+    restore_rng_state(ckpt["rng_now"])
+    assert torch.equal(torch.rand(4, device="cuda").cpu(), expected)
+    fresh = grad_scaler(torch.device("cuda"), True)
+    restore_resume_state(ckpt, nn.Linear(3, 3).cuda(), None, None, fresh, restore_rng=False)
+    assert fresh.get_scale() == 1024.0

@@ -39,3 +39,17 @@ def test_benchmark_fp16_small(tmp_path):
     args = ["--batch-size", "8", "--iters", "2", "--warmup", "1", "--rounds", "1", "--image-size", "112"]
     result = benchmark.run(benchmark.parse_args([*args, "--model-kwargs", tiny, "--out", str(tmp_path / "b.json")]))
     assert result["dtype"] == "float16" and len(result["results"]) == len(benchmark.VARIANTS)
+
+
+def test_amp_train_and_resume_on_cuda(fake_cifar, tmp_path, tiny_args):
+    """AMP training on CUDA writes an enabled GradScaler state, and --resume continues from it."""
+    from freqmerge import train
+
+    args = ["--data_root", fake_cifar, "--output_dir", str(tmp_path), "--num_workers", "0", "--no_pretrained",
+            "--batch_size", "8", "--max_eval_batches", "1", "--device", "cuda", *tiny_args]  # fmt: skip
+    train.main([*args, "--epochs", "1"])
+    state = torch.load(tmp_path / "checkpoints/last_model.pth", weights_only=True)
+    assert state["scaler"] and state["scaler"]["scale"] > 0 and state["rng"]["cuda"]
+    train.main(["--resume", "--output_dir", str(tmp_path), "--epochs", "2", "--device", "cuda"])
+    after = torch.load(tmp_path / "checkpoints/last_model.pth", weights_only=True)
+    assert after["epoch"] == 2 and after["history"][0] == state["history"][0]
