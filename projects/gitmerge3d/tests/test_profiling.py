@@ -31,3 +31,4 @@ def test_attention_macs_by_hand():
     kept, n_bins = 7, 6  # 64 tokens: 6 destinations, min(58, 57) merged -> 7 kept
     sim = patches * h * (k - n_bins) * n_bins * (c // h)
     assert merged.attention == linears + 2 * patches * h * kept * kept * (c // h) + sim
+    assert (merged.attention_linear, merged.similarity) == (linears, sim)

@@ -24,8 +24,10 @@ from .models.sparse_conv import SparseTensor, SubMConv3d, submanifold_neighbors
 
 @dataclass
 class MacCount:
-    attention: int = 0  # paper-style attention-module MACs
-    attention_matmul: int = 0  # QK^T + AV + similarity only
+    attention: int = 0  # paper-style attention-module MACs (linears + matmuls + similarity)
+    attention_linear: int = 0  # qkv + proj
+    attention_matmul: int = 0  # QK^T + AV
+    similarity: int = 0  # the matcher's source x destination cosine matmul
     linear_other: int = 0
     sparse_conv: int = 0
     per_block: list[tuple[str, int]] = field(default_factory=list)
@@ -35,19 +37,20 @@ class MacCount:
         return self.attention + self.linear_other + self.sparse_conv
 
 
-def _attention_matmul_macs(module: SerializedAttention, point, record) -> int:
+def _attention_matmul_macs(module: SerializedAttention, point, record) -> tuple[int, int]:
+    """(QK^T + AV MACs, similarity MACs) of one attention call."""
     k = module.patch_size
     h, d = module.num_heads, module.channels // module.num_heads
     counts = torch.diff(point["offset"], prepend=point["offset"].new_zeros(1)).tolist()
     patches = sum(-(-n // k) if n > k else 1 for n in counts)
     if record is None:
-        return 2 * patches * h * k * k * d
-    total = 0
+        return 2 * patches * h * k * k * d, 0
+    matmul = sim = 0
     for kept, group, stride in zip(record.kept, record.group_patches, record.strides, strict=True):
         n_bins = k // stride
-        sim = group * h * (k - n_bins) * n_bins * d if kept < k else 0
-        total += 2 * group * h * kept * kept * d + sim
-    return total
+        sim += group * h * (k - n_bins) * n_bins * d if kept < k else 0
+        matmul += 2 * group * h * kept * kept * d
+    return matmul, sim
 
 
 def count_macs(model: nn.Module, inputs: dict) -> MacCount:
@@ -64,6 +67,7 @@ def count_macs(model: nn.Module, inputs: dict) -> MacCount:
         macs = inp[0].numel() // mod.in_features * mod.in_features * mod.out_features
         if id(mod) in attn_linears:
             counts.attention += macs
+            counts.attention_linear += macs
         else:
             counts.linear_other += macs
 
@@ -79,10 +83,11 @@ def count_macs(model: nn.Module, inputs: dict) -> MacCount:
         records = state.extra.get("layers", []) if state is not None else []
         if isinstance(mod, MergedSerializedAttention) and records and records[-1].name == names.get(id(mod)):
             record = records[-1]
-        macs = _attention_matmul_macs(mod, out, record)
-        counts.attention += macs
-        counts.attention_matmul += macs
-        counts.per_block.append((names.get(id(mod), "?"), macs))
+        matmul, sim = _attention_matmul_macs(mod, out, record)
+        counts.attention += matmul + sim
+        counts.attention_matmul += matmul
+        counts.similarity += sim
+        counts.per_block.append((names.get(id(mod), "?"), matmul + sim))
 
     handles = []
     for m in model.modules():

@@ -106,6 +106,9 @@ def run_row(model, inputs, name, mode, r, args, device) -> dict:
     return {
         "row": name,
         "attention_gmacs": macs.attention / 1e9,
+        "attention_linear_gmacs": macs.attention_linear / 1e9,
+        "attention_matmul_gmacs": macs.attention_matmul / 1e9,
+        "similarity_gmacs": macs.similarity / 1e9,
         "whole_model_gmacs": macs.whole_model / 1e9,
         "latency_ms": ms,
         "peak_mem_gib": peak,
@@ -114,19 +117,21 @@ def run_row(model, inputs, name, mode, r, args, device) -> dict:
 
 
 def markdown(result: dict) -> str:
+    head = "| row | attention GMACs (qkv+proj / QK,AV / match) | whole-model GMACs | latency ms | peak GiB | attend |"
     lines = [
         f"device: {result['device']}, torch {result['torch']}, {result['date']}, AMP={result['amp']}, "
         f"{result['points_raw']} raw / {result['points_grid']} grid points, weights: {result['weights']}",
         "",
-        "| row | attention GMACs | whole-model GMACs | latency ms | peak GiB | attend share |",
+        head,
         "|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         peak = "n/a (CPU)" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}"
         share = "n/a" if r["attend_share"] is None else f"{100 * r['attend_share']:.0f}%"
+        parts = f"{r['attention_linear_gmacs']:.1f} / {r['attention_matmul_gmacs']:.1f} / {r['similarity_gmacs']:.1f}"
         lines.append(
-            f"| {r['row']} | {r['attention_gmacs']:.2f} | {r['whole_model_gmacs']:.2f} | {r['latency_ms']:.1f} "
-            f"| {peak} | {share} |"
+            f"| {r['row']} | {r['attention_gmacs']:.2f} ({parts}) | {r['whole_model_gmacs']:.2f} "
+            f"| {r['latency_ms']:.1f} | {peak} | {share} |"
         )
     return "\n".join(lines)
 
