@@ -114,3 +114,14 @@ def test_encode_many_equals_encode():
     many = encode_many(pts, batch, 9, list(ORDERS) + ["z"])
     for o, code in zip(list(ORDERS) + ["z"], many, strict=True):
         assert torch.equal(code, encode(pts, batch, 9, o))
+
+
+def test_grid_cluster_matches_row_unique():
+    # Pointcept's numbering: unique over rows (coord // 2 with the batch in bits 48+), lexicographic
+    g = torch.randint(0, 4000, (3000, 3), generator=torch.Generator().manual_seed(3))
+    batch = (torch.arange(3000) >= 1700).long()
+    rows = (torch.div(g, 2, rounding_mode="trunc") | (batch[:, None] << 48)).long()
+    want_cells, want_cluster = torch.unique(rows, sorted=True, return_inverse=True, dim=0)
+    cells, cluster, _, _ = grid_cluster(g, batch, 2)
+    assert torch.equal(cluster, want_cluster)
+    assert torch.equal(cells, want_cells & ((1 << 48) - 1))

@@ -27,11 +27,19 @@ def segment_reduce(values: torch.Tensor, indptr: torch.Tensor, reduce: str) -> t
 
 
 def grid_cluster(grid_coord: torch.Tensor, batch: torch.Tensor, stride: int):
-    """Cells of (batch, grid_coord // stride): (cell grid coords, cluster per point, sorted order, indptr)."""
+    """Cells of (batch, grid_coord // stride): (cell grid coords, cluster per point, sorted order, indptr).
+
+    Cells are numbered in (batch, x, y, z) lexicographic order, as Pointcept's ``unique(dim=0)`` over
+    rows with the batch in bits 48+ numbers them; here one packed int64 key per point (16 bits per axis,
+    the serialization limit) makes it a 1-D unique.
+    """
     coarse = torch.div(grid_coord, stride, rounding_mode="trunc").long()
-    key = coarse | (batch.view(-1, 1).long() << 48)
-    cells, cluster, counts = torch.unique(key, sorted=True, return_inverse=True, return_counts=True, dim=0)
-    cells = cells & ((1 << 48) - 1)
+    if coarse.numel() and (int(coarse.min()) < 0 or int(coarse.max()) >= 1 << 16):
+        raise ValueError("grid_coord // stride must lie in [0, 65536) (16 bits per axis)")
+    key = (batch.long() << 48) | (coarse[:, 0] << 32) | (coarse[:, 1] << 16) | coarse[:, 2]
+    cells, cluster, counts = torch.unique(key, sorted=True, return_inverse=True, return_counts=True)
+    mask = (1 << 16) - 1
+    cells = torch.stack([(cells >> 32) & mask, (cells >> 16) & mask, cells & mask], dim=1)
     _, indices = torch.sort(cluster, stable=True)
     indptr = torch.cat([counts.new_zeros(1), torch.cumsum(counts, dim=0)])
     return cells, cluster, indices, indptr
