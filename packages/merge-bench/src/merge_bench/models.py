@@ -15,7 +15,7 @@ from merge_core.kernels import policy
 from merge_core.kernels.graph import cuda_graph
 from merge_core.schedule import parse_r
 
-from .common import build_model, count_params, graphed
+from .common import build_model, count_params
 
 # Row kinds: timm (unpatched), merge (patched, policy "force": the requested r always runs), merge_auto
 # (patched, default policy "auto"), merge_torch (fused kernels off), tome (ToMe-style unfused: hand-written
@@ -77,14 +77,12 @@ def make_fn(model, row: dict[str, Any], x: torch.Tensor, execution: str) -> Call
         with torch.inference_mode(), kernels.kernel_mode(mode):
             return fn(x)
 
-    if execution == "cudagraph":
-        if kind == "merge_auto":  # the documented one-liner: keeps the faster of the merged / r=0 graph
-            with kernels.kernel_mode(mode):
-                fast = cuda_graph(model, x)
+    if execution == "cudagraph":  # every row through the same one-liner: input copy + replay, alike for all
+        with kernels.kernel_mode(mode):
+            fast = cuda_graph(fn, x)  # merge_auto: keeps the faster of the merged / r=0 graph
+        if kind == "merge_auto":
             row["graph_merged"] = fast.merged
-            return lambda: fast(x)
-        captured = graphed(lambda: run(), ())
-        return lambda: captured()
+        return lambda: fast(x)
     return run
 
 
