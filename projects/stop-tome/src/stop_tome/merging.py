@@ -24,6 +24,7 @@ from torch import nn
 
 from merge_core import make_visualization, parse_r
 from merge_core.adapter import MergeAdapter, MergeState, remove_patch
+from merge_core.kernels.policy import resolve_r
 from merge_core.merge import source_index_to_dense
 from merge_core.schedule import tokens_per_layer
 
@@ -88,13 +89,23 @@ def join_source_index(k: int, p: int, source: torch.Tensor, n: int) -> torch.Ten
 
 
 class _MergeVisual:
-    """Mixin in front of ``VisionTransformer``: resets the state per forward and plans the static schedule."""
+    """Mixin in front of ``VisionTransformer``: resets the state per forward and plans the static schedule.
+
+    merge-core's never-slower policy (``merge_core.kernels.policy``) picks the schedule: on a CUDA inference
+    forward of a new shape it times the requested r against r = 0 once and keeps the faster
+    (``model.merge_policy = "force"`` or ``MERGE_CORE_POLICY=force`` runs the requested r).
+    """
+
+    def forward(self, video: torch.Tensor, local_prompts: torch.Tensor | None = None):
+        root = self.__dict__.get("_merge_root", self)
+        requested = parse_r(len(self.transformer.resblocks), root.r)
+        self._merge_info["resolved_r"] = resolve_r(root, video, requested, lambda: self.forward(video, local_prompts))
+        return super().forward(video, local_prompts)
 
     def begin(self, batch: int, frames: int, tokens_per_frame: int, protected: int) -> None:
         st: MergeState = self._merge_info
-        root = self.__dict__.get("_merge_root", self)
         layers = len(self.transformer.resblocks)
-        st.begin(layers, root.r)
+        st.begin(layers, st["resolved_r"])
         cross = st["cross"] if st.merging else {}  # r = 0 switches every merge off, cross-frame joins included
         check_schedule(st.r, tokens_per_frame - protected, st["model_name"], min(cross) if cross else None)
         if st.merging:
