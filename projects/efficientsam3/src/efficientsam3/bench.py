@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from merge_core.adapter import remove_patch
 from merge_core.bench import measure
 from run_kit import OneLineArgumentParser, write_json_atomic
 
@@ -32,6 +33,7 @@ from .engine.losses import stage1_loss
 from .model.merged_teacher import apply_merging, attended_tokens
 from .model.sam3_vit import SAM3_VIT, TINY_VIT, SAM3ViT
 from .model.students import STUDENTS, build_student
+from .model.teacher import load_trunk
 from .store import EmbeddingStore, StoreWriter
 from .store.compact import ErrorMeter
 
@@ -88,8 +90,6 @@ def _teacher(args, device, dtype) -> SAM3ViT:
     """Random weights (sam3.pt is gated), or --sam3-checkpoint. --weight-scale multiplies every Linear weight:
     at SAM3's init scale (std 0.02) attention barely moves the residual stream, so merging looks free;
     a larger scale makes attention dominate (a harsher, still synthetic, fidelity test)."""
-    from .model.teacher import load_trunk
-
     torch.manual_seed(0)
     model = SAM3ViT(TINY_VIT if args.tiny else SAM3_VIT).eval()
     if args.sam3_checkpoint:
@@ -137,8 +137,6 @@ def bench_teacher(args, device, dtype) -> list[dict]:
                    "rel_mse": e["rel_mse"], "attended": attended_tokens(model, model.r)[:8]}  # fmt: skip
             rows.append(row)
             print(json.dumps(row))
-            from merge_core.adapter import remove_patch
-
             remove_patch(model)
     return rows
 
@@ -155,8 +153,6 @@ def bench_distill(args, device, dtype) -> list[dict]:
             wr, gr = (int(v) for v in spec.split(":"))
             apply_merging(teacher, wr, gr, mode=mode)
             targets[f"{mode} {spec}"] = teacher(imgs)
-            from merge_core.adapter import remove_patch
-
             remove_patch(teacher)
     valid = valid_mask(torch.tensor([[size, size]] * len(imgs), device=device), size, teacher.embed_size)
     rows = []

@@ -14,6 +14,7 @@ import torch
 
 from run_kit import CheckpointError, OneLineArgumentParser, load_checkpoint, save_checkpoint
 
+from .engine.common import run_cli
 from .model.students import build_student
 from .model.teacher import TRUNK_PREFIXES
 
@@ -85,8 +86,6 @@ def convert(student_ckpt: str, sam3_ckpt: str, output: str, backbone: str | None
 
 
 def main(argv=None) -> dict:
-    from .engine.common import run_cli
-
     return run_cli("efficientsam3-convert-stage1", _main, argv)
 
 

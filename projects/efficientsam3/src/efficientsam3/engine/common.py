@@ -13,6 +13,7 @@ from run_kit import OneLineArgumentParser
 from ..config import ConfigError, load_config
 from ..model.merged_teacher import apply_merging
 from ..model.teacher import build_teacher, check_teacher_shape
+from ..store import MissingEmbeddingError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -93,8 +94,6 @@ def run_teacher(teacher: nn.Module, images: torch.Tensor) -> torch.Tensor:
 def run_cli(prog: str, fn, argv=None):
     """Run an entry point; expected failures (bad config, missing file, bad checkpoint, missing embedding)
     become one line `prog: error: ...` on stderr and exit status 2 instead of a traceback."""
-    from ..store import MissingEmbeddingError
-
     try:
         return fn(argv)
     except (ValueError, FileNotFoundError, MissingEmbeddingError) as e:

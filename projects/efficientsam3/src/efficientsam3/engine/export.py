@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -36,8 +37,6 @@ def build_parser():
 
 def done_keys(root) -> set[str]:
     """Keys already written by any rank (complete lines only)."""
-    from pathlib import Path
-
     root = Path(root)
     return {k for path in root.glob("rank*-keys.txt") for k in read_keys(path)} if root.is_dir() else set()
 
