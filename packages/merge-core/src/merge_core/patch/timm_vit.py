@@ -21,8 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.models._features import FeatureGetterNet, feature_take_indices
-from timm.models._manipulate import checkpoint
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
+from torch.utils.checkpoint import checkpoint
 
 from ..adapter import MatchFn, MergeAdapter, MergeState, mask_to_bias, remove_patch, size_bias, weighted_mean
 from ..attention import proportional_attention
@@ -205,7 +205,7 @@ class _MergeVisionTransformer:
             if mask:
                 x = blk(x, **mask)
             elif self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x)
+                x = checkpoint(blk, x, use_reentrant=False)
             else:
                 x = blk(x)
             if i in take_indices:
