@@ -193,10 +193,12 @@ def resolve_r(model: Any, x: torch.Tensor, r_list: list[int], run: Callable[[], 
     ``run()`` must execute the model's merging forward on ``x`` (it is called under ``override`` while
     calibrating; the adapter's forward re-enters this function and gets the overridden schedule).
     """
+    if torch.compiler.is_compiling():  # first: dynamo cannot trace ContextVar.get (fullgraph would break)
+        return r_list
     kind = _override.get()
     if kind == "zero":
         return [0] * len(r_list)
-    if kind == "force" or not any(r_list) or torch.compiler.is_compiling():
+    if kind == "force" or not any(r_list):
         return r_list
     if get_policy(model) == "force" or not _calibratable(model, x):
         return r_list
