@@ -87,7 +87,10 @@ class MergeState:
 
     # ------------------------------------------------------------------ per forward
     def begin(self, num_layers: int, r: Any, *, checkpointing: bool = False, need_index: bool = False) -> None:
-        """Reset the per-forward state; ``r`` is resolved once into a static per-layer list."""
+        """Reset the per-forward state; ``r`` is resolved once into a static per-layer list.
+
+        Change the schedule of a forward only through ``begin`` (it also sets ``merging``).
+        """
         self.r = parse_r(num_layers, r)
         self.merging = any(self.r)
         self.size = None

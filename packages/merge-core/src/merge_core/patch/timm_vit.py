@@ -133,16 +133,17 @@ class _MergeVisionTransformer:
     r: Any
     _merge_info: MergeState
 
-    def _begin(self, need_index: bool = False) -> MergeState:
+    def _begin(self, need_index: bool = False, r: Any = None) -> MergeState:
+        """Reset the per-forward state with ``self.r`` (or an already resolved ``r`` list)."""
         state = self._merge_info
         checkpointing = bool(getattr(self, "grad_checkpointing", False)) and torch.is_grad_enabled()
-        state.begin(len(self.blocks), self.r, checkpointing=checkpointing, need_index=need_index)
+        state.begin(len(self.blocks), self.r if r is None else r, checkpointing=checkpointing, need_index=need_index)
         return state
 
     def forward_features(self, x: torch.Tensor, *args, **kwargs):
         # never slower than no merging: the policy may run this shape at r = 0 (measured once per device)
         r = resolve_r(self, x, parse_r(len(self.blocks), self.r), lambda: self.forward_features(x, *args, **kwargs))
-        self._begin().r = r
+        self._begin(r=r)
         return super().forward_features(x, *args, **kwargs)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
