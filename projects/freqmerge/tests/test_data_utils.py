@@ -147,3 +147,18 @@ def test_training_curve_ticks_are_whole_epochs():
             assert ticks and all(float(t).is_integer() for t in ticks), ticks
     finally:
         plt.close(fig)
+
+
+def test_synthetic_cifar_is_learnable_and_in_the_official_format(tmp_path):
+    """tools/make_synthetic_cifar.py: readable by load_split, and the label follows from the image (nearest class
+    template recovers it), so a smoke run's loss can fall."""
+    import runpy
+    from pathlib import Path
+
+    tool = runpy.run_path(str(Path(__file__).resolve().parents[1] / "tools" / "make_synthetic_cifar.py"))
+    tool["main"](["--out", str(tmp_path), "--train", "200", "--test", "50"])
+    images, labels, classes = load_split(str(tmp_path), train=True)
+    assert images.shape == (200, 32, 32, 3) and len(classes) == 100 and set(labels) <= set(range(100))
+    templates = tool["class_templates"](100, 0).reshape(100, -1)
+    dist = ((images.reshape(200, 1, -1).astype(np.float64) - templates[None]) ** 2).sum(-1)
+    assert (dist.argmin(1) == labels).mean() > 0.95
