@@ -3,7 +3,7 @@
 Why: eager merging at small batches is host-bound (kernel launches); a CUDA graph replays the whole forward
 (matching, Triton kernels, proportional attention) with no host work, which is possible because the merge
 path has static shapes for a fixed r and never syncs with the host. With the ``auto`` merge policy both the
-merged graph and the r = 0 graph are captured and timed (10 replays each, CUDA events, medians); the faster
+merged graph and the r = 0 graph are captured and timed (10 replays each, CUDA events, best of each); the faster
 one is kept and the decision is cached like eager ones (``merge_core.kernels.policy``), so a graphed model
 is never slower than the same model graphed without merging.
 
