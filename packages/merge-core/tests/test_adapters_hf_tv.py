@@ -115,3 +115,19 @@ def test_hf_gradient_checkpointing_with_merging():
     assert model._merge_info.checkpointing and got.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_hf_hidden_states_and_attentions():
+    torch.manual_seed(0)
+    model = transformers.ViTModel(transformers.ViTConfig(**HF)).eval()
+    x = _images()
+    with torch.no_grad():
+        expected = model(pixel_values=x, output_hidden_states=True).hidden_states
+        mc.patch.hf(model)
+        got = model(pixel_values=x, output_hidden_states=True).hidden_states
+        assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+        model.r = 3
+        merged = model(pixel_values=x, output_hidden_states=True).hidden_states
+        assert [h.shape[1] for h in merged] == [17, 14, 11]  # embeddings, then each merged layer
+        with pytest.raises(ValueError, match="output_attentions=True cannot be combined with token merging"):
+            model(pixel_values=x, output_attentions=True)

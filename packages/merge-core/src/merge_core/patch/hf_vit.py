@@ -14,6 +14,7 @@ transformers is not imported here: classes are recognised by name, so ``import m
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import torch
@@ -101,6 +102,19 @@ LAYERS: dict[str, Callable[[nn.Module, torch.Tensor, MergeState, int], torch.Ten
 }
 
 
+def _attentions_requested(layer: nn.Module, kwargs: dict) -> bool:
+    """Whether this forward records attention maps (the merging path computes attention without them)."""
+    capturing = sys.modules.get("transformers.utils.output_capturing")
+    collector = getattr(capturing, "_active_collector", None)
+    if kwargs.get("output_attentions"):
+        return True
+    try:
+        active = collector.get() if collector is not None else None
+    except Exception:  # pragma: no cover - transformers internals differ
+        return False
+    return isinstance(active, dict) and "attentions" in active
+
+
 class _MergeLayer:
     """An encoder layer that merges; at r=0 it is transformers' own forward."""
 
@@ -116,6 +130,8 @@ class _MergeLayer:
             return out
         if attention_mask is not None:
             raise ValueError("attention_mask cannot be combined with token merging (model.r > 0) in the HF adapter")
+        if _attentions_requested(self, kwargs):
+            raise ValueError("output_attentions=True cannot be combined with token merging (model.r > 0)")
         stash = state.enter_layer(layer)
         x = LAYERS[self._merge_kind](self, hidden_states, state, layer)
         state.exit_layer(stash)
@@ -150,6 +166,20 @@ class _MergeSiglipHead:
         return x[:, 0]
 
 
+def _keep_output_capture(new: type, original: type) -> None:
+    """transformers 5 finds what ``output_hidden_states`` may record by the model's class name; register ours too.
+
+    Without it a patched model silently returns ``hidden_states=None``. transformers is already loaded here
+    (the model is one of its classes), so this only looks the module up.
+    """
+    capturing = sys.modules.get("transformers.utils.output_capturing")
+    registry = getattr(capturing, "_CAN_RECORD_REGISTRY", None)
+    if isinstance(registry, dict):
+        entry = dict.get(registry, str(original))
+        if entry:
+            dict.__setitem__(registry, str(new), entry)
+
+
 class HFAdapter(MergeAdapter):
     name = "hf"
 
@@ -182,7 +212,9 @@ class HFAdapter(MergeAdapter):
     def attach(self, model: nn.Module, state: MergeState) -> None:
         tower = self.tower(model)
         layers = self.layers(model)
+        original = type(tower)
         self.swap(tower, _MergeTower, state)
+        _keep_output_capture(type(tower), original)
         self.attach_attr(tower, "_merge_owner", model, state)
         self.attach_attr(tower, "_merge_num_layers", len(layers), state)
         self.attach_attr(tower, "_merge_info", state, state)
