@@ -9,7 +9,9 @@ export PYTHONPATH=packages/merge-core/src:packages/merge-bench/src:projects/freq
 export PYTHONUNBUFFERED=1
 dev=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-python3 -m pytest -q -m gpu -p no:cacheprovider packages/merge-core projects/freqmerge/tests/test_gpu.py 2>&1 \
+# the GPU tests check merging itself, so r is forced (the default "auto" policy runs small batches unmerged);
+# the policy is measured by the sweep below
+MERGE_CORE_POLICY=force python3 -m pytest -q -m gpu -p no:cacheprovider packages/merge-core projects/freqmerge/tests/test_gpu.py 2>&1 \
   | tee "$out/pytest-gpu-$dev.log"
 python3 -m merge_bench --suite gpu --out "$out" 2>&1 | tee "$out/merge-bench-gpu-$dev.log"
 python3 -m merge_bench --suite sweep --warmup 5 --iters 20 --out "$out" 2>&1 | tee "$out/merge-bench-sweep-$dev.log"
