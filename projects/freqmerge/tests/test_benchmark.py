@@ -23,7 +23,7 @@ def test_benchmark_smoke_all_variants(tmp_path):
     assert list(rows) == list(benchmark.VARIANTS)
     assert rows["baseline"]["tokens_per_block"] == [197] * 12
     counts = [197] * 4 + [138] * 2 + [97] * 2 + [68] * 2 + [48] * 2
-    for name in ("bound", "tome", "freqmerge", "tome_prop", "freqmerge_prop"):
+    for name in ("bound", "tome", "freqmerge", "tome_prop", "freqmerge_prop", "freqmerge_reflect"):
         assert rows[name]["tokens_per_block"] == counts
         assert rows[name]["gflops"] < rows["baseline"]["gflops"]
         assert rows[name]["img_s"] > 0 and "fraction_of_bound" in rows[name] and "speedup" in rows[name]

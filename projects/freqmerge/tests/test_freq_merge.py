@@ -160,6 +160,19 @@ def test_later_layers_score_on_the_grid_through_the_source_map():
         assert phi.shape == (2, 157) and bool((phi[:, 0] == 0).all())
 
 
+def test_border_option_reaches_the_matcher_and_the_model(tiny_config):
+    """--lfgm_border reflect: the matcher scores with the mirrored-grid LFGM (checked against the numpy reference
+    in test_lfgm) and the model built from the config carries it."""
+    torch.manual_seed(1)
+    x = torch.randn(2, 197, 6)
+    phi_wrap, grid_wrap = FreqMergeMatcher().lfgm_token_scores(x, _info())
+    phi_refl, grid_refl = FreqMergeMatcher(border="reflect").lfgm_token_scores(x, _info())
+    torch.testing.assert_close(grid_refl, lfgm_scores(x[:, 1:], (14, 14), 2.0, border="reflect"))
+    assert not torch.allclose(grid_wrap, grid_refl)
+    model = build_model(tiny_config(lfgm_border="reflect"))
+    assert model.freqmerge_matcher.border == "reflect"
+
+
 def test_missing_source_map_is_reported():
     matcher = FreqMergeMatcher()
     with pytest.raises(ValueError, match="trace_source='index'"):

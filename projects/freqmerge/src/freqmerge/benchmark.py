@@ -16,6 +16,8 @@ Variants (all share one set of weights):
 - ``freqmerge``: FreqMerge (LFGM penalty, alpha 0.7), the project's default configuration.
 - ``tome_prop`` / ``freqmerge_prop``: the same with ToMe's proportional attention (log(size) key bias), which
   the bound does not pay for (FreqMerge's default leaves it off; ``--prop_attn`` turns it on).
+- ``freqmerge_reflect``: FreqMerge with the border-safe LFGM (``--lfgm_border reflect``: FFTs on a mirrored
+  2H x 2W grid), to price that option.
 
 Timing: ``--warmup`` untimed passes, then ``--iters`` passes each timed with CUDA events (perf_counter on
 CPU), repeated for ``--rounds`` rounds that interleave the variants; img/s = batch / median pass time.
@@ -45,7 +47,7 @@ from merge_core.schedule import keep_rate_schedule, tokens_per_layer
 
 from .models.freq_merge import FreqMergeMatcher
 
-VARIANTS = ("baseline", "bound", "tome", "freqmerge", "tome_prop", "freqmerge_prop")
+VARIANTS = ("baseline", "bound", "tome", "freqmerge", "tome_prop", "freqmerge_prop", "freqmerge_reflect")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -67,6 +69,7 @@ def build_variants(args: argparse.Namespace, device: torch.device, dtype: torch.
         else:
             model = copy.deepcopy(base)
             prop = name.endswith("_prop")
+            border = "reflect" if name.endswith("_reflect") else "wrap"
             if name.startswith("tome"):
                 patch_timm(model, prop_attn=prop)
             else:
@@ -76,6 +79,7 @@ def build_variants(args: argparse.Namespace, device: torch.device, dtype: torch.
                     mode=args.penalty_mode,
                     scorer="lfgm",
                     grid=tuple(base.patch_embed.grid_size),
+                    border=border,
                 )
                 patch_timm(model, trace_source="index", prop_attn=prop, match_fn=matcher)
             model.r = list(schedule)
