@@ -197,7 +197,9 @@ def test_avg_pools_are_size_weighted(pool):
         dup = _duplicated(feats, model._merge_info.size, 0)
         avg = torch.stack([t.mean(0) for t in dup])
         expected = avg if pool == "avg" else 0.5 * (avg + torch.stack([t.amax(0) for t in dup]))
+        pooled = model.pool(feats)  # timm's own pool() entry point is weighted too
     torch.testing.assert_close(got, model.fc_norm(expected), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pooled, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_attn_false_is_respected_with_prop_attn(monkeypatch):

@@ -7,7 +7,8 @@ attention and MLP; at r=0 the layers run transformers' own forward (bit-exact). 
 ``last_hidden_state`` (and ``hidden_states``) hold the merged tokens (N' instead of N). The SigLIP
 attention-pool head weights merged tokens by size; CLS pooling needs nothing. Heads that average patch
 tokens without sizes (``Dinov2ForImageClassification``, ``SiglipForImageClassification``) are rejected.
-``attention_mask`` with r > 0 is rejected (image encoders do not use one).
+``attention_mask`` and ``output_attentions=True`` with r > 0 are rejected (image encoders do not use masks; the
+merging path computes attention without materialising maps); ``output_hidden_states`` works (merged lengths).
 
 transformers is not imported here: classes are recognised by name, so ``import merge_core`` never needs it.
 """

@@ -155,13 +155,22 @@ class _MergeVisionTransformer:
         x = self.head_drop(self.fc_norm(x))
         return x if pre_logits else self.head(x)
 
-    def _merge_pool(self, x: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+        """timm's ``pool`` (timm >= 1.0.2x), size-weighted for merged tokens."""
+        size = self._merge_info.size
+        kind = self.global_pool if pool_type is None else pool_type
+        weighted = getattr(self, "attn_pool", None) is not None or kind in ("avg", "avgmax")
+        if size is None or not weighted or size.shape[:2] != x.shape[:2]:
+            return super().pool(x, pool_type)
+        return self._merge_pool(x, size, kind)
+
+    def _merge_pool(self, x: torch.Tensor, size: torch.Tensor, kind: str | None = None) -> torch.Tensor:
         """timm's avg / avgmax / attention pooling with merged tokens weighted by their size."""
         start = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
         if getattr(self, "attn_pool", None) is not None:
             return self.attn_pool(x[:, start:], attn_mask=size_bias(size[:, start:], x.dtype))
         avg = weighted_mean(x, size, start)
-        return avg if self.global_pool == "avg" else 0.5 * (avg + x[:, start:].amax(dim=1))
+        return avg if (kind or self.global_pool) == "avg" else 0.5 * (avg + x[:, start:].amax(dim=1))
 
     def forward_intermediates(
         self,
