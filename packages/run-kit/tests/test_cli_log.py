@@ -83,3 +83,12 @@ def test_progress_disabled_is_the_iterable():
     items = [1, 2]
     assert progress(items, enabled=False) is items
     assert list(progress(items, enabled=True, disable=True)) == items
+
+
+def test_throttled_history_is_written_on_flush_and_close(tmp_path):
+    log = RunLogger(tmp_path, enabled=True, tensorboard=False, write_every_s=3600)
+    log.log_scalars(1, loss=1.0)  # the first call writes (nothing written yet)
+    log.log_scalars(2, loss=2.0)  # within the interval: kept in memory
+    assert [r["step"] for r in json.loads((tmp_path / "history.json").read_text())] == [1]
+    log.close()
+    assert [r["step"] for r in json.loads((tmp_path / "history.json").read_text())] == [1, 2]

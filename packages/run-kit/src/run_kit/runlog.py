@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,8 @@ class RunLogger:
 
     ``resume_step``: keep the rows of an existing history with ``step <= resume_step`` (rows logged after the
     checkpoint by the interrupted run are dropped) and continue after them; ``None`` starts a fresh history.
+    ``write_every_s``: 0 rewrites the JSON on every call (right for per-epoch rows); for per-step logging pass e.g.
+    30 so the file (and TensorBoard) is flushed at most that often, and always on ``flush()`` / ``close()``.
     """
 
     def __init__(
@@ -62,6 +65,7 @@ class RunLogger:
         history_name: str = "history.json",
         log_name: str = "log.txt",
         resume_step: int | None = None,
+        write_every_s: float = 0.0,
     ) -> None:
         self.enabled = bool(enabled)
         self.out_dir = Path(out_dir)
@@ -69,6 +73,9 @@ class RunLogger:
         self.log_path = self.out_dir / log_name
         self.history: list[dict[str, Any]] = []
         self._writer = None
+        self.write_every_s = float(write_every_s)
+        self._last_write: float | None = None  # never written yet: the first row is written at once
+        self._dirty = False
         if not self.enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -92,9 +99,19 @@ class RunLogger:
             if self._writer is not None and isinstance(v, (int, float)) and math.isfinite(v):
                 self._writer.add_scalar(key, v, int(step))
         self.history.append(row)
+        self._dirty = True
+        if self._last_write is None or time.monotonic() - self._last_write >= self.write_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the JSON history and flush TensorBoard now."""
+        if not self.enabled or not self._dirty:
+            return
         write_json_atomic(self.history_path, self.history)
         if self._writer is not None:
             self._writer.flush()
+        self._dirty = False
+        self._last_write = time.monotonic()
 
     def info(self, msg: str) -> None:
         """A line to stdout (tqdm-safe) and to the text log."""
@@ -105,6 +122,7 @@ class RunLogger:
             f.write(msg + "\n")
 
     def close(self) -> None:
+        self.flush()
         if self._writer is not None:
             self._writer.close()
             self._writer = None
