@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 import random
 from typing import Any
@@ -16,8 +17,9 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     Deterministic mode is what makes an interrupted-and-resumed run equal an uninterrupted one on GPUs;
     it is slower, so it is opt-in.
     """
-    if not isinstance(seed, int) or seed < 0:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ValueError(f"seed: expected an integer >= 0, got {seed!r}")
+    seed = int(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
