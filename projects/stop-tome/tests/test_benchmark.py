@@ -73,3 +73,17 @@ def test_flop_split_matches_hand_count():
         macs += _block_macs(n, n - 2, d, frames=2) + scores
         n -= 2
     assert got["gflops_blocks"] * 1e9 == 2 * macs
+
+
+def test_meta_flops_full_size_targets(tmp_path):
+    """Full-size ViT-B/32, 12 frames, FLOPs on the meta device (no weights, no compute): STOP's r=2 removes >= 20%
+    of the transformer-block FLOPs but under 10% of the visual path (the prompter is untouched by merging)."""
+    out = tmp_path / "flops.json"
+    assert (
+        main(["--device", "meta", "--models", "ViT-B/32", "--modes", "group2-2", "--r_b32", "0,2,4", "--out", str(out)])
+        == 0
+    )
+    rows = {r["r"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows[2]["block_flops_cut"] >= 0.20 and rows[2]["visual_flops_cut"] < 0.10
+    assert rows[0]["gflops_outside_blocks"] > rows[0]["gflops_blocks"]  # the prompter costs more than the ViT
+    assert rows[4]["tokens_per_frame_out"] == 54 - 11 * 4 - 2  # r=4: the last layer merges only 2 (half of 5)

@@ -10,6 +10,7 @@ on CPU (the test suite does this); GPU command in the project README.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import statistics
 from collections.abc import Sequence
@@ -95,7 +96,7 @@ def flop_split(model: CLIP4Clip, video: torch.Tensor, local: torch.Tensor | None
     (STOP's pixel and inter-frame prompters, patch embedding, output projection)."""
     vis, one = model.clip.visual, video[:1]
     lp = None if local is None else local[:, :1] if local.dim() == 5 else local[:, None]
-    total = _flops(lambda: model.visual_tokens(one, None if local is None else local))
+    total = _flops(lambda: model.get_video_features(one, None, local))
     tower = _flops(lambda: vis(one, lp))
 
     def stem():
@@ -128,8 +129,13 @@ def bench_row(model, spec_name, mode, r, video, local, args, device) -> dict[str
 
     def fn():
         with torch.no_grad():
-            model.visual_tokens(video, local)
+            model.get_video_features(video, None, local)  # the evaluation path: ViT, projection, pooling
 
+    if device.type == "meta":  # FLOPs only (shapes are all a FLOP count needs)
+        st = merge_state(model)
+        row.update(ms=None, videos_per_s=None, tokens_per_frame_out=st.tokens[-1], groups_out=st["groups"])
+        row.update(r_run=list(st.r), policy_merged=None)
+        return row
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
@@ -155,11 +161,13 @@ def bench_row(model, spec_name, mode, r, video, local, args, device) -> dict[str
 
 def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
     device, dtype = _device(args.device), DTYPES[args.dtype]
-    if device.type == "cpu" and dtype == torch.float16:
+    if device.type in ("cpu", "meta") and dtype == torch.float16:
         dtype = torch.float32  # fp16 matmuls on CPU are not what anyone deploys; say so in the output
         log("note: fp16 on CPU replaced by fp32")
     env = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else ("meta (FLOPs only)" if device.type == "meta" else platform.processor() or "cpu"),
         "torch": torch.__version__,
         "dtype": str(dtype).replace("torch.", ""),
         "batch": args.batch,
@@ -168,39 +176,36 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
     }
     rows: list[dict[str, Any]] = []
     for name in args.model_list:
+        plain_base = None
         spec = TINY if name == "tiny" else SPECS[name]
         torch.manual_seed(0)
-        sd = CLIP(spec).state_dict()
+        build = torch.device("meta") if device.type == "meta" else contextlib.nullcontext()
+        with build:
+            sd = CLIP(spec).state_dict()
         r_values = _ints(DEFAULT_R["tiny"] if name == "tiny" else (args.r_b32 if "32" in name else args.r_b16), "r")
         gen = torch.Generator().manual_seed(0)
-        video = torch.randn(args.batch, args.frames, 3, spec.image_resolution, spec.image_resolution, generator=gen)
+        shape = (args.batch, args.frames, 3, spec.image_resolution, spec.image_resolution)
+        video = torch.empty(shape, device="meta") if device.type == "meta" else torch.randn(shape, generator=gen)
         video = video.to(device, dtype)
         for mode in args.mode_list:
             cfg = task_config(temporal_prompt="none" if mode == "cross" else mode, max_frames=args.frames)
-            model = CLIP4Clip(None, sd, cfg).to(device, dtype).eval()
+            with build:
+                model = CLIP4Clip(None, sd, cfg).to(device, dtype).eval()
             with torch.no_grad():
                 _, local = model.encode_prompts()
-            base_speed = None
+            base = plain_base if mode == "cross" else None  # cross rows compare with plain CLIP4Clip at r=0
             for r in r_values:
                 if mode == "cross" and r == 0:
                     continue  # r = 0 switches every merge off: the plain CLIP4Clip row
                 row = bench_row(model, name, mode, r, video, local, args, device)
                 if r == 0:
-                    base_speed, base_flops = row["videos_per_s"], row
-                if base_speed is not None:
-                    row["speedup"] = row["videos_per_s"] / base_speed
-                    row["block_flops_cut"] = 1 - row["gflops_blocks"] / base_flops["gflops_blocks"]
-                    row["visual_flops_cut"] = 1 - row["gflops_visual"] / base_flops["gflops_visual"]
+                    base = row
+                if base is not None:
+                    compare(row, base)
                 rows.append(row)
                 log(_row_text(row))
             if mode == "none":
-                plain_base = (base_speed, base_flops)
-            if mode == "cross" and args.mode_list.count("none"):
-                for row in rows:
-                    if row["mode"] == "cross" and row["model"] == name:
-                        row["speedup"] = row["videos_per_s"] / plain_base[0]
-                        row["block_flops_cut"] = 1 - row["gflops_blocks"] / plain_base[1]["gflops_blocks"]
-                        row["visual_flops_cut"] = 1 - row["gflops_visual"] / plain_base[1]["gflops_visual"]
+                plain_base = base
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -212,14 +217,23 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
     return payload
 
 
+def compare(row: dict[str, Any], base: dict[str, Any]) -> None:
+    """Speed-up and FLOP cuts of ``row`` against the r = 0 row of the same model (and mode)."""
+    if row["videos_per_s"] and base["videos_per_s"]:
+        row["speedup"] = row["videos_per_s"] / base["videos_per_s"]
+    row["block_flops_cut"] = 1 - row["gflops_blocks"] / base["gflops_blocks"]
+    row["visual_flops_cut"] = 1 - row["gflops_visual"] / base["gflops_visual"]
+
+
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in text).strip("-") or "cpu"
 
 
 def _row_text(row: dict[str, Any]) -> str:
     mem = f" {row['peak_mem_mib']:.0f} MiB" if "peak_mem_mib" in row else ""
+    speed = "-" if row["videos_per_s"] is None else f"{row['videos_per_s']:8.1f}"
     return (
-        f"{row['model']:9s} {row['mode']:9s} r={row['r']:<3d} {row['videos_per_s']:8.1f} videos/s{mem} "
+        f"{row['model']:9s} {row['mode']:9s} r={row['r']:<3d} {speed} videos/s{mem} "
         f"GFLOPs visual {row['gflops_visual']:.4g} blocks {row['gflops_blocks']:.4g}"
     )
 
@@ -237,8 +251,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         mem = f"{r['peak_mem_mib']:.0f}" if "peak_mem_mib" in r else "-"
         merged = "-" if r["policy_merged"] is None else r["policy_merged"]
+        speed = "-" if r["videos_per_s"] is None else f"{r['videos_per_s']:.1f}"
+        speedup = f"{r['speedup']:.2f}" if "speedup" in r else "-"
         lines.append(
-            f"| {r['model']} | {r['mode']} | {r['r']} | {r['videos_per_s']:.1f} | {r.get('speedup', 1.0):.2f} | "
+            f"| {r['model']} | {r['mode']} | {r['r']} | {speed} | {speedup} | "
             f"{mem} | {r['gflops_blocks']:.4g} | {r['gflops_visual']:.4g} | {pct(r, 'block_flops_cut')} | "
             f"{pct(r, 'visual_flops_cut')} | {merged} |"
         )

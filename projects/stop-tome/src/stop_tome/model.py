@@ -155,8 +155,12 @@ class CLIP4Clip(nn.Module):
         feats = self.clip.encode_text(input_ids.view(-1, input_ids.shape[-1]), text_prompts).float()
         return F.normalize(feats, dim=-1)
 
-    def visual_tokens(self, video: torch.Tensor, local_prompts: torch.Tensor | None = None):
-        """Run the ViT: returns (tokens after ln_post @ proj (B, L', E), groups)."""
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        """ln_post then the visual projection (CLIP's image embedding of a token)."""
+        return self.clip.visual.ln_post(tokens) @ self.clip.visual.proj
+
+    def visual_tokens(self, video: torch.Tensor, local_prompts: torch.Tensor | None = None, project: bool = True):
+        """Run the ViT: returns (tokens (B, L', E) after ln_post @ proj, or (B, L', D) before it, groups)."""
         video = video.reshape(-1, *video.shape[-4:])
         if video.shape[1] != self.frames and self.prompts is not None:
             raise ValueError(
@@ -167,7 +171,7 @@ class CLIP4Clip(nn.Module):
         if local_prompts is not None and local_prompts.dim() == 4:
             local_prompts = local_prompts[:, None].expand(-1, video.shape[0], -1, -1, -1)
         x, groups = self.clip.visual(video, local_prompts)
-        return self.clip.visual.ln_post(x) @ self.clip.visual.proj, groups
+        return (self.project(x) if project else x), groups
 
     def frame_cls(self, tokens: torch.Tensor, groups: int) -> torch.Tensor:
         """(B, T, E) CLS features in frame order (after a cross-frame join a group starts with its frames' CLS)."""
@@ -181,12 +185,12 @@ class CLIP4Clip(nn.Module):
     ) -> torch.Tensor:
         """(B, T, 3, H, W) -> L2-normalised (B, E). meanP over frames where there is one vector per frame; STOP's
         ``global_prompt0`` is already one vector per video, so meanP leaves it as it is."""
-        tokens, groups = self.visual_tokens(video, local_prompts)
+        tokens, groups = self.visual_tokens(video, local_prompts, project=False)  # project only what is pooled
         if self.mode != "none" and self.output_type == "global_prompt0":
-            return F.normalize(tokens[:, 0].float(), dim=-1)
+            return F.normalize(self.project(tokens[:, 0]).float(), dim=-1)
         if self.mode != "none" and self.output_type == "average_global_prompt":
-            return F.normalize(tokens[:, : self.clip.visual.num_global].float().mean(1), dim=-1)
-        frames = F.normalize(self.frame_cls(tokens, groups).float(), dim=-1)
+            return F.normalize(self.project(tokens[:, : self.clip.visual.num_global]).float().mean(1), dim=-1)
+        frames = F.normalize(self.project(self.frame_cls(tokens, groups)).float(), dim=-1)
         if video_mask is None:
             pooled = frames.mean(1)
         else:
