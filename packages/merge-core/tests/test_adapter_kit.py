@@ -72,7 +72,9 @@ def test_suite_catches_broken_adapters():
 def test_remove_patch_deletes_caches_and_restores():
     model = _tiny()
     cls, block_cls, attn_cls = type(model), type(model.blocks[0]), type(model.blocks[0].attn)
+    keys = list(model.state_dict())
     mc.patch.timm(model)
+    assert list(model.state_dict()) == keys  # checkpoints load into patched models unchanged
     model.blocks[0].attn.__dict__["_merge_core_qkv_pad"] = ("cache",)
     assert model._tome_info is model._merge_info
     mc.patch.remove_patch(model)

@@ -108,3 +108,20 @@ def test_conformance_on_cuda(index):
     for dtype in (torch.float16, torch.bfloat16):
         conf.check_dtype(case, dtype)
     conf.check_compile(case)
+
+
+def test_timm_api_on_cuda():
+    """Masks, intermediates and checkpointing with merging on CUDA (the bias and source map live on the GPU)."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", depth=4).cuda().eval()
+    mc.patch.timm(model)
+    model.r = 16
+    x = torch.randn(2, 3, 224, 224, device="cuda")
+    with torch.no_grad():
+        assert torch.isfinite(model(x, is_causal=True)).all()
+        assert torch.isfinite(model(x, attn_mask=torch.ones(197, 197, dtype=torch.bool, device="cuda"))).all()
+        feats = model.forward_intermediates(x, intermediates_only=True)
+    assert [f.shape for f in feats] == [(2, 384, 14, 14)] * 4
+    model.set_grad_checkpointing(True)
+    model(x).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

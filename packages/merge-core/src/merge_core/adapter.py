@@ -206,11 +206,15 @@ def merge_attn_bias(merge: MergeFn, bias: torch.Tensor) -> torch.Tensor:
     return cols.reshape(b, n2, h, n2).permute(0, 2, 3, 1).contiguous()
 
 
-def mask_to_bias(attn_mask: torch.Tensor | None, is_causal: bool, n: int, batch: int, dtype) -> torch.Tensor:
-    """Turn a bool / float / causal mask into a float bias (B, H or 1, N, N) that can be merged."""
+def mask_to_bias(
+    attn_mask: torch.Tensor | None, is_causal: bool, n: int, batch: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Turn a bool / float / causal mask into a float bias (B, H or 1, N, N) that can be merged.
+
+    As in timm and SDPA, ``is_causal`` takes precedence over ``attn_mask``.
+    """
     if is_causal:
-        causal = torch.ones(n, n, dtype=torch.bool).tril()
-        attn_mask = causal if attn_mask is None else attn_mask
+        attn_mask = torch.ones(n, n, dtype=torch.bool, device=device).tril()
     if attn_mask.dim() not in (2, 3, 4):
         raise ValueError(f"attn_mask must have shape (N, N), (B, N, N) or (B, H, N, N), got {tuple(attn_mask.shape)}")
     if attn_mask.dtype == torch.bool:

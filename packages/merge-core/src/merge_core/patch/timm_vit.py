@@ -110,7 +110,7 @@ class MergeBlock(Block):
             return x
         stash = state.enter_layer(layer)
         if (attn_mask is not None or is_causal) and state.attn_bias is None:
-            state.attn_bias = mask_to_bias(attn_mask, is_causal, x.shape[1], x.shape[0], x.dtype)
+            state.attn_bias = mask_to_bias(attn_mask, is_causal, x.shape[1], x.shape[0], x.dtype, x.device)
         r = state.r[layer]
         attn_input = self.norm1(x)
         x_attn, metric = self.attn(
