@@ -9,6 +9,12 @@ import merge_core as mc
 pytestmark = pytest.mark.gpu
 
 
+@pytest.fixture(autouse=True)
+def _requested_r_runs(monkeypatch):
+    """These tests check merging itself: the never-slower policy must not swap in r = 0 at small batches."""
+    monkeypatch.setenv("MERGE_CORE_POLICY", "force")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_patched_vit_on_cuda(dtype):
     torch.manual_seed(0)
