@@ -83,3 +83,27 @@ def test_remove_patch_deletes_caches_and_restores():
     assert not hasattr(model, "r") and not hasattr(model.blocks[0], "_merge_info")
     with pytest.raises(ValueError, match="is not patched by merge_core"):
         mc.patch.remove_patch(model)
+
+
+def test_merge_tokens_per_frame_and_custom_matcher():
+    """STOP-style per-frame merging: (B*T, N, C) tokens merge within each frame; a MatchFn gets the documented args."""
+    state = MergeState(protected=2)  # class token + one prompt token per frame
+    state.begin(2, [3, 0])
+    frames = torch.randn(2 * 4, 11, 8, generator=torch.Generator().manual_seed(0))
+    out = state.merge_tokens(0, frames, frames)
+    out = state.merge_tokens(1, out, None)
+    assert out.shape == (8, 8, 8) and state.tokens == [8, 8]
+    assert state.size.shape == (8, 8, 1) and torch.all(state.size.sum(1) == 11)
+    torch.testing.assert_close(out[:, :2], frames[:, :2])  # protected tokens untouched, first
+
+    seen = {}
+
+    def matcher(*, block, layer, x, attn_input, metric, r, info):
+        seen.update(layer=layer, r=r, info=info, block=block)
+        return mc.random_pruning(metric, r, protected=info.protected)
+
+    state = MergeState(protected=1, match_fn=matcher)
+    assert isinstance(matcher, mc.adapter.MatchFn)
+    state.begin(1, 4)
+    out = state.merge_tokens(0, frames, frames, block="blk")
+    assert out.shape == (8, 7, 8) and seen == dict(layer=0, r=4, info=state, block="blk")
