@@ -327,7 +327,7 @@ def _unm_kernel(
     i = pid * CHUNK + tl.arange(0, CHUNK)
     imask = i < Na
     rank = tl.load(rank_ptr + bid * stride_rank + i, mask=imask, other=0)
-    before = tl.zeros([CHUNK], tl.int32)
+    before = tl.full([CHUNK], 0, tl.int32)  # tl.zeros is a @jit helper: compiled-only under the CPU tests
     for k0 in range(0, R, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         src = tl.load(src_ptr + bid * stride_plan + k, mask=k < R, other=2147483647)
