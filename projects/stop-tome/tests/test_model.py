@@ -94,3 +94,32 @@ def test_loads_clip_weights_and_names_bad_keys(clip_sd):
         model.load_clip_weights(bad)
     with pytest.raises(ValueError, match="--temporal_prompt must be one of"):
         CLIP4Clip(None, clip_sd, task_config(temporal_prompt="group9"))
+
+
+def test_guide_programmatic_use_from_project_root(weights_dir, monkeypatch, capsys):
+    """The guide's snippet and ``python main.py`` as a user runs them from projects/stop-tome (``modules/`` there)."""
+    import importlib
+    import runpy
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root))
+    CLIP4Clip = importlib.import_module("modules.clip4clip").CLIP4Clip  # noqa: N806
+    apply_tome_patch = importlib.import_module("modules.tome_patch").apply_tome_patch
+    load_clip_state_dict = importlib.import_module("modules.clip").load_clip_state_dict
+    clip_state_dict = load_clip_state_dict(weights_dir / "ViT-B-32.pt")
+    task_config = SimpleNamespace(temporal_prompt="DGL", max_frames=2)
+    task_config.tome_r = 2
+    task_config.tome_trace_source = False
+    task_config.tome_prop_attn = True
+    model = CLIP4Clip(None, clip_state_dict, task_config)
+    assert model.r == 2 and model.clip.visual._merge_info.prop_attn is True
+    with torch.no_grad():
+        assert model.eval().get_video_features(torch.randn(1, 2, 3, 64, 64)).shape == (1, 32)
+    apply_tome_patch(model, r=1)
+    assert model.r == 1
+    monkeypatch.setattr("sys.argv", ["main.py", "--help"])
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_path(str(root / "main.py"), run_name="__main__")
+    assert exc.value.code == 0 and "--tome_prop_attn" in capsys.readouterr().out
