@@ -131,3 +131,17 @@ def test_hf_hidden_states_and_attentions():
         assert [h.shape[1] for h in merged] == [17, 14, 11]  # embeddings, then each merged layer
         with pytest.raises(ValueError, match="output_attentions=True cannot be combined with token merging"):
             model(pixel_values=x, output_attentions=True)
+
+
+def test_dinov2_registers_are_protected():
+    torch.manual_seed(0)
+    cfg = transformers.Dinov2WithRegistersConfig(**HF, num_register_tokens=2)
+    model = transformers.Dinov2WithRegistersModel(cfg).eval()
+    mc.patch.hf(model)
+    model.r = [8, 0]
+    with torch.no_grad():
+        model(pixel_values=_images())
+    size = model._merge_info.size
+    # class token + 2 registers never merge: at most (19 - 3) // 2 = 8 of the 16 patches go
+    assert model._merge_info.protected == 3 and size.shape[1] == 11
+    assert torch.all(size[:, :3] == 1) and torch.all(size.sum(1) == 19)

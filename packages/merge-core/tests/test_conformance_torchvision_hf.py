@@ -69,6 +69,13 @@ class TestTorchvisionHFConformance(AdapterConformance):
             17,
         ),
         _hf_case("hf_dinov2", lambda: transformers.Dinov2Model(transformers.Dinov2Config(**HF)), 17),
+        _hf_case(
+            "hf_dinov2_registers",
+            lambda: transformers.Dinov2WithRegistersModel(
+                transformers.Dinov2WithRegistersConfig(**HF, num_register_tokens=2)
+            ),
+            19,
+        ),
         _hf_case("hf_clip_vision", lambda: transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**HF)), 17),
         _hf_case("hf_siglip_vision", lambda: transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**HF)), 16),
     ]

@@ -1,6 +1,7 @@
 """Hugging Face transformers adapter: ViT, DINOv2, CLIP vision and SigLIP vision encoders (transformers >= 5).
 
-``merge_core.patch.hf(model)`` on ``ViTModel``, ``ViTForImageClassification``, ``Dinov2Model``,
+``merge_core.patch.hf(model)`` on ``ViTModel``, ``ViTForImageClassification``, ``Dinov2Model`` (also with
+registers, which stay protected like the class token),
 ``CLIPVisionModel(WithProjection)``, ``CLIPModel`` (its vision tower), ``SiglipVisionModel``, ``SiglipModel``
 (vision tower) or the bare vision transformers; then ``model.r = ...``. Every encoder layer merges between
 attention and MLP; at r=0 the layers run transformers' own forward (bit-exact). Outputs keep their types;
@@ -30,6 +31,7 @@ ROOTS = (
     "ViTModel",
     "ViTForImageClassification",
     "Dinov2Model",
+    "Dinov2WithRegistersModel",
     "CLIPVisionTransformer",
     "CLIPVisionModel",
     "CLIPVisionModelWithProjection",
@@ -42,10 +44,18 @@ TOWERS = ("vision_model", "vit")
 REJECTED = {
     "Dinov2ForImageClassification": "averages patch tokens without sizes; patch model.dinov2 and pool with "
     "merge_core.adapter.weighted_mean",
+    "Dinov2WithRegistersForImageClassification": "averages patch tokens without sizes; patch "
+    "model.dinov2_with_registers and pool with merge_core.adapter.weighted_mean",
     "SiglipForImageClassification": "averages tokens without sizes; patch model.vision_model instead",
     "ViTForMaskedImageModeling": "reconstructs every patch, which needs the unmerged token grid",
 }
-PROTECTED = {"ViTLayer": 1, "Dinov2Layer": 1, "CLIPEncoderLayer": 1, "SiglipEncoderLayer": 0}
+PROTECTED = {
+    "ViTLayer": 1,
+    "Dinov2Layer": 1,
+    "Dinov2WithRegistersLayer": 1,
+    "CLIPEncoderLayer": 1,
+    "SiglipEncoderLayer": 0,
+}
 
 
 def _class_name(module: nn.Module, names) -> str | None:
@@ -98,6 +108,7 @@ def _clip_layer(layer: nn.Module, x: torch.Tensor, state: MergeState, i: int) ->
 LAYERS: dict[str, Callable[[nn.Module, torch.Tensor, MergeState, int], torch.Tensor]] = {
     "ViTLayer": _vit_layer,
     "Dinov2Layer": _dinov2_layer,
+    "Dinov2WithRegistersLayer": _dinov2_layer,
     "CLIPEncoderLayer": _clip_layer,
     "SiglipEncoderLayer": _clip_layer,
 }
@@ -208,7 +219,9 @@ class HFAdapter(MergeAdapter):
 
     def protected_tokens(self, model: nn.Module) -> tuple[int, bool, bool]:
         protected = PROTECTED[_class_name(self.layers(model)[0], LAYERS)]
-        return protected, protected == 1, False
+        has_cls = protected == 1
+        protected += int(getattr(getattr(self.tower(model), "config", None), "num_register_tokens", 0) or 0)
+        return protected, has_cls, False
 
     def attach(self, model: nn.Module, state: MergeState) -> None:
         tower = self.tower(model)
