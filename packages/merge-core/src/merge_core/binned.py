@@ -225,9 +225,9 @@ def patch_match(
         flat = metric.reshape(-1, n, c)
         g = flat.shape[0]
         src_flat, dst_flat = src_pos.reshape(g, n_src), dst_pos.reshape(g, n_bins)
-        a = flat.gather(1, src_flat[..., None].expand(g, n_src, c))
-        b = flat.gather(1, dst_flat[..., None].expand(g, n_bins, c))
-        best, match = best_destinations(a, b)
+        # one gather into [sources | destinations]; a and b are views of it
+        both = flat.gather(1, torch.cat([src_flat, dst_flat], 1)[..., None].expand(g, n, c))
+        best, match = best_destinations(both[:, :n_src], both[:, n_src:])
         rank = torch.sort(best, dim=-1, descending=True, stable=True).indices  # sources by score
         n_unm = n_src - r_eff
         slot = torch.empty(g, n, dtype=torch.long, device=device)
