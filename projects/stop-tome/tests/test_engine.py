@@ -160,3 +160,44 @@ def test_resume_equals_uninterrupted(msrvtt_dir, weights_dir, tmp_path, monkeypa
         assert torch.equal(a["model"][key], b["model"][key]), key
     steps = [row["step"] for row in json.loads((part / "history.json").read_text()) if "loss" in row]
     assert steps == [1, 2]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_cpu(msrvtt_dir, weights_dir, tmp_path):
+    """DDP through torchrun on CPU (gloo): features all-gathered with gradients, sharded eval gathered on rank 0."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    argv = _argv(
+        msrvtt_dir,
+        weights_dir,
+        out,
+        "--do_train",
+        "1",
+        "--epochs",
+        "1",
+        "--max_train_steps",
+        "1",
+        "--tome_r",
+        "1",
+        "--freeze_clip",
+        "1",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "stop_tome.main",
+        *argv,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    history = json.loads((out / "history.json").read_text())
+    assert history[-1]["pairs"] == 4 and load_checkpoint(out / "checkpoint.pt")["step"] == 1

@@ -151,7 +151,7 @@ def test_backward_and_low_precision(clip_sd, video):
     ids[:, -1] = 49407
     model(ids, video)["loss"].backward()
     for name, p in model.named_parameters():
-        if ".Cal_Net." not in name:
+        if p.requires_grad:
             assert p.grad is not None and torch.isfinite(p.grad).all(), name
     model = _model(clip_sd, "DGL", tome_r=2).to(torch.bfloat16)
     with torch.no_grad():

@@ -110,7 +110,9 @@ def _gather_cat(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
 
 
 def _autocast(args: argparse.Namespace, env: DistEnv):
-    return amp_autocast(env.device, args.precision == "amp")
+    """``amp``: fp16 autocast on CUDA. ``fp16``: the model itself in half precision for evaluation; in training
+    (where half-precision weights would underflow in the optimiser) it means the same as ``amp``."""
+    return amp_autocast(env.device, args.precision == "amp" or (args.precision == "fp16" and args.do_train))
 
 
 @torch.no_grad()
@@ -129,7 +131,7 @@ def evaluate(model: CLIP4Clip, loader: DataLoader, args, env: DistEnv, logger: R
             continue
         ids = batch["input_ids"].to(env.device)
         video = batch["video"].to(env.device)
-        if args.precision == "fp16":
+        if args.precision == "fp16" and not args.do_train:
             video = video.half()
         with _autocast(args, env):
             texts.append(model.get_text_features(ids, text_prompts).float().cpu())
@@ -241,7 +243,7 @@ def _run(args: argparse.Namespace, env: DistEnv, resume_ckpt: dict | None) -> di
     ddp = wrap_ddp(model, env)
     optimizer = build_optimizer(model, args)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, args.warmup_proportion))
-    scaler = grad_scaler(env.device, args.precision == "amp")
+    scaler = grad_scaler(env.device, args.precision in ("amp", "fp16"))
     start_epoch, step, best = 0, 0, -1.0
     if resume_ckpt is not None:
         info = restore_resume_state(resume_ckpt, model, optimizer, scheduler, scaler, source=str(args.resume))

@@ -102,6 +102,10 @@ class CLIP4Clip(nn.Module):
             )
         if int(_cfg(task_config, "freeze_clip")):
             self.freeze_clip()
+        if temporal is not None:
+            # STOP's Cal_Net only feeds a hard top-k mask: it can never receive a gradient (in STOP it is never
+            # updated either). Frozen explicitly so DDP does not wait for its gradients.
+            temporal.Cal_Net.requires_grad_(False)
         cross_layers = parse_int_list(_cfg(task_config, "tome_cross_layers"), "tome_cross_layers")
         if int(_cfg(task_config, "tome_r")) > 0:
             from .merging import apply_tome_patch
