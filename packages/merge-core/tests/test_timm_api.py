@@ -165,7 +165,10 @@ def test_grad_checkpointing(r):
     got = _grads(model, x)
     assert got.keys() == expected.keys()
     for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+        if r == 0:  # timm's own blocks, recomputed: bit-identical
+            assert torch.equal(got[name], expected[name]), name
+        else:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def _duplicated(feats, size, start):
