@@ -1,0 +1,73 @@
+"""CUDA checks (``-m gpu``; skipped without a GPU): fp16 merging matches fp32 closely, inductor compiles the adapter,
+the never-slower policy decides, and the benchmark runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from stop_tome.benchmark import main as bench_main
+from stop_tome.merging import apply_tome_patch, merge_state
+from stop_tome.model import CLIP4Clip, task_config
+from stop_tome.testing import tiny_state_dict
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.mark.parametrize("mode", ["group2-2", "DGL", "none"])
+def test_fp16_merging_close_to_fp32(mode):
+    model = CLIP4Clip.from_pretrained(tiny_state_dict(), task_config(temporal_prompt=mode, max_frames=4))
+    model = model.cuda().eval()
+    apply_tome_patch(model, r=2)
+    model.merge_policy = "force"
+    video = torch.randn(3, 4, 3, 64, 64, device="cuda")
+    with torch.no_grad():
+        ref = model.get_video_features(video)
+        half = model.half().get_video_features(video.half())
+    assert merge_state(model).tokens[-1] == (21 if mode != "none" else 17) - 6
+    assert (ref - half).abs().max() < 0.05
+
+
+def test_inductor_compile_matches_eager():
+    model = CLIP4Clip.from_pretrained(tiny_state_dict(), task_config(temporal_prompt="DGL", max_frames=4))
+    visual = model.cuda().eval().clip.visual
+    apply_tome_patch(visual, r=2)
+    visual.merge_policy = "force"
+    video = torch.randn(2, 4, 3, 64, 64, device="cuda")
+    with torch.no_grad():
+        _, local = model.encode_prompts()
+        local = local[:, None].expand(-1, 2, -1, -1, -1)
+        eager, _ = visual(video, local)
+        compiled, _ = torch.compile(visual, fullgraph=True)(video, local)
+    torch.testing.assert_close(compiled, eager, atol=1e-3, rtol=1e-3)
+
+
+def test_benchmark_tiny_cuda(tmp_path):
+    out = tmp_path / "b.json"
+    assert (
+        bench_main(
+            [
+                "--tiny",
+                "--device",
+                "cuda",
+                "--batch",
+                "2",
+                "--frames",
+                "4",
+                "--iters",
+                "2",
+                "--cross_layers",
+                "1",
+                "--cross_frames",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert all(r["peak_mem_mib"] > 0 and r["videos_per_s"] > 0 for r in rows)
+    assert any(r["policy_merged"] is not None for r in rows if r["r"] > 0)
