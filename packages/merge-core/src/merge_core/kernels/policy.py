@@ -151,6 +151,15 @@ def clear_cache(disk: bool = False) -> None:
             cache_path().unlink()
 
 
+def _dispatch_mode_active() -> bool:
+    """A torch dispatch mode (FlopCounterMode, FakeTensorMode, ...) is recording: run the requested ``r`` as given.
+
+    Why: calibrating would time 26 forwards inside the mode (a FLOP counter then reported 103 GMACs for a 3 GMAC
+    ViT-S on a 2x H200 DDP run, 2026-11-29), and a cached "do not merge" would make it count the unmerged model.
+    """
+    return torch._C._len_torch_dispatch_stack() > 0
+
+
 def _calibratable(model: Any, x: torch.Tensor) -> bool:
     if not x.is_cuda or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
         return False
@@ -201,7 +210,7 @@ def resolve_r(model: Any, x: torch.Tensor, r_list: list[int], run: Callable[[], 
         return [0] * len(r_list)
     if kind == "force" or not any(r_list):
         return r_list
-    if get_policy(model) == "force" or not _calibratable(model, x):
+    if get_policy(model) == "force" or _dispatch_mode_active() or not _calibratable(model, x):
         return r_list
     from . import get_mode
 
