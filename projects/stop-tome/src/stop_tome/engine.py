@@ -295,7 +295,7 @@ def _run(args: argparse.Namespace, env: DistEnv, resume_ckpt: dict | None) -> di
                     step,
                     loss=float(loss.detach()) * args.gradient_accumulation_steps,
                     lr=scheduler.get_last_lr()[0],
-                    logit_scale=float(model.clip.logit_scale.exp()),
+                    logit_scale=float(model.clip.logit_scale.detach().exp()),
                     bad_videos=bad_total,
                 )
                 logger.info(f"epoch {epoch + 1} step {step}/{total} loss {float(loss.detach()):.4f}")
