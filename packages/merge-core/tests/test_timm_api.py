@@ -222,3 +222,22 @@ def test_fused_attn_false_is_respected_with_prop_attn(monkeypatch):
         fused = model(x)
     assert calls
     torch.testing.assert_close(explicit, fused, rtol=1e-5, atol=1e-5)
+
+
+def test_grad_checkpointing_replays_the_same_random_matching():
+    """A random matcher is not re-drawn when a checkpointed block is recomputed in the backward."""
+    model, x = _model(), _x()
+    generator = torch.Generator()
+
+    def matcher(*, block, layer, x, attn_input, metric, r, info):
+        return mc.random_bipartite_soft_matching(metric, r, generator=generator)
+
+    mc.patch.timm(model, match_fn=matcher)
+    model.r = 3
+    generator.manual_seed(0)
+    expected = _grads(model, x)
+    model.set_grad_checkpointing(True)
+    generator.manual_seed(0)
+    got = _grads(model, x)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)

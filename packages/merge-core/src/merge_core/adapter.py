@@ -84,6 +84,7 @@ class MergeState:
     patched: list[tuple[nn.Module, type]] = field(default_factory=list, repr=False)
     attached: list[tuple[nn.Module, str]] = field(default_factory=list, repr=False)
     _entries: dict[int, tuple] = field(default_factory=dict, repr=False)
+    _matches: dict[int, tuple] = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ per forward
     def begin(self, num_layers: int, r: Any, *, checkpointing: bool = False, need_index: bool = False) -> None:
@@ -101,6 +102,7 @@ class MergeState:
         self.need_index = need_index
         self.checkpointing = checkpointing
         self._entries = {}
+        self._matches = {}
 
     def attn_size(self) -> torch.Tensor | None:
         """The ``size`` attention should weight keys by (None without proportional attention)."""
@@ -121,12 +123,17 @@ class MergeState:
         """
         r = self.r[layer]
         if r > 0:
-            if self.match_fn is None:
+            saved = self._matches.get(layer) if self.checkpointing else None
+            if saved is not None:  # checkpoint recompute: the matching of the first run (random matchers too)
+                merge, unmerge = saved
+            elif self.match_fn is None:
                 merge, unmerge = bipartite_soft_matching(metric, r, protected=self.protected)
             else:
                 merge, unmerge = self.match_fn(
                     block=block, layer=layer, x=x, attn_input=attn_input, metric=metric, r=r, info=self
                 )
+            if self.checkpointing:
+                self._matches[layer] = (merge, unmerge)
             if self.trace_source is True:
                 self.source = merge_source(merge, x, self.source)
             if self.attn_bias is not None:
@@ -142,7 +149,8 @@ class MergeState:
     def enter_layer(self, layer: int) -> tuple | None:
         """Call at a block's start; returns a stash when this call replays the layer (checkpoint recompute).
 
-        A recomputed block must see the state its first run saw, not the state the forward ended with.
+        A recomputed block must see the state its first run saw, not the state the forward ended with, and
+        ``merge_tokens`` reuses that run's matching (a random or stateful matcher would otherwise differ).
         """
         if not self.checkpointing:
             return None
