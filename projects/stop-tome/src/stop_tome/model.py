@@ -38,6 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "tome_cross_layers": "",
     "tome_cross_frames": "",
     "tome_cross_ratio": 0.3,
+    "region_pooling": "patch",
 }
 
 
@@ -77,7 +78,14 @@ class CLIP4Clip(nn.Module):
         temporal = None
         local = int(_cfg(task_config, "local_each_frame_prompt_length")) if prompted else 0
         if mode == "group2-2":
-            temporal = TemporalPrompt(spec.vision_width, spec.vision_heads, spec.grid, spec.vision_patch_size, local)
+            temporal = TemporalPrompt(
+                spec.vision_width,
+                spec.vision_heads,
+                spec.grid,
+                spec.vision_patch_size,
+                local,
+                region_pooling=_cfg(task_config, "region_pooling"),
+            )
         num_global = int(_cfg(task_config, "global_visual_prompt_length")) if prompted else 0
         if prompted and num_global < 1:
             raise ValueError("--global_visual_prompt_length must be >= 1 with STOP/DGL prompts")

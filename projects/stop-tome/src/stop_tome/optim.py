@@ -13,7 +13,8 @@ from .model import NEW_MODULE_KEYS
 
 def param_groups(model: nn.Module, lr: float, coef_lr: float, weight_decay: float) -> list[dict]:
     """Pretrained CLIP parameters train at ``lr * coef_lr``, new modules (prompts, prompter, LoRA) at ``lr``;
-    biases, norms, embeddings-as-vectors and scalars get no weight decay."""
+    1-D tensors (biases, norms, class embedding), scalars and tensors named ``*embedding*`` (positional embedding,
+    global prompts) get no weight decay."""
     groups: dict[tuple[bool, bool], list[torch.Tensor]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:

@@ -131,6 +131,12 @@ def build_parser(prog: str = "stop-tome-main") -> argparse.ArgumentParser:
         choices=["global_prompt0", "average_global_prompt", "average_frame_cls_token"],
     )
     a("--temporal_prompt", default="group2-2", choices=["group2-2", "DGL", "none"], help="group2-2 = STOP")
+    a(
+        "--region_pooling",
+        default="patch",
+        choices=["patch", "stop"],
+        help="STOP's region mask pooled per patch (paper) or with STOP's code's strided reshape",
+    )
     # merging
     a("--tome_r", type=_nonneg_int, default=0, help="tokens merged per frame per layer (0: off)")
     a("--tome_trace_source", action="store_true", help="keep per-frame source maps; save pictures at eval")

@@ -120,10 +120,21 @@ class TemporalPrompt(nn.Module):
     weights are equal, e.g. a batch of one static frame).
     """
 
-    def __init__(self, width: int, heads: int, grid: int, patch_size: int, local_prompts: int = 4, eta: int = 6):
+    def __init__(
+        self,
+        width: int,
+        heads: int,
+        grid: int,
+        patch_size: int,
+        local_prompts: int = 4,
+        eta: int = 6,
+        region_pooling: str = "patch",
+    ):
         super().__init__()
+        if region_pooling not in ("patch", "stop"):
+            raise ValueError(f"--region_pooling must be 'patch' or 'stop', got {region_pooling!r}")
         k, kc = (3, 11, 11), (5, 11, 11)
-        self.grid, self.patch_size, self.eta = grid, patch_size, eta
+        self.grid, self.patch_size, self.eta, self.region_pooling = grid, patch_size, eta, region_pooling
         self.Conv = nn.Sequential(
             nn.Conv3d(3, 9, k, padding=_pad(k)),
             nn.Conv3d(9, 9, k, padding=_pad(k)),
@@ -149,7 +160,10 @@ class TemporalPrompt(nn.Module):
         b, t = video.shape[:2]
         dyn = self.Cal_Net(video.transpose(1, 2))[:, 0]  # (B, T, H, W)
         g, p = self.grid, self.patch_size
-        dyn = dyn[..., : g * p, : g * p].reshape(b, t, g, p, g, p).mean(dim=(3, 5))
+        if self.region_pooling == "stop":  # STOP's reshape: averages pixels g apart (a strided pattern, not patches)
+            dyn = dyn[..., : g * p, : g * p].reshape(b, t, p, g, p, g).mean(dim=(2, 4))
+        else:
+            dyn = dyn[..., : g * p, : g * p].reshape(b, t, g, p, g, p).mean(dim=(3, 5))
         kth = dyn.flatten(2).sort(dim=2, descending=True).values[:, :, min(self.eta, g * g - 1)]
         return dyn > kth[:, :, None, None]
 
@@ -160,7 +174,10 @@ class TemporalPrompt(nn.Module):
         prompt = self.dropout2(prompt.permute(0, 1, 4, 2, 3))
         mask = self.region_mask(video)
         p = self.patch_size
-        pixel_mask = mask.repeat_interleave(p, 2).repeat_interleave(p, 3)[:, :, None].to(video.dtype)
+        if self.region_pooling == "stop":  # STOP tiles the g x g mask over the image (same stride pattern)
+            pixel_mask = mask.repeat(1, 1, p, p)[:, :, None].to(video.dtype)
+        else:
+            pixel_mask = mask.repeat_interleave(p, 2).repeat_interleave(p, 3)[:, :, None].to(video.dtype)
         pixel_mask = nn.functional.pad(
             pixel_mask, (0, video.shape[-1] - pixel_mask.shape[-1], 0, video.shape[-2] - pixel_mask.shape[-2])
         )
