@@ -43,6 +43,7 @@ class TestSam3TrunkConformance(AdapterConformance):
             expected_tokens=lambda schedule: attended_tokens(_build(), schedule),
             atol=1e-4,
             run_compile=False,  # same ops as sam3_tiny; compile is the slowest check on CPU
+            dtypes=(torch.bfloat16,),
         ),
     ]
 
