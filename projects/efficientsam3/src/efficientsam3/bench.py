@@ -271,6 +271,16 @@ def _defaults(args) -> None:
             setattr(args, key, small if tiny else full)
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     _defaults(args)
@@ -281,7 +291,7 @@ def main(argv=None) -> dict:
     tdtype = DTYPES[args.teacher_dtype or ("bf16" if gpu else "fp32")]
     suites = args.suite or ["students", "teacher", "distill", "train"]
     result = {
-        "device": torch.cuda.get_device_name(device) if gpu else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device) if gpu else cpu_name(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__, "tiny": args.tiny, "threads": torch.get_num_threads(),
         "weights": args.sam3_checkpoint or f"random x{args.weight_scale}", "compile": args.compile,
