@@ -100,5 +100,10 @@ def test_bench_cli_on_cpu(scannet_bin, tmp_path, capsys):
     assert res["points_raw"] == 40684 and r0["peak_mem_gib"] is None
     assert merged["attention_gmacs"] < r0["attention_gmacs"] and merged["whole_model_gmacs"] < r0["whole_model_gmacs"]
     assert "| patch@0.9 |" in capsys.readouterr().out
+    out2 = tmp_path / "macs.json"
+    assert bench.main(["--scene", str(out.parent / ".gitmerge3d-bench-scene" / "scene"), "--reduced", "--macs-only"]
+                      + ["--rows", "patch@0.9", "--grid-size", "0.08", "--out", str(out2)]) == 0  # fmt: skip
+    only = json.loads(out2.read_text())["rows"][0]
+    assert only["latency_ms"] is None and only["attention_gmacs"] == merged["attention_gmacs"]
     assert bench.main(["--scene", str(scannet_bin), "--rows", "patch@1.5"]) == 2
     assert "--rows entry" in capsys.readouterr().err

@@ -94,6 +94,19 @@ def run_row(model, inputs, name, mode, r, args, device) -> dict:
     torch.manual_seed(0)
     with torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp), kernels():
         macs = count_macs(model, inputs)  # same dtype as the timed runs: no extra autotuning on first use
+    row = {
+        "row": name,
+        "attention_gmacs": macs.attention / 1e9,
+        "attention_linear_gmacs": macs.attention_linear / 1e9,
+        "attention_matmul_gmacs": macs.attention_matmul / 1e9,
+        "similarity_gmacs": macs.similarity / 1e9,
+        "whole_model_gmacs": macs.whole_model / 1e9,
+        "latency_ms": None,
+        "peak_mem_gib": None,
+        "attend_share": None,
+    }
+    if args.macs_only:
+        return row
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
@@ -103,17 +116,8 @@ def run_row(model, inputs, name, mode, r, args, device) -> dict:
         skipped = time_calls(forward, device, min(args.warmup, 1), args.iters)
     ms = sorted(times)[len(times) // 2]
     ms_skip = sorted(skipped)[len(skipped) // 2]
-    return {
-        "row": name,
-        "attention_gmacs": macs.attention / 1e9,
-        "attention_linear_gmacs": macs.attention_linear / 1e9,
-        "attention_matmul_gmacs": macs.attention_matmul / 1e9,
-        "similarity_gmacs": macs.similarity / 1e9,
-        "whole_model_gmacs": macs.whole_model / 1e9,
-        "latency_ms": ms,
-        "peak_mem_gib": peak,
-        "attend_share": max(0.0, (ms - ms_skip) / ms) if ms > 0 else None,
-    }
+    row.update(latency_ms=ms, peak_mem_gib=peak, attend_share=max(0.0, (ms - ms_skip) / ms) if ms > 0 else None)
+    return row
 
 
 def markdown(result: dict) -> str:
@@ -126,12 +130,13 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        peak = "n/a (CPU)" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}"
+        peak = "n/a" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}"
+        latency = "n/a" if r["latency_ms"] is None else f"{r['latency_ms']:.1f}"
         share = "n/a" if r["attend_share"] is None else f"{100 * r['attend_share']:.0f}%"
         parts = f"{r['attention_linear_gmacs']:.1f} / {r['attention_matmul_gmacs']:.1f} / {r['similarity_gmacs']:.1f}"
         lines.append(
             f"| {r['row']} | {r['attention_gmacs']:.2f} ({parts}) | {r['whole_model_gmacs']:.2f} "
-            f"| {r['latency_ms']:.1f} | {peak} | {share} |"
+            f"| {latency} | {peak} | {share} |"
         )
     return "\n".join(lines)
 
@@ -152,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--spconv", default="auto", choices=sc.BACKENDS, help="sparse-conv backend")
+    p.add_argument("--macs-only", action="store_true", help="count MACs (one forward per row), no timing")
     p.add_argument("--out", help="write the results as JSON here (and a .md table next to it)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
