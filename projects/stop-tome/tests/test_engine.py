@@ -201,3 +201,19 @@ def test_torchrun_two_processes_cpu(msrvtt_dir, weights_dir, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     history = json.loads((out / "history.json").read_text())
     assert history[-1]["pairs"] == 4 and load_checkpoint(out / "checkpoint.pt")["step"] == 1
+
+
+def test_eval_skips_and_counts_a_corrupt_video(msrvtt_dir, weights_dir, tmp_path, capsys):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for p in (msrvtt_dir / "videos").iterdir():
+        if p.stem != "video7003":
+            (videos / p.name).symlink_to(p)
+    (videos / "video7003.mp4").write_bytes(b"\x1a\x45\xdf\xa3 not really a video" * 50)
+    out = tmp_path / "eval"
+    argv = _argv(msrvtt_dir, weights_dir, out, "--do_eval", "--temporal_prompt", "none")
+    argv[argv.index("--features_path") + 1] = str(videos)
+    assert main(argv) == 0
+    row = json.loads((out / "history.json").read_text())[-1]
+    assert row["pairs"] == 3 and row["bad_videos"] == 1
+    assert "skipped video video7003" in capsys.readouterr().out
