@@ -157,3 +157,20 @@ def test_backward_and_low_precision(clip_sd, video):
     with torch.no_grad():
         out = model.get_video_features(video.to(torch.bfloat16))
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_dense_and_index_source_maps_agree(clip_sd, video, cross):
+    """ToMe's dense source (trace_source=True) and the integer map describe the same groups, joins included."""
+    kw = {"cross_layers": [1], "cross_frames": [2]} if cross else {}
+    maps = []
+    for trace in (True, "index"):
+        model = _model(clip_sd, "none")
+        apply_tome_patch(model, r=2, trace_source=trace, **kw)
+        with torch.no_grad():
+            model.get_video_features(video)
+        st = merge_state(model)
+        maps.append(st.source.argmax(dim=-2) if trace is True else st.source_index)
+        if trace is True:
+            assert torch.equal(st.source.sum(-2), torch.ones_like(st.source.sum(-2)))  # one row per original token
+    assert torch.equal(maps[0], maps[1])

@@ -112,10 +112,12 @@ class _MergeVisual:
             st.r, st["planned_tokens"] = plan(st.r, tokens_per_frame, protected, frames, cross, st["cross_ratio"])
         st.protected = protected
         st["groups"], st["frames"], st["batch"] = frames, frames, batch
-        if st.trace_source:
-            st.source_index = torch.arange(tokens_per_frame, device=self.conv1.weight.device).repeat(batch * frames, 1)
+        if st.trace_source:  # "index": integer maps (O(N)); True: ToMe's dense maps
+            index = torch.arange(tokens_per_frame, device=self.conv1.weight.device).repeat(batch * frames, 1)
             if st.trace_source is True:
-                st.source = source_index_to_dense(st.source_index, tokens_per_frame)
+                st.source = source_index_to_dense(index, tokens_per_frame)
+            else:
+                st.source_index = index
 
     def groups_after(self, layer: int, groups: int) -> int:
         return self._merge_info["groups"]
@@ -159,8 +161,9 @@ class _MergeBlock:
         frames, metric, st.size = (join_groups(k, p, t, 0) for t in (frames, metric, size))
         if st.source_index is not None:
             st.source_index = join_source_index(k, p, st.source_index, per)
-            if st.source is not None:
-                st.source = source_index_to_dense(st.source_index, frames.shape[1]).to(st.source.dtype)
+        if st.source is not None:  # dense map: via its integer form (every original token has exactly one row)
+            index = join_source_index(k, p, st.source.argmax(dim=-2), per)
+            st.source = source_index_to_dense(index, frames.shape[1]).to(st.source.dtype)
         st.protected = p * k
         st["groups"] = st["groups"] // k
         return frames, metric
