@@ -152,3 +152,16 @@ def test_merged_attention_equals_official_reference(prop_attn):
     got = attn.attend(q, k, v, None, None)
     want = official_attention_reference(q, k, v, int(30 * 0.8), 4, attn.scale)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_model_r_as_fraction_or_counts(make_points):
+    model, pts = build(), make_points(1500)
+    state = merging.patch(model, {"tome": "patch", "r": 0.9, "stride": 10})
+    model.r = 40  # merge-core's count: 40 tokens removed per patch in every block
+    run(model, pts)
+    assert all(t == kept_tokens(64, 40, 10) for t in state.tokens[:2])
+    assert merging.resolve_r(0.5, 3) == (0.5, [0, 0, 0])
+    assert merging.resolve_r([4, 2], 3) == (None, [4, 2, 0])
+    model.r = 2.5  # neither a fraction in (0, 1) nor a whole count
+    with pytest.raises((TypeError, ValueError)):
+        run(model, pts)

@@ -109,3 +109,12 @@ def test_wrong_checkpoints_fail_in_one_line(tmp_path):
     torch.save({"state_dict": {"foo.weight": torch.zeros(1)}}, tmp_path / "d.pth")
     with pytest.raises(CheckpointError, match="no backbone keys"):
         load_backbone(PointTransformerV3(**tiny_config("pretrain")), tmp_path / "d.pth")
+
+
+def test_patch_padding_by_hand():
+    from gitmerge3d.models.point_transformer_v3m2 import patch_padding
+
+    # two samples of 5 and 4 points, K = 2: the first pads to 6 by repeating slot 3 (one patch earlier)
+    pad, unpad = patch_padding(torch.tensor([5, 9]), 2)
+    assert pad.tolist() == [0, 1, 2, 3, 4, 3, 5, 6, 7, 8]
+    assert unpad.tolist() == [0, 1, 2, 3, 4, 6, 7, 8, 9]
