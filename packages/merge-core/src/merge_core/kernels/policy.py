@@ -13,7 +13,10 @@ Not calibrated (the requested ``r`` runs as given): CPU inputs, training (autogr
 parameters), ``torch.compile`` tracing and CUDA-graph capture. ``merge_core.kernels.graph.cuda_graph``
 makes the same choice for graph replay by timing both captured graphs.
 
-Force the requested ``r``: ``model.merge_policy = "force"`` or ``MERGE_CORE_POLICY=force``.
+Force the requested ``r``: ``model.merge_policy = "force"`` or ``MERGE_CORE_POLICY=force``. Accuracy and
+ablation evaluations should force it: a decision to run r = 0 changes the outputs (they become the unmerged
+model's), so an "r = 16" accuracy measured at a small batch on a GPU would otherwise be the r = 0 accuracy.
+``last_decision(model)`` tells what the last calibrated forward ran.
 """
 
 from __future__ import annotations
