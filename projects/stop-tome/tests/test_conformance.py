@@ -72,20 +72,6 @@ class TestStopAdapter(AdapterConformance):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["group2-2"])
-def test_fp16_stop_runs_where_supported(mode):
-    """STOP's Conv3d prompter has no fp16 CPU kernel on some torch builds; bf16 is covered by the suite."""
-    model = _build(mode)().half()
-    apply_tome_patch(model, r=2)
-    try:
-        with torch.no_grad():
-            out, _ = model(*[t.half() for t in _inputs(mode)()])
-    except RuntimeError as exc:
-        pytest.skip(f"fp16 Conv3d on CPU: {exc}")
-    assert out.dtype == torch.float16 and torch.isfinite(out).all()
-
-
-@pytest.mark.slow
 def test_compile_fullgraph_stop():
     """STOP's prompter (sort, Conv3d, top-k mask) traces too; slow on CPU, so outside the suite's default cases."""
     check_compile(CASES[0])
