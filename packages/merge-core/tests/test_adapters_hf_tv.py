@@ -145,3 +145,27 @@ def test_dinov2_registers_are_protected():
     # class token + 2 registers never merge: at most (19 - 3) // 2 = 8 of the 16 patches go
     assert model._merge_info.protected == 3 and size.shape[1] == 11
     assert torch.all(size[:, :3] == 1) and torch.all(size.sum(1) == 19)
+
+
+def test_hf_mask_built_by_transformers_is_not_a_user_mask():
+    """Some transformers versions hand every layer an all-visible mask they built themselves (seen under
+    torch.compile with transformers 5.17 on an H200): with no user mask, merging must still run and give the
+    same output as without that mask."""
+    torch.manual_seed(0)
+    model = transformers.ViTModel(transformers.ViTConfig(**HF), add_pooling_layer=False).eval()
+    mc.patch.hf(model)
+    model.r = 2
+    x = _images()
+    expected = model(pixel_values=x).last_hidden_state
+    blocks = [m for m in model.modules() if any(c.__name__ == "ViTLayer" for c in type(m).__mro__)]
+    assert len(blocks) == HF["num_hidden_layers"]
+
+    def with_builtin_mask(self, hidden_states, attention_mask=None, *args, **kwargs):
+        b, n = hidden_states.shape[:2]
+        return type(self).forward(self, hidden_states, torch.zeros(b, 1, n, n), *args, **kwargs)
+
+    for block in blocks:
+        block.forward = with_builtin_mask.__get__(block)
+    got = model(pixel_values=x).last_hidden_state
+    torch.testing.assert_close(got, expected)
+    assert got.shape[1] == 1 + (HF["image_size"] // HF["patch_size"]) ** 2 - 2 * HF["num_hidden_layers"]

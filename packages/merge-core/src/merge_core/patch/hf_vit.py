@@ -16,6 +16,7 @@ transformers is not imported here: classes are recognised by name, so ``import m
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable
 
@@ -140,8 +141,9 @@ class _MergeLayer:
             out = super().forward(hidden_states, attention_mask, *args, **kwargs)
             state.tokens.append(out.shape[-2])
             return out
-        if attention_mask is not None:
+        if attention_mask is not None and state.extra.get("user_attention_mask", True):
             raise ValueError("attention_mask cannot be combined with token merging (model.r > 0) in the HF adapter")
+        # else: transformers built an all-visible mask itself (some versions do under tracing); dropping it is exact
         if _attentions_requested(self, kwargs):
             raise ValueError("output_attentions=True cannot be combined with token merging (model.r > 0)")
         stash = state.enter_layer(layer)
@@ -159,6 +161,9 @@ class _MergeTower:
         flag = flag or "is_gradient_checkpointing"
         checkpointing = torch.is_grad_enabled() and bool(getattr(owner, flag, False))
         self._merge_info.begin(self._merge_num_layers, owner.r, checkpointing=checkpointing)
+        pos = self._merge_mask_pos
+        user_mask = kwargs.get("attention_mask") is not None or (0 <= pos < len(args) and args[pos] is not None)
+        self._merge_info.extra["user_attention_mask"] = user_mask
         return super().forward(*args, **kwargs)
 
 
@@ -176,6 +181,15 @@ class _MergeSiglipHead:
         x = self.attention(probe, hidden_state, hidden_state, attn_mask=bias, need_weights=False)[0]
         x = x + self.mlp(self.layernorm(x))
         return x[:, 0]
+
+
+def _positional_index(fn: Callable, name: str) -> int:
+    """Index of ``name`` among ``fn``'s positional arguments after ``self`` (-1 if none); read at patch time."""
+    params = [
+        p for p in inspect.signature(fn).parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    names = [p.name for p in params[1:]]
+    return names.index(name) if name in names else -1
 
 
 def _keep_output_capture(new: type, original: type) -> None:
@@ -231,6 +245,7 @@ class HFAdapter(MergeAdapter):
         _keep_output_capture(type(tower), original)
         self.attach_attr(tower, "_merge_owner", model, state)
         self.attach_attr(tower, "_merge_num_layers", len(layers), state)
+        self.attach_attr(tower, "_merge_mask_pos", _positional_index(original.forward, "attention_mask"), state)
         self.attach_attr(tower, "_merge_info", state, state)
         for i, layer in enumerate(layers):
             kind = _class_name(layer, LAYERS)
