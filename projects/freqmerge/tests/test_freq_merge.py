@@ -222,3 +222,11 @@ def test_matcher_rejects_bad_settings():
         FreqMergeMatcher(scorer="dct")
     with pytest.raises(ValueError, match="mode"):
         FreqMergeMatcher(mode="other")
+
+
+def test_freqmerge_forces_its_schedule_under_merge_cores_policy(tiny_config):
+    """merge-core's default policy may run small GPU batches unmerged; FreqMerge's accuracy must be the method's."""
+    from merge_core.kernels.policy import get_policy
+
+    model = build_model(tiny_config())
+    assert get_policy(model) == "force"

@@ -163,6 +163,8 @@ def apply_freqmerge(model: VisionTransformer, cfg, scorer: str | None = None) ->
     trace = "index" if matcher.needs_source_index else False
     patch_timm(model, trace_source=trace, prop_attn=cfg.prop_attn, match_fn=matcher)
     model.r = merge_schedule(model, cfg.keep_rate, cfg.merge_layers)
+    # the method is what we evaluate: merge-core's default "auto" policy would run small GPU batches unmerged
+    model.merge_policy = "force"
     model.freqmerge_matcher = matcher
     return model
 
