@@ -192,7 +192,8 @@ def run(args: argparse.Namespace, explicit: set[str]) -> dict[str, Any]:
         if "config" not in resume_ckpt:
             raise CheckpointError(f"{resume_path}: not a training checkpoint of this project (no 'config')")
         keep = {"resume", "output_dir", "device", "local_rank", "num_thread_reader"}  # never taken from the checkpoint
-        merged = reconcile_config(resume_ckpt["config"], vars(args), explicit | keep)
+        merged = reconcile_config(resume_ckpt["config"], vars(args), explicit - keep)
+        merged.update({k: getattr(args, k) for k in keep})  # where this run writes and runs, silently
         args = argparse.Namespace(**merged)
     _default_csv(args)
     env = setup_distributed(args.device)
