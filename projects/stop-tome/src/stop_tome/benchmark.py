@@ -175,6 +175,7 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
         "policy": args.policy,
     }
     rows: list[dict[str, Any]] = []
+    out = Path(args.out) if args.out else Path("results") / f"stop-tome-benchmark-{_slug(env['device'])}.json"
     for name in args.model_list:
         plain_base = None
         spec = TINY if name == "tiny" else SPECS[name]
@@ -197,20 +198,27 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
             for r in r_values:
                 if mode == "cross" and r == 0:
                     continue  # r = 0 switches every merge off: the plain CLIP4Clip row
-                row = bench_row(model, name, mode, r, video, local, args, device)
+                try:
+                    row = bench_row(model, name, mode, r, video, local, args, device)
+                except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:  # keep the other rows of a GPU session
+                    rows.append({"model": name, "mode": mode, "r": r, "error": f"{type(exc).__name__}: {exc}"[:300]})
+                    log(f"{name} {mode} r={r}: {rows[-1]['error']}")
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
                 if r == 0:
                     base = row
                 if base is not None:
                     compare(row, base)
                 rows.append(row)
                 log(_row_text(row))
+                write_json_atomic(out, {"environment": env, "rows": rows})  # partial results survive a crash
             if mode == "none":
                 plain_base = base
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     payload = {"environment": env, "rows": rows}
-    out = Path(args.out) if args.out else Path("results") / f"stop-tome-benchmark-{_slug(env['device'])}.json"
     write_json_atomic(out, payload)
     log(f"wrote {out}")
     log(markdown_table(rows))
@@ -249,6 +257,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         return f"{100 * row[key]:.1f}%" if key in row else "-"
 
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['mode']} | {r['r']} | {r['error'][:60]} |" + " |" * 7)
+            continue
         mem = f"{r['peak_mem_mib']:.0f}" if "peak_mem_mib" in r else "-"
         merged = "-" if r["policy_merged"] is None else r["policy_merged"]
         speed = "-" if r["videos_per_s"] is None else f"{r['videos_per_s']:.1f}"
