@@ -73,9 +73,13 @@ def config_from_args(args: argparse.Namespace) -> tuple:
 def teacher_on(cfg, device: torch.device) -> nn.Module:
     """The configured teacher (merged if TEACHER.MERGE_R / MERGE_GLOBAL_R > 0) on `device` in its dtype.
     On CPU it runs in fp32 whatever TEACHER.DTYPE says (bf16 matmuls on CPU are slow)."""
-    t = build_teacher(
-        cfg.TEACHER.TYPE, cfg.TEACHER.CHECKPOINT, cfg.DISTILL.EMBED_DIM, cfg.DISTILL.EMBED_SIZE, cfg.DATA.IMG_SIZE
-    )
+    # A teacher without a checkpoint has random weights: seed them so every rank and every run (export,
+    # --check, online training) gets the same teacher, without touching the caller's RNG stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.SEED)
+        t = build_teacher(
+            cfg.TEACHER.TYPE, cfg.TEACHER.CHECKPOINT, cfg.DISTILL.EMBED_DIM, cfg.DISTILL.EMBED_SIZE, cfg.DATA.IMG_SIZE
+        )
     check_teacher_shape(t, cfg.DISTILL.EMBED_DIM, cfg.DISTILL.EMBED_SIZE, cfg.DATA.IMG_SIZE)
     if cfg.TEACHER.MERGE_R or cfg.TEACHER.MERGE_GLOBAL_R:
         if cfg.TEACHER.TYPE == "standin":
