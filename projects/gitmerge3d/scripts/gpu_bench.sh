@@ -4,7 +4,8 @@
 # Run from the repository root with plain python (no uv): needs torch, numpy, plyfile, addict, tqdm;
 # spconv-triton only with SPCONV=auto (default torch: the pure-torch sparse conv, no autotuning).
 # Env: SCENE (raw .bin/.ply or Pointcept folder), OUT (results folder), SPCONV (torch|auto|spconv),
-#      REDUCED=1 (toy model, 1 timed run, for a CPU check), NORMALS (estimate|zero).
+#      REDUCED=1 (toy model, 1 timed run, for a CPU check), NORMALS (estimate|zero),
+#      TILES (default "1 4": the real scene and 4 tiled copies; one value to split the work over two runs).
 set -eu
 ROOT=$(pwd)
 export PYTHONPATH="$ROOT/projects/gitmerge3d/src:$ROOT/packages/merge-core/src:$ROOT/packages/run-kit/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -28,5 +29,8 @@ mkdir -p "$OUT"
 TMP=${TMPDIR:-/tmp}/gitmerge3d-scene
 python -m gitmerge3d.tools.convert "$SCENE" "$TMP" --name scene0000_00 --normals "$NORMALS"
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-python -m gitmerge3d.tools.bench --scene "$TMP/scene0000_00" --spconv "$SPCONV" --out "$OUT/bench-real.json" $EXTRA
-python -m gitmerge3d.tools.bench --scene "$TMP/scene0000_00" --tile 4 --spconv "$SPCONV" --out "$OUT/bench-tiled4.json" $EXTRA
+for t in ${TILES:-1 4}; do
+  name=bench-tiled$t
+  if [ "$t" = 1 ]; then name=bench-real; fi
+  python -m gitmerge3d.tools.bench --scene "$TMP/scene0000_00" --tile "$t" --spconv "$SPCONV" --out "$OUT/$name.json" $EXTRA
+done
