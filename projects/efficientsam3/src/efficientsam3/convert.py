@@ -34,20 +34,28 @@ def student_state(ckpt: dict) -> dict:
     return out
 
 
+def check_shapes(sd: dict, ref: dict, source: str, what: str) -> None:
+    """Every key of `sd` must be in `ref` with the same shape; the first bad key is a one-line error."""
+    for key, value in sd.items():
+        if key not in ref:
+            raise CheckpointError(f"{source}: {what} has no key {key}")
+        if tuple(ref[key].shape) != tuple(value.shape):
+            raise CheckpointError(
+                f"{source}: shape mismatch for {key}: {tuple(value.shape)} vs {tuple(ref[key].shape)} in {what}"
+            )
+
+
 def check_student(sd: dict, backbone: str, embed_dim: int, source: str) -> None:
     """Refuse a student that does not match the architecture (first bad key named)."""
     with torch.device("meta"):
         ref = build_student(backbone, embed_dim).state_dict()
-    for key, value in ref.items():
-        if key not in sd:
-            raise CheckpointError(f"{source}: missing student key {key} (backbone {backbone})")
-        if tuple(sd[key].shape) != tuple(value.shape):
-            raise CheckpointError(
-                f"{source}: shape mismatch for {key}: {tuple(sd[key].shape)} vs {tuple(value.shape)} ({backbone})"
-            )
+    missing = [k for k in ref if k not in sd]
+    if missing:
+        raise CheckpointError(f"{source}: missing student key {missing[0]} (backbone {backbone})")
     extra = [k for k in sd if k not in ref]
     if extra:
         raise CheckpointError(f"{source}: unexpected student key {extra[0]} ({len(extra)} unexpected, {backbone})")
+    check_shapes(sd, ref, source, f"the {backbone} student")
 
 
 def convert(student_ckpt: str, sam3_ckpt: str, output: str, backbone: str | None = None) -> dict:

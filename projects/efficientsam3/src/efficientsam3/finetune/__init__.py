@@ -1,0 +1,1 @@
+"""Stage-1 geometry fine-tune: converter, prompt sampling, losses, configs."""
