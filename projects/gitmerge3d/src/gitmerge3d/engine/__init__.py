@@ -1,0 +1,1 @@
+"""Pointcept-style engine: configs, builders, trainer, tester, metrics."""
