@@ -59,7 +59,9 @@ def sample_prompts(
     area = torch.tensor([float(a.get("area", a["bbox"][2] * a["bbox"][3])) for a in anns], dtype=torch.float64)
     pts = [a["point_coords"][0] if a.get("point_coords") else None for a in anns]
     centre = xywh[:, :2] + xywh[:, 2:] / 2
-    points = torch.stack([torch.tensor(p, dtype=torch.float64) if p is not None else c for p, c in zip(pts, centre)])
+    points = torch.stack(
+        [torch.tensor(p, dtype=torch.float64) if p is not None else c for p, c in zip(pts, centre, strict=True)]
+    )
     order = torch.argsort(area, descending=True, stable=True)
     if single:
         order = order[torch.randint(len(order), (1,), generator=generator)]
