@@ -1,4 +1,4 @@
-# 100-epoch merged fine-tune from a baseline 0c model (-w .../semseg-sonata-v1m1-0-base-0c-scannet-ft/model/model_best.pth).
+# 100-epoch merged fine-tune, -w: a baseline 0c model_best.pth (semseg-sonata-v1m1-0-base-0c-scannet-ft).
 _base_ = ["gitmerge3d-patch-0c-scannet-ft.py"]
 model = dict(backbone=dict(additional_info=dict(r=0.8, stride=5, no_rand=True)))
 epoch = 100

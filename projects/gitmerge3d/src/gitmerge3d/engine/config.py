@@ -106,9 +106,7 @@ def apply_options(cfg: dict, options: Sequence[str]) -> dict:
     """Apply ``a.b.c=value`` overrides (Pointcept's ``--options``); intermediate dicts must exist."""
     for opt in options:
         if "=" not in opt:
-            raise ConfigError(
-                f"--options entry {opt!r} must look like key=value (e.g. weight=exp/x/model/model_best.pth)"
-            )
+            raise ConfigError(f"--options entry {opt!r} must look like key=value (e.g. weight=model_best.pth)")
         key, text = opt.split("=", 1)
         parts = key.split(".")
         node = cfg
