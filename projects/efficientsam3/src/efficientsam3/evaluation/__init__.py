@@ -1,0 +1,1 @@
+"""Evaluation of SAM3 / EfficientSAM3 models on public benchmarks."""
