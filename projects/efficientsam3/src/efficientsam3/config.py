@@ -166,14 +166,14 @@ def _set(cfg: CN, key: str, value) -> None:
         raise ConfigError(f"{key}: expected a {type(old).__name__}, got {value!r}") from None
 
 
-def validate(cfg: CN) -> None:
-    """Check choices and a few ranges once, with one-line errors."""
-    for key, allowed in _CHOICES.items():
+def validate(cfg: CN, choices: dict | None = None) -> None:
+    """Check choices (stage-1's plus `choices`) and a few ranges once, with one-line errors."""
+    for key, allowed in {**_CHOICES, **(choices or {})}.items():
         node = cfg
         for part in key.split("."):
             node = node[part]
         if node not in allowed:
-            raise ConfigError(f"{key}: expected one of {', '.join(allowed)}, got {node!r}")
+            raise ConfigError(f"{key}: expected one of {', '.join(map(str, allowed))}, got {node!r}")
     for key, value in (("DATA.IMG_SIZE", cfg.DATA.IMG_SIZE), ("DISTILL.EMBED_SIZE", cfg.DISTILL.EMBED_SIZE)):
         if value <= 0:
             raise ConfigError(f"{key}: expected a positive integer, got {value}")
@@ -181,15 +181,21 @@ def validate(cfg: CN) -> None:
         raise ConfigError(f"TRAIN.ACCUMULATION_STEPS: expected >= 1, got {cfg.TRAIN.ACCUMULATION_STEPS}")
 
 
-def load_config(cfg_file: str | None = None, opts: Sequence[str] = (), overrides: dict | None = None) -> CN:
-    """Defaults <- cfg_file (with BASE includes) <- --opts <- explicit CLI overrides (dotted keys)."""
-    cfg = default_config()
+def load_config(
+    cfg_file: str | None = None,
+    opts: Sequence[str] = (),
+    overrides: dict | None = None,
+    defaults: CN | None = None,
+    choices: dict | None = None,
+) -> CN:
+    """Defaults (stage-1's unless given) <- cfg_file (with BASE includes) <- --opts <- explicit CLI overrides."""
+    cfg = (defaults if defaults is not None else _C).clone()
     if cfg_file:
         _merge_file(cfg, cfg_file)
     _merge_opts(cfg, list(opts))
     for key, value in (overrides or {}).items():
         _set(cfg, key, value)
-    validate(cfg)
+    validate(cfg, choices)
     cfg.freeze()
     return cfg
 
