@@ -1,0 +1,75 @@
+"""Pointcept-style ``tools/test.py``: fragment-voting test of ``weight`` on ``data.test``; prints mIoU.
+
+``--config-file configs/sonata/<cfg>.py --options weight=exp/.../model/model_best.pth`` (a ``weighted_patch``
+config evaluates ``patch``-trained weights: the weights are the same, only the merging differs).
+Results go to ``<save_path>/result/`` (default: the run folder of the weight, else ``exp/test``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from run_kit import CheckpointError, OneLineArgumentParser, resolve_device, seed_everything, write_json_atomic
+
+from ..datasets.pointcept import build_dataset
+from ..engine.build import build_model, load_weight
+from ..engine.config import ConfigError, load_config
+from ..engine.metrics import format_table
+from ..engine.tester import test_dataset
+
+
+def parser() -> OneLineArgumentParser:
+    p = OneLineArgumentParser(prog="gitmerge3d-test", description=__doc__.splitlines()[0])
+    p.add_argument("--config-file", required=True)
+    p.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-scenes", type=int, default=None, help="test only the first N scenes (quick runs)")
+    p.add_argument("--save-pred", action="store_true", help="also write <scene>_pred.npy per scene")
+    return p
+
+
+def _save_dir(cfg) -> Path:
+    if cfg.get("save_path"):
+        return Path(cfg.save_path)
+    w = Path(cfg.weight)
+    return w.parent.parent if w.parent.name == "model" else Path("exp/test")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.max_scenes is not None and args.max_scenes < 1:
+            raise ValueError(f"--max-scenes must be >= 1, got {args.max_scenes}")
+        cfg = load_config(args.config_file, args.options)
+        if not cfg.get("weight"):
+            raise ConfigError("weight is not set (pass --options weight=exp/<d>/<name>/model/model_best.pth)")
+        seed_everything(int(cfg.get("seed") or 0))
+        device = resolve_device(args.device)
+        model = build_model(cfg.model).to(device)
+        load_weight(model, cfg.weight)
+        ds = build_dataset(cfg.data.test, max_scenes=args.max_scenes)
+        out = _save_dir(cfg) / "result"
+        out.mkdir(parents=True, exist_ok=True)
+
+        def on_scene(name: str, pred: np.ndarray, s: dict) -> None:
+            print(f"{name}: mIoU {s['mIoU']:.4f} mAcc {s['mAcc']:.4f} allAcc {s['allAcc']:.4f}", flush=True)
+            if args.save_pred:
+                np.save(out / f"{name}_pred.npy", pred)
+
+        res = test_dataset(model, ds, cfg.data.num_classes, device, cfg.data.get("ignore_index", -1), on_scene)
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
+        print(f"gitmerge3d-test: error: {exc}", file=sys.stderr)
+        return 2
+    table = format_table(res, cfg.data.names)
+    print(table)
+    (out / "metrics.txt").write_text(table + "\n")
+    write_json_atomic(out / "metrics.json", {**res, "names": list(cfg.data.names), "weight": str(cfg.weight)})
+    print(f"wrote {out / 'metrics.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
