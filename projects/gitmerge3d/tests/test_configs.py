@@ -86,3 +86,11 @@ def test_bad_fields_are_one_line_errors(option, needle):
 def test_missing_config_file_is_one_line():
     with pytest.raises(ConfigError, match="config file .* not found"):
         load_config(CONFIGS / "nope.py")
+
+
+@pytest.mark.parametrize("script", sorted((CONFIGS.parents[1]).glob("*_scripts/*.sh")), ids=lambda p: p.name)
+def test_quick_start_scripts_name_shipped_configs(script):
+    text = script.read_text()
+    cfg = text.split("-c ", 1)[1].split()[0]
+    assert (CONFIGS / f"{cfg}.py").is_file()
+    assert "sh scripts/train.sh" in text
