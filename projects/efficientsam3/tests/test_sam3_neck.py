@@ -1,4 +1,6 @@
+import importlib.util
 import math
+import os
 
 import pytest
 import torch
@@ -58,3 +60,33 @@ def test_load_neck_from_sam3_checkpoint(tmp_path):
         load_neck(neck, str(tmp_path / "bad.pt"))
     with pytest.raises(FileNotFoundError, match="MODEL.SAM3_CHECKPOINT: file not found"):
         load_neck(neck, str(tmp_path / "none.pt"))
+
+
+@pytest.mark.skipif(not os.environ.get("SAM3_SRC"), reason="set SAM3_SRC to an unpacked sam3 wheel (sam3/model/...)")
+def test_equals_pypi_sam3_neck():
+    """Against sam3 0.1.4's own Sam3DualViTDetNeck + PositionEmbeddingSine (modules loaded standalone)."""
+    root = os.path.join(os.environ["SAM3_SRC"], "sam3", "model") + os.sep
+    mods = {}
+    for name in ("necks", "position_encoding"):
+        spec = importlib.util.spec_from_file_location(f"_s3neck_{name}", root + name + ".py")
+        mods[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mods[name])
+
+    class Trunk(torch.nn.Module):
+        channel_list = [64]
+
+        def forward(self, x):
+            return [x]
+
+    pe = mods["position_encoding"].PositionEmbeddingSine(num_pos_feats=32, normalize=True, temperature=10000)
+    ref = mods["necks"].Sam3DualViTDetNeck(Trunk(), pe, d_model=32, scale_factors=[4.0, 2.0, 1.0, 0.5]).eval()
+    mine = SimpleFPN(dim=64, d_model=32).eval()
+    ref_convs = ref.convs.state_dict()
+    assert sorted(ref_convs) == sorted(mine.convs.state_dict())
+    mine.convs.load_state_dict(ref_convs)
+    x = torch.randn(2, 64, 10, 10)
+    with torch.no_grad():
+        want_f, want_p, _, _ = ref(x)
+        got_f, got_p = mine(x)
+    for a, b in zip(got_f + got_p, want_f + want_p, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
