@@ -135,6 +135,39 @@ def test_train_sh_runs_and_resumes(tmp_path, init_weight):
     assert bad.returncode == 2 and "configs/tiny/nope.py" in bad.stderr
 
 
+def test_train_sh_two_processes_ddp_on_cpu(tmp_path, init_weight):
+    """-g 2 goes through torchrun: 2 gloo processes on CPU (the same code path as 2 GPUs with NCCL)."""
+    work = tmp_path / "work"
+    (work / "configs" / "tiny").mkdir(parents=True)
+    (work / "tools").symlink_to(PROJECT / "tools")
+    (work / "scripts").symlink_to(PROJECT / "scripts")
+    (work / "configs" / "tiny" / "cfg.py").write_text(init_weight[0].read_text())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29533"}
+    cmd = [
+        "sh",
+        "scripts/train.sh",
+        "-p",
+        sys.executable,
+        "-m",
+        "1",
+        "-g",
+        "2",
+        "-d",
+        "tiny",
+        "-c",
+        "cfg",
+        "-n",
+        "ddp",
+        "batch_size=2",
+    ]
+    out = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ckpt = load_checkpoint(work / "exp" / "tiny" / "ddp" / "model" / "model_last.pth")
+    # 2 train scenes, total batch 2 over 2 ranks: 1 iteration per epoch per rank, 2 epochs
+    assert (ckpt["epoch"], ckpt["step"]) == (2, 2)
+    assert isinstance(ckpt["rng"], list) and len(ckpt["rng"]) == 2  # every rank's RNG state
+
+
 def test_missing_weight_file_is_one_line(tmp_path, init_weight, capsys):
     rc = train_tool.main(
         ["--config-file", str(init_weight[0]), "--options", f"save_path={tmp_path}", f"weight={tmp_path}/no.pth"]

@@ -12,3 +12,4 @@ empty_cache = False
 max_train_iters = None  # stop after this many iterations (quick runs and tests); None: all epochs
 max_val_scenes = None
 eval_epoch = None  # None: validate every epoch
+find_unused_parameters = False  # DDP; frozen parameters need no flag (they have requires_grad=False)

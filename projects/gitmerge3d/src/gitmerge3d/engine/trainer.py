@@ -110,7 +110,7 @@ def train(cfg: Config, env: DistEnv, explicit: Sequence[str] = ()) -> dict[str, 
         f"trainable parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad)} "
         f"in {len(trainable)} tensors"
     )
-    ddp = wrap_ddp(model, env, find_unused_parameters=True)
+    ddp = wrap_ddp(model, env, find_unused_parameters=bool(cfg.get("find_unused_parameters", False)))
 
     per_gpu = max(1, cfg["batch_size"] // env.world_size)
     train_ds = build_dataset(cfg["data"]["train"])
