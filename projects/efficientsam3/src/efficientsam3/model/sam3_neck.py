@@ -29,15 +29,18 @@ class SinePositionEncoding(nn.Module):
             raise ValueError(f"d_model: expected an even width, got {d_model}")
         self.half, self.temperature, self.scale = d_model // 2, temperature, 2 * math.pi
 
-    def _axis(self, n: int, device: torch.device) -> torch.Tensor:
-        """(n, half) encoding of positions 1..n."""
-        pos = torch.arange(1, n + 1, dtype=torch.float32, device=device) / (n + 1e-6) * self.scale
-        i = torch.arange(self.half, dtype=torch.float32, device=device)
+    def encode(self, t: torch.Tensor) -> torch.Tensor:
+        """(n,) coordinates normalised to [0, 1] -> (n, half): sin/cos of t * 2 pi / frequency."""
+        i = torch.arange(self.half, dtype=torch.float32, device=t.device)
         freq = self.temperature ** (2 * torch.div(i, 2, rounding_mode="floor") / self.half)
-        angle = pos[:, None] / freq
+        angle = (t.float() * self.scale)[:, None] / freq
         out = torch.empty_like(angle)
         out[:, 0::2], out[:, 1::2] = angle[:, 0::2].sin(), angle[:, 1::2].cos()
         return out
+
+    def _axis(self, n: int, device: torch.device) -> torch.Tensor:
+        """(n, half) encoding of pixel positions 1..n (normalised by n)."""
+        return self.encode(torch.arange(1, n + 1, dtype=torch.float32, device=device) / (n + 1e-6))
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
