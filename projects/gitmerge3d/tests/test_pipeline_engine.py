@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from gitmerge3d.engine.build import build_model
+from gitmerge3d.engine.build import build_model, lovasz_softmax
 from gitmerge3d.engine.config import load_config
 from gitmerge3d.engine.metrics import summarize
 from gitmerge3d.tools import test as test_tool
@@ -201,3 +201,42 @@ def test_miou_on_a_hand_made_confusion():
     assert s["mAcc"] == pytest.approx((3 / 4 + 2 / 4) / 2)  # class 2 has no ground truth
     assert s["allAcc"] == pytest.approx(5 / 8)
     assert math.isnan(summarize(np.zeros((2, 2)))["mIoU"])
+
+
+def test_missing_data_root_through_train_is_one_line(tmp_path, init_weight, capsys):
+    rc = train_tool.main(
+        [
+            "--config-file",
+            str(init_weight[0]),
+            "--options",
+            f"save_path={tmp_path}/e",
+            f"data.train.data_root={tmp_path}/nodata",
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "data_root" in err and "nodata" in err and "\n" not in err
+
+
+def test_wrong_architecture_weight_is_one_line(tmp_path, init_weight, capsys):
+    rc = test_tool.main(
+        [
+            "--config-file",
+            str(init_weight[0]),
+            "--options",
+            f"weight={init_weight[1]}",
+            f"save_path={tmp_path}",
+            "model.backbone.enc_channels=(16, 16, 32, 32, 48)",
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "init.pth" in err and "\n" not in err
+
+
+def test_lovasz_softmax_by_hand():
+    # p(class 0) = [0.8, 0.3], targets [0, 1]. Class 0: errors sorted [0.3, 0.2] with fg [0, 1]:
+    # intersection [1, 0], union [2, 2], jaccard [0.5, 1] -> increments [0.5, 0.5] -> 0.3*0.5 + 0.2*0.5 = 0.25.
+    # Class 1: errors sorted [0.3, 0.2] with fg [1, 0]: intersection [0, 0], union [1, 2], jaccard [1, 1]
+    # -> increments [1, 0] -> 0.3. Mean over the two present classes: 0.275.
+    logits = torch.log(torch.tensor([[0.8, 0.2], [0.3, 0.7]]))
+    assert lovasz_softmax(logits, torch.tensor([0, 1])).item() == pytest.approx(0.275)
+    assert lovasz_softmax(logits, torch.tensor([-1, -1])).item() == 0.0
