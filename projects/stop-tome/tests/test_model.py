@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from merge_core.kernels.policy import get_policy
 from stop_tome.clip_model import ResidualAttentionBlock, to_stop_order
 from stop_tome.model import CLIP4Clip, task_config
 
@@ -123,3 +124,11 @@ def test_guide_programmatic_use_from_project_root(weights_dir, monkeypatch, caps
     with pytest.raises(SystemExit) as exc:
         runpy.run_path(str(root / "main.py"), run_name="__main__")
     assert exc.value.code == 0 and "--tome_prop_attn" in capsys.readouterr().out
+
+
+def test_main_models_force_the_requested_tome_r(clip_sd):
+    """Retrieval metrics must be the merged model's: merge-core's auto policy may skip merging on small GPU batches."""
+    merged = CLIP4Clip.from_pretrained(clip_sd, task_config(temporal_prompt="group2-2", max_frames=2, tome_r=1))
+    assert get_policy(merged) == "force"
+    plain = CLIP4Clip.from_pretrained(clip_sd, task_config(temporal_prompt="group2-2", max_frames=2))
+    assert get_policy(plain) == "auto"  # nothing patched: merge-core's default, irrelevant without merging

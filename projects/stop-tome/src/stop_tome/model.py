@@ -127,6 +127,9 @@ class CLIP4Clip(nn.Module):
                 cross_frames=parse_int_list(_cfg(task_config, "tome_cross_frames"), "tome_cross_frames"),
                 cross_ratio=float(_cfg(task_config, "tome_cross_ratio")),
             )
+            # training and retrieval metrics must see the requested tome_r: merge-core's default "auto" policy
+            # would run small GPU eval batches unmerged (stop-tome-benchmark chooses the policy itself)
+            self.merge_policy = "force"
 
     @classmethod
     def from_pretrained(cls, clip_state_dict: dict[str, torch.Tensor], task_config: Any, cross_config: Any = None):
