@@ -97,20 +97,28 @@ def select_level(feats: list[torch.Tensor], size: int) -> int:
     raise ValueError(f"MODEL.FEATURE_SIZE: no FPN level of size {size} (have {[f.shape[-1] for f in feats]})")
 
 
-def load_sam3_part(module: nn.Module, path: str, prefix: str, flag: str = "MODEL.SAM3_CHECKPOINT") -> None:
-    """Load the `prefix`* tensors of a local sam3.pt into `module` (strict, one-line errors)."""
+def read_sam3_state(path: str, flag: str = "MODEL.SAM3_CHECKPOINT") -> dict:
+    """The flat state dict of a local sam3.pt (memory-mapped; `{"model": ...}` unwrapped)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{flag}: file not found: {path}")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001  (pickle/zip errors have many types)
         raise CheckpointError(f"{flag}: {path} is not a torch checkpoint ({type(e).__name__})") from None
-    if isinstance(sd.get("model"), dict):
-        sd = sd["model"]
+    return sd["model"] if isinstance(sd.get("model"), dict) else sd
+
+
+def load_part(module: nn.Module, sd: dict, prefix: str, source: str) -> None:
+    """Load the `prefix`* tensors of a SAM3 state dict into `module` (strict, one-line errors)."""
     part = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
     if not part:
-        raise CheckpointError(f"{flag}: {path} has no {prefix}* keys (not a SAM3 checkpoint?)")
-    load_state_dict_checked(module, part, f"{flag}: {path} [{prefix}]")
+        raise CheckpointError(f"{source} has no {prefix}* keys (not a SAM3 checkpoint?)")
+    load_state_dict_checked(module, part, f"{source} [{prefix}]")
+
+
+def load_sam3_part(module: nn.Module, path: str, prefix: str, flag: str = "MODEL.SAM3_CHECKPOINT") -> None:
+    """Load the `prefix`* tensors of a local sam3.pt into `module`."""
+    load_part(module, read_sam3_state(path, flag), prefix, f"{flag}: {path}")
 
 
 def load_neck(neck: SimpleFPN, path: str) -> None:

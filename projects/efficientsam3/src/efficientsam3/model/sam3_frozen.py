@@ -1,0 +1,106 @@
+"""The frozen SAM3 path of the geometry fine-tune, assembled from the SAM3 modules in SAM3's key layout:
+embedding (B, 1024, 72, 72) + box/point prompts -> FPN -> geometry encoder -> transformer encoder ->
+decoder -> query scores + segmentation head masks (B, Q, 288, 288). The ViT trunk is not built.
+
+Like the reference FT, the prompt is the geometry encoder's tokens alone (no text tokens; SAM3's text
+encoder is not built). FEATURE_SIZE 72 (default) feeds the 72x72 level SAM3 inference uses (its scalp=1
+drops 36x36) and gives the segmentation head the levels 288/144/72; 36 reproduces the reference FT
+(encoder and pooling on 36x36, the head gets all four levels)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .sam3_decoder import TransformerDecoder
+from .sam3_encoder import TransformerEncoder
+from .sam3_geometry import GeometryEncoder
+from .sam3_neck import SimpleFPN, load_part, read_sam3_state
+from .sam3_scoring import DotProductScoring
+from .sam3_seg_head import SegmentationHead
+
+PREFIXES = {
+    "neck.convs": "detector.backbone.vision_backbone.convs.",
+    "geometry_encoder": "detector.geometry_encoder.",
+    "encoder": "detector.transformer.encoder.",
+    "decoder": "detector.transformer.decoder.",
+    "scoring": "detector.dot_prod_scoring.",
+    "segmentation_head": "detector.segmentation_head.",
+}
+
+
+@dataclass(frozen=True)
+class FrozenDims:
+    embed_dim: int = 1024
+    d_model: int = 256
+    ffn: int = 2048
+    heads: int = 8
+    encoder_layers: int = 6
+    geometry_layers: int = 3
+    decoder_layers: int = 6
+    queries: int = 200
+    scoring_hidden: int = 2048
+
+
+SAM3_DIMS = FrozenDims()
+TINY_DIMS = FrozenDims(32, 16, 32, 2, 1, 1, 2, 8, 32)  # same code at test size
+
+
+class FrozenSAM3(nn.Module):
+    """40,547,382 parameters at SAM3's sizes (7.80 + 8.22 + 9.47 + 11.58 + 1.18 + 2.30 M)."""
+
+    def __init__(self, dims: FrozenDims = SAM3_DIMS, feature_size: int = 72) -> None:
+        super().__init__()
+        if feature_size not in (72, 36):
+            raise ValueError(f"MODEL.FEATURE_SIZE: expected 72 or 36, got {feature_size}")
+        d = dims.d_model
+        self.feature_size = feature_size
+        self.neck = SimpleFPN(dims.embed_dim, d)
+        self.geometry_encoder = GeometryEncoder(d, dims.ffn, dims.heads, dims.geometry_layers)
+        self.encoder = TransformerEncoder(d, dims.ffn, dims.heads, dims.encoder_layers)
+        self.decoder = TransformerDecoder(d, dims.ffn, dims.heads, dims.decoder_layers, dims.queries)
+        self.scoring = DotProductScoring(d, d, dims.scoring_hidden)
+        self.segmentation_head = SegmentationHead(d, 3, dims.heads)
+
+    def component_sizes(self) -> dict[str, int]:
+        """Parameter count per component (printed at start-up; the guide's table is wrong)."""
+        return {name: sum(p.numel() for p in self.get_submodule(name).parameters()) for name in PREFIXES}
+
+    def forward(
+        self, embed: torch.Tensor, points: torch.Tensor, point_pad: torch.Tensor, boxes: torch.Tensor, box_pad
+    ) -> dict[str, torch.Tensor]:
+        """embed (B, C, S, S); points (B, Np, 2) / boxes (B, Nb, 4) normalised xy / cxcywh, pads True = padding.
+        -> pred_logits (B, Q) (last decoder layer's scores), pred_masks (B, Q, 4S, 4S), presence_logit (B,)."""
+        feats, pos = self.neck(embed)
+        level = 2 if self.feature_size == 72 else 3  # scale 1 (the embedding's own grid) or scale 0.5
+        img, img_pos = feats[level], pos[level]
+        prompt, prompt_pad = self.geometry_encoder(points, point_pad, boxes, box_pad, img, img_pos)
+        memory, memory_pos = self.encoder(img, img_pos, prompt, prompt_pad)
+        dec = self.decoder(memory, memory_pos, tuple(img.shape[-2:]), prompt, prompt_pad)
+        scores = self.scoring(dec["hs"], prompt, prompt_pad)
+        seg = self.segmentation_head(feats[: level + 1], dec["hs"][-1], memory, prompt, prompt_pad)
+        return {
+            "pred_logits": scores[-1, ..., 0],
+            "pred_masks": seg["pred_masks"],
+            "presence_logit": dec["presence_logits"][-1],
+        }
+
+
+def load_frozen_sam3(model: FrozenSAM3, path: str, flag: str = "MODEL.SAM3_CHECKPOINT") -> None:
+    """All six components from one local sam3.pt (strict per component, one-line errors)."""
+    sd = read_sam3_state(path, flag)
+    for name, prefix in PREFIXES.items():
+        load_part(model.get_submodule(name), sd, prefix, f"{flag}: {path}")
+
+
+def build_frozen_sam3(
+    checkpoint: str = "", dims: FrozenDims = SAM3_DIMS, feature_size: int = 72, dtype: torch.dtype = torch.float32
+) -> FrozenSAM3:
+    """Eval mode, no gradients to its weights (gradients still flow to the input embedding)."""
+    model = FrozenSAM3(dims, feature_size)
+    if checkpoint:
+        load_frozen_sam3(model, checkpoint)
+    model.eval().requires_grad_(False)
+    return model.to(dtype)

@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from efficientsam3.model.sam3_frozen import PREFIXES, TINY_DIMS, FrozenSAM3, build_frozen_sam3
+from run_kit import CheckpointError
+
+
+def test_component_sizes_match_research_notes():
+    with torch.device("meta"):
+        m = FrozenSAM3()
+    sizes = m.component_sizes()
+    assert sizes == {"neck.convs": 7_802_112, "geometry_encoder": 8_215_808, "encoder": 9_472_512,
+                     "decoder": 11_575_093, "scoring": 1_182_976, "segmentation_head": 2_298_881}  # fmt: skip
+    assert sum(p.numel() for p in m.parameters()) == 40_547_382
+
+
+def _inputs(b=2, s=8):
+    torch.manual_seed(0)
+    embed = torch.randn(b, TINY_DIMS.embed_dim, s, s)
+    pts = torch.rand(b, 3, 2)
+    boxes = torch.cat([torch.rand(b, 3, 2) * 0.5 + 0.25, torch.rand(b, 3, 2) * 0.3 + 0.1], -1)
+    pad = torch.tensor([[False, False, True], [False, False, False]])
+    return embed, pts, pad, boxes, pad.clone()
+
+
+@pytest.mark.parametrize("size", [72, 36])
+def test_forward_shapes_and_gradient_to_embedding(size):
+    torch.manual_seed(0)
+    m = build_frozen_sam3(dims=TINY_DIMS, feature_size=size)
+    embed, pts, ppad, boxes, bpad = _inputs()
+    embed.requires_grad_(True)
+    out = m(embed, pts, ppad, boxes, bpad)
+    assert out["pred_logits"].shape == (2, TINY_DIMS.queries)
+    assert out["pred_masks"].shape == (2, TINY_DIMS.queries, 32, 32)  # 4 x the embedding grid (288 for 72)
+    assert out["presence_logit"].shape == (2,)
+    out["pred_masks"].mean().backward()
+    assert embed.grad is not None and embed.grad.abs().sum() > 0
+    assert all(p.grad is None for p in m.parameters())
+
+
+def test_load_from_sam3_checkpoint_and_refusals(tmp_path):
+    torch.manual_seed(1)
+    src = FrozenSAM3(TINY_DIMS)
+    full = src.state_dict()
+    sd = {}
+    for name, prefix in PREFIXES.items():
+        for k, v in src.get_submodule(name).state_dict().items():
+            sd[prefix + k] = v
+    sd["detector.backbone.vision_backbone.trunk.blocks.0.x"] = torch.zeros(1)
+    sd["tracker.sam_mask_decoder.y"] = torch.zeros(1)
+    torch.save({"model": sd}, tmp_path / "sam3.pt")
+    m = build_frozen_sam3(str(tmp_path / "sam3.pt"), TINY_DIMS)
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in full.items())
+    args = _inputs()
+    torch.testing.assert_close(m(*args)["pred_masks"], src.eval()(*args)["pred_masks"])
+    del sd["detector.transformer.decoder.query_embed.weight"]
+    torch.save(sd, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="missing key 'query_embed.weight'"):
+        build_frozen_sam3(str(tmp_path / "bad.pt"), TINY_DIMS)
+    with pytest.raises(FileNotFoundError, match="MODEL.SAM3_CHECKPOINT: file not found"):
+        build_frozen_sam3(str(tmp_path / "none.pt"), TINY_DIMS)
+    with pytest.raises(ValueError, match="MODEL.FEATURE_SIZE: expected 72 or 36"):
+        FrozenSAM3(TINY_DIMS, 48)
