@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from gitmerge3d.engine.build import build_model, lovasz_softmax
+from gitmerge3d.engine.build import build_model, load_weight, lovasz_softmax
 from gitmerge3d.engine.config import load_config
 from gitmerge3d.engine.metrics import summarize
 from gitmerge3d.tools import test as test_tool
@@ -240,3 +240,19 @@ def test_lovasz_softmax_by_hand():
     logits = torch.log(torch.tensor([[0.8, 0.2], [0.3, 0.7]]))
     assert lovasz_softmax(logits, torch.tensor([0, 1])).item() == pytest.approx(0.275)
     assert lovasz_softmax(logits, torch.tensor([-1, -1])).item() == 0.0
+
+
+def test_weight_from_sonata_pretraining_loads_the_encoder(tmp_path, init_weight):
+    cfg = load_config(init_weight[0])
+    torch.manual_seed(1)
+    src = build_model(cfg.model)
+    enc = {k: v for k, v in src.backbone.state_dict().items() if not k.startswith("dec.")}
+    path = tmp_path / "pretrain.pth"
+    torch.save({"state_dict": {f"module.student.backbone.{k}": v for k, v in enc.items()}}, path)
+    torch.manual_seed(2)
+    dst = build_model(cfg.model)
+    dec_before = {k: v.clone() for k, v in dst.backbone.state_dict().items() if k.startswith("dec.")}
+    assert load_weight(dst, path) == "backbone"
+    after = dst.backbone.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in enc.items())
+    assert all(torch.equal(after[k], v) for k, v in dec_before.items())  # the new decoder keeps its init
