@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,16 @@ import pytest
 import torch
 
 from gitmerge3d.datasets.pointcept import ScanNetDataset, build_dataset, collate_fn
-from gitmerge3d.datasets.transform import CenterShift, GridSample, SphereCrop, fnv_hash
+from gitmerge3d.datasets.transform import (
+    CenterShift,
+    GridSample,
+    NormalizeColor,
+    RandomFlip,
+    RandomRotateTargetAngle,
+    RandomScale,
+    SphereCrop,
+    fnv_hash,
+)
 from gitmerge3d.engine.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "sonata"
@@ -81,3 +91,16 @@ def test_missing_data_root_is_one_line(tmp_path):
     with pytest.raises(FileNotFoundError) as exc:
         ScanNetDataset("train", str(tmp_path / "nowhere"))
     assert "data_root" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_test_augmentations_by_hand():
+    pts = {"coord": np.array([[1.0, 0.0, 0.5]], np.float32), "normal": np.array([[1.0, 0.0, 0.0]], np.float32)}
+    rot = RandomRotateTargetAngle(angle=[1 / 2], axis="z", center=[0, 0, 0], p=1)(copy.deepcopy(pts))
+    np.testing.assert_allclose(rot["coord"], [[0.0, 1.0, 0.5]], atol=1e-6)  # x-axis -> y-axis
+    np.testing.assert_allclose(rot["normal"], [[0.0, 1.0, 0.0]], atol=1e-6)
+    flip = RandomFlip(p=1)(copy.deepcopy(pts))
+    np.testing.assert_allclose(flip["coord"], [[-1.0, 0.0, 0.5]])  # x and y mirrored (y is 0)
+    scaled = RandomScale(scale=[0.95, 0.95])(copy.deepcopy(pts))
+    np.testing.assert_allclose(scaled["coord"], [[0.95, 0.0, 0.475]], rtol=1e-6)
+    color = NormalizeColor()({"color": np.array([[255, 0, 51]], np.uint8)})["color"]
+    np.testing.assert_allclose(color, [[1.0, 0.0, 0.2]], rtol=1e-6)
