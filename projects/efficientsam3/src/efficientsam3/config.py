@@ -208,12 +208,12 @@ def to_dict(cfg: CN) -> dict:
     return out
 
 
-def from_dict(data: dict) -> CN:
-    """Inverse of to_dict, checked against the defaults."""
-    cfg = default_config()
+def from_dict(data: dict, defaults: CN | None = None, choices: dict | None = None) -> CN:
+    """Inverse of to_dict, checked against the defaults (stage-1's unless given)."""
+    cfg = (defaults if defaults is not None else _C).clone()
     _check_keys(cfg, data, "saved config", prefix="")
     cfg.merge_from_other_cfg(CN(data))
-    validate(cfg)
+    validate(cfg, choices)
     return cfg
 
 

@@ -20,6 +20,8 @@ def ft_defaults() -> CN:
     # FPN level fed to the encoder and geometry pooling: 72 (what SAM3 inference uses, our default) or
     # 36 (the reference FT's last level, which inference never runs; kept as the faithful option).
     c.MODEL.FEATURE_SIZE = 72
+    # "sam3": SAM3's sizes (load MODEL.SAM3_CHECKPOINT); "tiny": the same modules at test size (stand-in).
+    c.MODEL.SAM3_TYPE = "sam3"
     c.DATA.BATCH_SIZE = 4
     c.DATA.BOX_JITTER = True
     c.DATA.SORT_BY_AREA = True
@@ -51,7 +53,7 @@ def ft_defaults() -> CN:
     return c
 
 
-FT_CHOICES = {"MODEL.FEATURE_SIZE": (72, 36)}
+FT_CHOICES = {"MODEL.FEATURE_SIZE": (72, 36), "MODEL.SAM3_TYPE": ("sam3", "tiny")}
 
 
 def load_ft_config(cfg_file: str | None = None, opts: Sequence[str] = (), overrides: dict | None = None) -> CN:

@@ -1,0 +1,282 @@
+"""Geometry fine-tune: the stage-1 student's embedding and the stored teacher embedding both go through the
+same frozen SAM3 path with the same SA-1B box/point prompts; loss = 0.0015 x embedding MSE + BCE + Dice on
+the teacher's best query. AdamW, warm-up + cosine per step (not batch-scaled), AMP, accumulation, clip,
+DDP, atomic `ckpt_epoch_{N}.pth` holding only the trainable student (`student_trunk.*`) and optimizer
+state, auto-resume from the newest one. The frozen SAM3 weights are never saved."""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from run_kit import (
+    CheckpointError,
+    RunLogger,
+    all_reduce_mean,
+    amp_autocast,
+    barrier,
+    cleanup_distributed,
+    gather_rng_states,
+    grad_scaler,
+    load_checkpoint,
+    load_state_dict_checked,
+    progress,
+    reconcile_config,
+    restore_resume_state,
+    resume_state,
+    save_checkpoint,
+    seed_everything,
+    setup_distributed,
+    wrap_ddp,
+    write_json_atomic,
+)
+
+from ..config import ConfigError, flatten, from_dict, to_dict, unflatten
+from ..convert import TARGET, student_state
+from ..data.sa1b import SA1BDataset, augmentation_seed, collate
+from ..data.transforms import valid_mask
+from ..finetune.config import FT_CHOICES, ft_defaults, load_ft_config
+from ..finetune.losses import LossWeights, geometry_loss
+from ..finetune.prompts import collate_prompts, sample_prompts
+from ..model.sam3_frozen import SAM3_DIMS, TINY_DIMS, build_frozen_sam3
+from ..model.students import build_student
+from ..store import EmbeddingStore
+from .common import DTYPES, FLAG_KEYS, base_parser, run_cli
+from .schedule import lr_at, param_groups, scaled_lr
+from .stage1 import ALWAYS_CLI, latest_checkpoint
+
+PROG = "efficientsam3-train-geometry-finetune"
+FT_FLAG_KEYS = {**FLAG_KEYS, "sam3_checkpoint": "MODEL.SAM3_CHECKPOINT"}
+FT_ALWAYS_CLI = ALWAYS_CLI | {"MODEL.SAM3_CHECKPOINT", "MODEL.PRETRAINED"}
+
+
+class FTStudent(nn.Module):
+    """Holds the student under `student_trunk.` so checkpoints carry the converter's key names."""
+
+    def __init__(self, student: nn.Module) -> None:
+        super().__init__()
+        self.student_trunk = student
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.student_trunk(images)
+
+
+def build_parser():
+    p = base_parser(PROG, "Geometry-aware fine-tune of a stage-1 student through frozen SAM3.")
+    p.add_argument("--pretrained", help="stage-1 student: merged model or ckpt_epoch_N.pth (MODEL.PRETRAINED)")
+    p.add_argument("--resume", help="checkpoint to resume (default: newest ckpt_epoch_N.pth in OUTPUT)")
+    p.add_argument("--accumulation-steps", type=int, help="TRAIN.ACCUMULATION_STEPS")
+    p.add_argument("--stop-after-epochs", type=int, default=0, help="leave after this many epochs (time-limited jobs)")
+    return p
+
+
+def load_stage1_student(student: nn.Module, path: str) -> int:
+    """Stage-1 weights from a merged EfficientSAM3 model (trunk prefix) or a stage-1 checkpoint."""
+    ckpt = load_checkpoint(path)
+    sd = ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt
+    merged = {k[len(TARGET) :]: v for k, v in sd.items() if k.startswith(TARGET)}
+    state = merged or student_state(ckpt)
+    load_state_dict_checked(student, state, f"MODEL.PRETRAINED: {path}")
+    return len(state)
+
+
+def _config(args):
+    overrides = {
+        key: getattr(args, dest) for dest, key in FT_FLAG_KEYS.items() if getattr(args, dest, None) is not None
+    }
+    if args.disable_amp or args.only_cpu:
+        overrides["AMP_ENABLE"] = False
+    cfg = load_ft_config(args.cfg, args.opts, overrides)
+    if cfg.DISTILL.DECODE_ITERS != 1:
+        raise ConfigError("DISTILL.DECODE_ITERS: iterative refinement points are not implemented here; expected 1")
+    return cfg, set(overrides) | set(args.opts[0::2])
+
+
+def _resolve_resume(cfg, explicit, args, warn):
+    path = args.resume or cfg.MODEL.RESUME
+    if not path and cfg.TRAIN.AUTO_RESUME:
+        found = latest_checkpoint(Path(cfg.OUTPUT))
+        path = str(found) if found else ""
+    if not path:
+        return cfg, None, None
+    ckpt = load_checkpoint(path)
+    saved = flatten(ckpt.get("config") or {})
+    merged = reconcile_config(saved, flatten(to_dict(cfg)), explicit, always_cli=FT_ALWAYS_CLI, warn=warn)
+    return from_dict(unflatten(merged), ft_defaults(), FT_CHOICES), ckpt, path
+
+
+def batch_prompts(batch: dict, cfg, epoch: int) -> dict[str, torch.Tensor]:
+    """Prompts per image, seeded by (image, epoch): the same on every rank, run and resume."""
+    d, data = cfg.DISTILL, cfg.DATA
+    out = []
+    for key, anns, hw, seed in zip(batch["key"], batch["annotations"], batch["orig_hw"], batch["seed"].tolist(),
+                                   strict=True):  # fmt: skip
+        g = torch.Generator().manual_seed(augmentation_seed(key, epoch))
+        p = sample_prompts(
+            anns, hw, data.IMG_SIZE, data.PREPROCESS, d.MAX_PROMPTS, data.BOX_JITTER,
+            flip=data.AUG_FLIP and bool(seed & 1), single=d.PROMPT_MIX, generator=g,
+        )  # fmt: skip
+        out.append(p)
+    prompts = collate_prompts(out)
+    if not d.USE_BOX_PROMPTS:
+        prompts["box_pad"][:] = True
+    if not d.USE_POINT_PROMPTS:
+        prompts["point_pad"][:] = True
+    return prompts
+
+
+def train(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    cfg, explicit = _config(args)
+    env = setup_distributed("cpu" if args.only_cpu else args.device)
+    warnings_seen: list[str] = []
+    cfg, ckpt, ckpt_path = _resolve_resume(cfg, explicit, args, warnings_seen.append)
+    log = RunLogger(Path(cfg.OUTPUT), env.is_main, log_name="log_rank0.txt", resume_step=ckpt and int(ckpt["step"]))
+    try:
+        for w in warnings_seen:
+            log.info(f"warning: {w}")
+        return _train(cfg, args, env, log, ckpt, ckpt_path)
+    finally:
+        log.close()
+        cleanup_distributed()
+
+
+def _train(cfg, args, env, log, ckpt, ckpt_path) -> dict:
+    seed_everything(cfg.SEED + env.rank)
+    out = Path(cfg.OUTPUT)
+    if env.is_main:
+        write_json_atomic(out / "config.json", to_dict(cfg))
+    d, data, t = cfg.DISTILL, cfg.DATA, cfg.TRAIN
+    dims = TINY_DIMS if cfg.MODEL.SAM3_TYPE == "tiny" else SAM3_DIMS
+    if d.EMBED_DIM != dims.embed_dim:
+        raise ConfigError(f"DISTILL.EMBED_DIM: {d.EMBED_DIM} does not fit MODEL.SAM3_TYPE {cfg.MODEL.SAM3_TYPE}")
+    if cfg.MODEL.SAM3_TYPE == "sam3" and not cfg.MODEL.SAM3_CHECKPOINT:
+        raise ConfigError("MODEL.SAM3_CHECKPOINT: required (a local sam3.pt) for MODEL.SAM3_TYPE sam3")
+    checkpoint = cfg.MODEL.SAM3_CHECKPOINT if cfg.MODEL.SAM3_TYPE == "sam3" else ""
+    with torch.random.fork_rng(devices=[]):  # the tiny stand-in's random weights: the same on every rank
+        torch.manual_seed(cfg.SEED)
+        frozen = build_frozen_sam3(checkpoint, dims, cfg.MODEL.FEATURE_SIZE).to(env.device)
+    for name, n in frozen.component_sizes().items():
+        log.info(f"frozen SAM3 {name}: {n / 1e6:.2f}M parameters")
+    student = build_student(cfg.MODEL.BACKBONE, d.EMBED_DIM, d.EMBED_SIZE)
+    if cfg.MODEL.PRETRAINED:
+        n = load_stage1_student(student, cfg.MODEL.PRETRAINED)
+        log.info(f"stage-1 student from {cfg.MODEL.PRETRAINED}: {n} keys")
+    wrapper = FTStudent(student).to(env.device)
+    log.info(f"student {cfg.MODEL.BACKBONE}: {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M trainable")
+    store = EmbeddingStore(d.TEACHER_EMBED_PATH, d.EMBED_DIM, d.EMBED_SIZE)
+    dataset = SA1BDataset(
+        data.DATA_PATH, data.SPLIT, data.IMG_SIZE, data.PREPROCESS, store=store, num_samples=data.NUM_SAMPLES,
+        aug_flip=data.AUG_FLIP, with_annotations=True,
+    )  # fmt: skip
+    sampler = DistributedSampler(dataset, env.world_size, env.rank, shuffle=True, seed=cfg.SEED, drop_last=True)
+    loader = DataLoader(
+        dataset, batch_size=data.BATCH_SIZE, sampler=sampler, num_workers=data.NUM_WORKERS, collate_fn=collate,
+        pin_memory=data.PIN_MEMORY and env.device.type == "cuda", drop_last=True,
+        persistent_workers=data.NUM_WORKERS > 0,
+    )  # fmt: skip
+    accum = t.ACCUMULATION_STEPS
+    steps_per_epoch = len(loader) // accum
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"DATA.BATCH_SIZE: {len(dataset)} images on {env.world_size} process(es) give no full batch of "
+            f"{data.BATCH_SIZE} x {accum} accumulation steps"
+        )
+    lrs = [scaled_lr(v, data.BATCH_SIZE, env.world_size, accum, t.SCALE_LR) for v in (t.BASE_LR, t.WARMUP_LR, t.MIN_LR)]
+    total_steps, warmup_steps = t.EPOCHS * steps_per_epoch, t.WARMUP_EPOCHS * steps_per_epoch
+    optimizer = torch.optim.AdamW(
+        param_groups(wrapper, t.WEIGHT_DECAY), lr=lrs[0], betas=tuple(t.OPTIMIZER.BETAS), eps=t.OPTIMIZER.EPS
+    )
+    amp_dtype = DTYPES[cfg.AMP_DTYPE]
+    use_amp = cfg.AMP_ENABLE and env.device.type == "cuda"
+    scaler = grad_scaler(env.device, use_amp and amp_dtype == torch.float16)
+    model = wrap_ddp(wrapper, env)
+    weights = LossWeights(d.EMBEDDING_LOSS_WEIGHT, d.MASK_BCE_WEIGHT, d.MASK_DICE_WEIGHT, d.TEMPERATURE)
+    start_epoch, step = t.START_EPOCH, 0
+    if ckpt is not None:
+        if not any(k.startswith("student_trunk.") for k in ckpt.get("model", {})):
+            raise CheckpointError(f"{ckpt_path}: no student_trunk.* weights (not a geometry fine-tune checkpoint)")
+        info = restore_resume_state(ckpt, wrapper, optimizer, None, scaler, source=str(ckpt_path))
+        start_epoch, step = info.epoch, info.step
+        log.info(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}")
+    log.info(
+        f"{len(dataset)} images, {steps_per_epoch} steps/epoch x {t.EPOCHS} epochs, lr {lrs[0]:.3g} "
+        f"(batch {data.BATCH_SIZE} x {env.world_size} x {accum}), AMP {use_amp} {cfg.AMP_DTYPE}, "
+        f"FPN level {cfg.MODEL.FEATURE_SIZE}"
+    )
+    mask_size = 4 * d.EMBED_SIZE
+    result: dict = {"epochs_run": 0, "final_loss": float("nan"), "step": step}
+    for epoch in range(start_epoch, t.EPOCHS):
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        model.train()
+        seen, micro, n_loss, t0 = 0, 0, 0, time.perf_counter()
+        loss_sum = torch.zeros((), device=env.device)
+        for i, batch in enumerate(progress(loader, env.is_main, desc=f"epoch {epoch}", total=steps_per_epoch * accum)):
+            if i >= steps_per_epoch * accum:
+                break
+            if not batch["key"]:
+                continue
+            images = batch["image"].to(env.device, non_blocking=True)
+            target = batch["target"].to(env.device, non_blocking=True)
+            hw = batch["hw"].to(env.device)
+            pr = {k: v.to(env.device) for k, v in batch_prompts(batch, cfg, epoch).items()}
+            args_p = (pr["points"], pr["point_pad"], pr["boxes"], pr["box_pad"])
+            micro += 1
+            last_micro = micro % accum == 0
+            with model.no_sync() if (env.distributed and not last_micro) else nullcontext():
+                with amp_autocast(env.device, use_amp, amp_dtype):
+                    with torch.no_grad():
+                        teacher_out = frozen(target, *args_p)
+                    pred = model(images)
+                    student_out = frozen(pred, *args_p)
+                loss, parts = geometry_loss(
+                    pred, target, valid_mask(hw, data.IMG_SIZE, d.EMBED_SIZE), student_out["pred_masks"],
+                    teacher_out["pred_masks"], teacher_out["pred_logits"], valid_mask(hw, data.IMG_SIZE, mask_size),
+                    weights,
+                )  # fmt: skip
+                scaler.scale(loss / accum).backward()
+            loss_sum += loss.detach()
+            n_loss += 1
+            seen += len(batch["key"])
+            if not last_micro:
+                continue
+            lr = lr_at(step, total_steps, warmup_steps, *lrs)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(wrapper.parameters(), t.CLIP_GRAD if t.CLIP_GRAD > 0 else 1e30)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step % cfg.PRINT_FREQ == 0 or step == total_steps:
+                log.log_scalars(step, loss=loss.item(), **parts, lr=lr, grad_norm=float(grad_norm), epoch=epoch)
+        mean_loss = float(all_reduce_mean(loss_sum / max(n_loss, 1), env))
+        dt = time.perf_counter() - t0
+        log.info(f"epoch {epoch}: loss {mean_loss:.5f}, {seen * env.world_size / max(dt, 1e-9):.2f} img/s")
+        rng = gather_rng_states(env)
+        if env.is_main and ((epoch + 1) % cfg.SAVE_FREQ == 0 or epoch + 1 == t.EPOCHS):
+            state = resume_state(
+                wrapper, optimizer, None, scaler, epoch=epoch + 1, step=step, config=to_dict(cfg),
+                sampler_epoch=epoch + 1, extra={"loss": mean_loss}, rng=rng,
+            )  # fmt: skip
+            save_checkpoint(out / f"ckpt_epoch_{epoch}.pth", state)
+        barrier(env)
+        result.update(epochs_run=result["epochs_run"] + 1, final_loss=mean_loss, step=step)
+        if args.stop_after_epochs and result["epochs_run"] >= args.stop_after_epochs:
+            break
+    return result
+
+
+def main(argv=None) -> None:
+    run_cli(PROG, train, argv)
+
+
+if __name__ == "__main__":
+    main()

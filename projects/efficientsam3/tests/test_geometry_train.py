@@ -1,0 +1,94 @@
+"""Geometry fine-tune on the tiny stand-in: 2 steps, a resume that continues and equals an uninterrupted
+run, only trainable weights saved, the converter on the result, one-line errors."""
+
+import pytest
+import torch
+
+from efficientsam3.engine.export import export
+from efficientsam3.engine.geometry import main, train
+from efficientsam3.finetune.convert import extract_student
+from run_kit import load_checkpoint
+
+EXPORT_CFG = """
+DATA:
+  IMG_SIZE: 64
+  BATCH_SIZE: 2
+  NUM_WORKERS: 0
+TEACHER:
+  TYPE: standin
+DISTILL:
+  EMBED_DIM: 32
+  EMBED_SIZE: 8
+AMP_ENABLE: False
+"""
+
+FT_CFG = """
+DATA:
+  IMG_SIZE: 64
+  BATCH_SIZE: 2
+  NUM_WORKERS: 0
+MODEL:
+  BACKBONE: efficientvit_b0
+  SAM3_TYPE: tiny
+DISTILL:
+  EMBED_DIM: 32
+  EMBED_SIZE: 8
+TRAIN:
+  EPOCHS: 2
+  WARMUP_EPOCHS: 1
+  ACCUMULATION_STEPS: 1
+AMP_ENABLE: False
+PRINT_FREQ: 1
+"""
+
+
+@pytest.fixture
+def ft_setup(sa1b, tmp_path):
+    (tmp_path / "export.yaml").write_text(EXPORT_CFG)
+    (tmp_path / "ft.yaml").write_text(FT_CFG)
+    store = tmp_path / "emb"
+    export(["--cfg", str(tmp_path / "export.yaml"), "--data-path", str(sa1b), "--teacher-embed-path", str(store),
+            "--device", "cpu"])  # fmt: skip
+    return tmp_path / "ft.yaml", sa1b, store
+
+
+def _run(cfg, sa1b, store, out, *extra):
+    return train(["--cfg", str(cfg), "--data-path", str(sa1b), "--teacher-embed-path", str(store), "--output",
+                  str(out), "--device", "cpu", *extra])  # fmt: skip
+
+
+def test_two_steps_resume_and_convert(ft_setup, tmp_path):
+    cfg, sa1b, store = ft_setup
+    full = _run(cfg, sa1b, store, tmp_path / "full")
+    assert full["step"] == 4 and full["epochs_run"] == 2  # 4 images / batch 2 = 2 steps per epoch
+    part = _run(cfg, sa1b, store, tmp_path / "part", "--stop-after-epochs", "1")
+    assert part["step"] == 2
+    rest = _run(cfg, sa1b, store, tmp_path / "part")  # auto-resume from ckpt_epoch_0.pth
+    assert rest["epochs_run"] == 1 and rest["step"] == 4
+    a = load_checkpoint(tmp_path / "full" / "ckpt_epoch_1.pth")
+    b = load_checkpoint(tmp_path / "part" / "ckpt_epoch_1.pth")
+    assert set(a["model"]) == set(b["model"]) and all(k.startswith("student_trunk.") for k in a["model"])
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, atol=1e-6, rtol=1e-5)
+    assert "optimizer" in a
+    for f in ("config.json", "log_rank0.txt", "ckpt_epoch_0.pth"):
+        assert (tmp_path / "full" / f).is_file()
+    start = extract_student({"model": a["model"]}, "student_trunk.", "", "x")
+    assert len(start) == sum(1 for k in a["model"])
+
+
+def test_one_line_errors(ft_setup, tmp_path, capsys):
+    cfg, sa1b, store = ft_setup
+    with pytest.raises(SystemExit):
+        main(["--cfg", str(cfg), "--data-path", str(sa1b), "--teacher-embed-path", str(tmp_path / "none"),
+              "--output", str(tmp_path / "o"), "--device", "cpu"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("efficientsam3-train-geometry-finetune: error:")
+    with pytest.raises(SystemExit):
+        main(["--cfg", str(cfg), "--opts", "DISTILL.MASK_BCE_WIEGHT", "1", "--device", "cpu"])
+    assert "unknown config key DISTILL.MASK_BCE_WIEGHT" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--cfg", str(cfg), "--opts", "MODEL.SAM3_TYPE", "sam3", "DISTILL.EMBED_DIM", "1024", "--data-path",
+              str(sa1b), "--teacher-embed-path", str(store), "--sam3-checkpoint", str(tmp_path / "no.pt"),
+              "--output", str(tmp_path / "o2"), "--device", "cpu"])  # fmt: skip
+    assert "MODEL.SAM3_CHECKPOINT: file not found" in capsys.readouterr().err
