@@ -92,3 +92,7 @@ def test_one_line_errors(ft_setup, tmp_path, capsys):
               str(sa1b), "--teacher-embed-path", str(store), "--sam3-checkpoint", str(tmp_path / "no.pt"),
               "--output", str(tmp_path / "o2"), "--device", "cpu"])  # fmt: skip
     assert "MODEL.SAM3_CHECKPOINT: file not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--cfg", str(cfg), "--data-path", str(sa1b), "--teacher-embed-path", str(store), "--pretrained",
+              str(tmp_path / "stage1.pt"), "--output", str(tmp_path / "o3"), "--device", "cpu"])  # fmt: skip
+    assert "MODEL.PRETRAINED: stage-1 student not found" in capsys.readouterr().err

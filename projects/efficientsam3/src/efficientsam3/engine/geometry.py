@@ -77,6 +77,8 @@ def build_parser():
 
 def load_stage1_student(student: nn.Module, path: str) -> int:
     """Stage-1 weights from a merged EfficientSAM3 model (trunk prefix) or a stage-1 checkpoint."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"MODEL.PRETRAINED: stage-1 student not found: {path}")
     ckpt = load_checkpoint(path)
     sd = ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt
     merged = {k[len(TARGET) :]: v for k, v in sd.items() if k.startswith(TARGET)}
