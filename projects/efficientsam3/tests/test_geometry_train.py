@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from efficientsam3.engine.export import export
-from efficientsam3.engine.geometry import main, train
+from efficientsam3.engine.geometry import main, teacher_targets, train
 from efficientsam3.finetune.convert import extract_student
+from efficientsam3.model.sam3_frozen import TINY_DIMS, build_frozen_sam3
 from run_kit import load_checkpoint
 
 EXPORT_CFG = """
@@ -96,3 +97,36 @@ def test_one_line_errors(ft_setup, tmp_path, capsys):
         main(["--cfg", str(cfg), "--data-path", str(sa1b), "--teacher-embed-path", str(store), "--pretrained",
               str(tmp_path / "stage1.pt"), "--output", str(tmp_path / "o3"), "--device", "cpu"])  # fmt: skip
     assert "MODEL.PRETRAINED: stage-1 student not found" in capsys.readouterr().err
+
+
+def test_teacher_cache_gives_the_same_training(ft_setup, tmp_path):
+    """With prompts fixed per image the cached teacher targets must reproduce the uncached run (up to the
+    fp16 storage of the cached mask logits)."""
+    cfg, sa1b, store = ft_setup
+    fixed = ["--opts", "DISTILL.FIXED_PROMPTS", "True"]
+    _run(cfg, sa1b, store, tmp_path / "plain", *fixed)
+    _run(cfg, sa1b, store, tmp_path / "cached", "--opts", "DISTILL.FIXED_PROMPTS", "True", "DISTILL.CACHE_TEACHER",
+         "True")  # fmt: skip
+    a = load_checkpoint(tmp_path / "plain" / "ckpt_epoch_1.pth")["model"]
+    b = load_checkpoint(tmp_path / "cached" / "ckpt_epoch_1.pth")["model"]
+    for k, v in a.items():
+        torch.testing.assert_close(b[k], v, atol=1e-4, rtol=1e-3)
+
+
+def test_teacher_cache_maps_images_to_their_own_targets():
+    torch.manual_seed(0)
+    frozen = build_frozen_sam3(dims=TINY_DIMS)
+    emb = torch.randn(3, TINY_DIMS.embed_dim, 8, 8)
+    pts = torch.rand(3, 2, 2)
+    boxes = torch.cat([torch.rand(3, 2, 2) * 0.5 + 0.25, torch.full((3, 2, 2), 0.2)], -1)
+    pad = torch.zeros(3, 2, dtype=torch.bool)
+    cache: dict = {}
+    idx, mask = teacher_targets(frozen, emb, (pts, pad, boxes, pad), ["a", "b", "c"], cache)
+    assert set(cache) == {"a", "b", "c"}
+    order = [2, 0]  # a later batch with images c and a: served from the cache, in that order
+    idx2, mask2 = teacher_targets(frozen, emb[order], (pts[order], pad[order], boxes[order], pad[order]), ["c", "a"],
+                                  cache)  # fmt: skip
+    assert idx2.tolist() == idx[order].tolist()
+    torch.testing.assert_close(mask2.float(), mask[order].half().float())
+    fresh, _ = teacher_targets(frozen, emb[order], (pts[order], pad[order], boxes[order], pad[order]), ["c", "a"], None)
+    assert fresh.tolist() == idx2.tolist()

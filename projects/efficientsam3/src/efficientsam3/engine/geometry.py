@@ -41,7 +41,7 @@ from ..convert import TARGET, student_state
 from ..data.sa1b import SA1BDataset, augmentation_seed, collate
 from ..data.transforms import valid_mask
 from ..finetune.config import FT_CHOICES, ft_defaults, load_ft_config
-from ..finetune.losses import LossWeights, geometry_loss
+from ..finetune.losses import LossWeights, best_query, pick, picked_loss
 from ..finetune.prompts import collate_prompts, sample_prompts
 from ..model.sam3_frozen import SAM3_DIMS, TINY_DIMS, build_frozen_sam3
 from ..model.students import build_student
@@ -118,7 +118,7 @@ def batch_prompts(batch: dict, cfg, epoch: int) -> dict[str, torch.Tensor]:
     out = []
     for key, anns, hw, seed in zip(batch["key"], batch["annotations"], batch["orig_hw"], batch["seed"].tolist(),
                                    strict=True):  # fmt: skip
-        g = torch.Generator().manual_seed(augmentation_seed(key, epoch))
+        g = torch.Generator().manual_seed(augmentation_seed(key, 0 if d.FIXED_PROMPTS else epoch))
         p = sample_prompts(
             anns, hw, data.IMG_SIZE, data.PREPROCESS, d.MAX_PROMPTS, data.BOX_JITTER,
             flip=data.AUG_FLIP and bool(seed & 1), single=d.PROMPT_MIX, generator=g,
@@ -130,6 +130,22 @@ def batch_prompts(batch: dict, cfg, epoch: int) -> dict[str, torch.Tensor]:
     if not d.USE_POINT_PROMPTS:
         prompts["point_pad"][:] = True
     return prompts
+
+
+@torch.no_grad()
+def teacher_targets(frozen, target, args_p, keys, cache):
+    """(best query (B,), its mask logits (B, H, W)) from the teacher embedding; from `cache` when every image
+    of the batch is in it (prompts fixed per image), else computed and, with a cache, stored."""
+    if cache is not None and all(k in cache for k in keys):
+        idx = torch.tensor([cache[k][0] for k in keys], device=target.device)
+        return idx, torch.stack([cache[k][1] for k in keys]).to(target.device)
+    out = frozen(target, *args_p)
+    idx = best_query(out["pred_logits"])
+    mask = pick(out["pred_masks"], idx)
+    if cache is not None:
+        for k, i, m in zip(keys, idx.tolist(), mask.to("cpu", torch.float16), strict=True):
+            cache[k] = (i, m)
+    return idx, mask
 
 
 def train(argv=None) -> dict:
@@ -212,6 +228,7 @@ def _train(cfg, args, env, log, ckpt, ckpt_path) -> dict:
         f"FPN level {cfg.MODEL.FEATURE_SIZE}"
     )
     mask_size = 4 * d.EMBED_SIZE
+    cache: dict[str, tuple[int, torch.Tensor]] = {}  # key -> (teacher's best query, its mask logits, fp16 CPU)
     result: dict = {"epochs_run": 0, "final_loss": float("nan"), "step": step}
     for epoch in range(start_epoch, t.EPOCHS):
         sampler.set_epoch(epoch)
@@ -233,14 +250,14 @@ def _train(cfg, args, env, log, ckpt, ckpt_path) -> dict:
             last_micro = micro % accum == 0
             with model.no_sync() if (env.distributed and not last_micro) else nullcontext():
                 with amp_autocast(env.device, use_amp, amp_dtype):
-                    with torch.no_grad():
-                        teacher_out = frozen(target, *args_p)
+                    idx, t_mask = teacher_targets(
+                        frozen, target, args_p, batch["key"], cache if d.CACHE_TEACHER else None
+                    )
                     pred = model(images)
                     student_out = frozen(pred, *args_p)
-                loss, parts = geometry_loss(
-                    pred, target, valid_mask(hw, data.IMG_SIZE, d.EMBED_SIZE), student_out["pred_masks"],
-                    teacher_out["pred_masks"], teacher_out["pred_logits"], valid_mask(hw, data.IMG_SIZE, mask_size),
-                    weights,
+                loss, parts = picked_loss(
+                    pred, target, valid_mask(hw, data.IMG_SIZE, d.EMBED_SIZE), student_out["pred_masks"], idx, t_mask,
+                    valid_mask(hw, data.IMG_SIZE, mask_size), weights,
                 )  # fmt: skip
                 scaler.scale(loss / accum).backward()
             loss_sum += loss.detach()

@@ -33,6 +33,11 @@ def ft_defaults() -> CN:
     c.DISTILL.USE_BOX_PROMPTS = True
     c.DISTILL.USE_POINT_PROMPTS = True
     c.DISTILL.SELECT_BEST_MASK = True
+    # FIXED_PROMPTS: each image keeps the same prompts every epoch (seeded by the image only); then
+    # CACHE_TEACHER keeps the teacher's best query and its mask per image in memory (per rank), so the
+    # frozen path runs once per step for the student only once an image has been seen.
+    c.DISTILL.FIXED_PROMPTS = False
+    c.DISTILL.CACHE_TEACHER = False
     # EdgeSAM style: one prompt, 50/50 box or point, DECODE_ITERS with refinement points.
     c.DISTILL.PROMPT_MIX = False
     c.DISTILL.DECODE_ITERS = 1
@@ -64,6 +69,10 @@ def load_ft_config(cfg_file: str | None = None, opts: Sequence[str] = (), overri
         raise ConfigError(f"DISTILL.MAX_PROMPTS / DECODE_ITERS: expected >= 1, got {d.MAX_PROMPTS} / {d.DECODE_ITERS}")
     if not (d.USE_BOX_PROMPTS or d.USE_POINT_PROMPTS):
         raise ConfigError("DISTILL.USE_BOX_PROMPTS / USE_POINT_PROMPTS: at least one must be true")
+    if d.CACHE_TEACHER and not d.FIXED_PROMPTS:
+        raise ConfigError("DISTILL.CACHE_TEACHER: needs DISTILL.FIXED_PROMPTS True (the prompts must repeat)")
+    if not d.SELECT_BEST_MASK:
+        raise ConfigError("DISTILL.SELECT_BEST_MASK: only the teacher's best query is distilled here; expected true")
     if d.TEMPERATURE <= 0:
         raise ConfigError(f"DISTILL.TEMPERATURE: expected > 0, got {d.TEMPERATURE}")
     return cfg

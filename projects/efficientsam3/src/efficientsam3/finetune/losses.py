@@ -67,8 +67,24 @@ def geometry_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Total loss and its parts. Masks are (B, Q, H, W) logits; the teacher's best query is used for both."""
     idx = best_query(teacher_scores)
+    return picked_loss(
+        student_embed, teacher_embed, embed_valid, student_masks, idx, pick(teacher_masks, idx), mask_valid, weights
+    )
+
+
+def picked_loss(
+    student_embed: torch.Tensor,
+    teacher_embed: torch.Tensor,
+    embed_valid: torch.Tensor,
+    student_masks: torch.Tensor,
+    idx: torch.Tensor,
+    teacher_mask: torch.Tensor,
+    mask_valid: torch.Tensor,
+    weights: LossWeights = LossWeights(),
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The same loss from the teacher's chosen query index (B,) and its mask (B, H, W), e.g. from a cache."""
     s = pick(student_masks, idx) / weights.temperature
-    t = pick(teacher_masks, idx).detach() / weights.temperature
+    t = teacher_mask.detach().float() / weights.temperature
     mse = embedding_mse(student_embed, teacher_embed, embed_valid)
     bce = soft_bce(s, t, mask_valid)
     dice = soft_dice(s, t, mask_valid)
