@@ -74,6 +74,10 @@ def test_two_steps_resume_and_convert(ft_setup, tmp_path):
     assert "optimizer" in a
     for f in ("config.json", "log_rank0.txt", "ckpt_epoch_0.pth"):
         assert (tmp_path / "full" / f).is_file()
+    ev = _run(cfg, sa1b, store, tmp_path / "full", "--eval")["eval"]
+    assert set(ev) == {"loss", "embed_mse", "mask_bce", "mask_dice"}
+    assert ev["loss"] == pytest.approx(0.0015 * ev["embed_mse"] + ev["mask_bce"] + ev["mask_dice"], rel=1e-5)
+    assert not (tmp_path / "full" / "ckpt_epoch_2.pth").exists()
     start = extract_student({"model": a["model"]}, "student_trunk.", "", "x")
     assert len(start) == sum(1 for k in a["model"])
 

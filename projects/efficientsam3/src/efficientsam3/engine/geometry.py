@@ -71,6 +71,7 @@ def build_parser():
     p.add_argument("--pretrained", help="stage-1 student: merged model or ckpt_epoch_N.pth (MODEL.PRETRAINED)")
     p.add_argument("--resume", help="checkpoint to resume (default: newest ckpt_epoch_N.pth in OUTPUT)")
     p.add_argument("--accumulation-steps", type=int, help="TRAIN.ACCUMULATION_STEPS")
+    p.add_argument("--eval", action="store_true", help="only report the loss over DATA.SPLIT (no training)")
     p.add_argument("--stop-after-epochs", type=int, default=0, help="leave after this many epochs (time-limited jobs)")
     return p
 
@@ -146,6 +147,26 @@ def teacher_targets(frozen, target, args_p, keys, cache):
         for k, i, m in zip(keys, idx.tolist(), mask.to("cpu", torch.float16), strict=True):
             cache[k] = (i, m)
     return idx, mask
+
+
+@torch.no_grad()
+def evaluate(model, loader, batch_loss, epoch: int, env, log) -> dict:
+    """--eval: the loss and its parts averaged over DATA.SPLIT (full batches), no update."""
+    model.eval()
+    sums: dict[str, float] = {}
+    n = 0
+    for batch in loader:
+        if not batch["key"]:
+            continue
+        loss, parts = batch_loss(batch, epoch)
+        for k, v in {"loss": loss.item(), **parts}.items():
+            sums[k] = sums.get(k, 0.0) + v
+        n += 1
+    if not n:
+        raise ValueError("--eval: no full batch to evaluate")
+    result = {k: float(all_reduce_mean(torch.tensor(v / n, device=env.device), env)) for k, v in sums.items()}
+    log.info("eval: " + ", ".join(f"{k} {v:.5f}" for k, v in result.items()))
+    return {"eval": result}
 
 
 def train(argv=None) -> dict:
@@ -229,6 +250,25 @@ def _train(cfg, args, env, log, ckpt, ckpt_path) -> dict:
     )
     mask_size = 4 * d.EMBED_SIZE
     cache: dict[str, tuple[int, torch.Tensor]] = {}  # key -> (teacher's best query, its mask logits, fp16 CPU)
+
+    def batch_loss(batch: dict, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """Teacher targets (cached or not), student embedding through the frozen path, the FT loss."""
+        images = batch["image"].to(env.device, non_blocking=True)
+        target = batch["target"].to(env.device, non_blocking=True)
+        hw = batch["hw"].to(env.device)
+        pr = {k: v.to(env.device) for k, v in batch_prompts(batch, cfg, epoch).items()}
+        args_p = (pr["points"], pr["point_pad"], pr["boxes"], pr["box_pad"])
+        with amp_autocast(env.device, use_amp, amp_dtype):
+            idx, t_mask = teacher_targets(frozen, target, args_p, batch["key"], cache if d.CACHE_TEACHER else None)
+            pred = model(images)
+            student_out = frozen(pred, *args_p)
+        return picked_loss(
+            pred, target, valid_mask(hw, data.IMG_SIZE, d.EMBED_SIZE), student_out["pred_masks"], idx, t_mask,
+            valid_mask(hw, data.IMG_SIZE, mask_size), weights,
+        )  # fmt: skip
+
+    if args.eval:
+        return evaluate(model, loader, batch_loss, start_epoch, env, log)
     result: dict = {"epochs_run": 0, "final_loss": float("nan"), "step": step}
     for epoch in range(start_epoch, t.EPOCHS):
         sampler.set_epoch(epoch)
@@ -241,24 +281,10 @@ def _train(cfg, args, env, log, ckpt, ckpt_path) -> dict:
                 break
             if not batch["key"]:
                 continue
-            images = batch["image"].to(env.device, non_blocking=True)
-            target = batch["target"].to(env.device, non_blocking=True)
-            hw = batch["hw"].to(env.device)
-            pr = {k: v.to(env.device) for k, v in batch_prompts(batch, cfg, epoch).items()}
-            args_p = (pr["points"], pr["point_pad"], pr["boxes"], pr["box_pad"])
             micro += 1
             last_micro = micro % accum == 0
             with model.no_sync() if (env.distributed and not last_micro) else nullcontext():
-                with amp_autocast(env.device, use_amp, amp_dtype):
-                    idx, t_mask = teacher_targets(
-                        frozen, target, args_p, batch["key"], cache if d.CACHE_TEACHER else None
-                    )
-                    pred = model(images)
-                    student_out = frozen(pred, *args_p)
-                loss, parts = picked_loss(
-                    pred, target, valid_mask(hw, data.IMG_SIZE, d.EMBED_SIZE), student_out["pred_masks"], idx, t_mask,
-                    valid_mask(hw, data.IMG_SIZE, mask_size), weights,
-                )  # fmt: skip
+                loss, parts = batch_loss(batch, epoch)
                 scaler.scale(loss / accum).backward()
             loss_sum += loss.detach()
             n_loss += 1
