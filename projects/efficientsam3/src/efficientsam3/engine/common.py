@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from run_kit import OneLineArgumentParser
+from run_kit import (
+    OneLineArgumentParser,
+    RunLogger,
+    cleanup_distributed,
+    load_checkpoint,
+    reconcile_config,
+    setup_distributed,
+)
 
-from ..config import ConfigError, load_config
+from ..config import ConfigError, flatten, load_config, to_dict, unflatten
 from ..model.merged_teacher import apply_merging
 from ..model.teacher import build_teacher, check_teacher_shape
 from ..store import MissingEmbeddingError
@@ -104,3 +114,48 @@ def run_cli(prog: str, fn, argv=None):
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"{prog}: error: {msg}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest ``ckpt_epoch_{N}.pth`` in ``out`` (auto-resume), or None."""
+    found = [
+        (int(m.group(1)), p)
+        for p in out.glob("ckpt_epoch_*.pth")
+        if (m := re.fullmatch(r"ckpt_epoch_(\d+)\.pth", p.name))
+    ]
+    return max(found)[1] if found else None
+
+
+def resolve_resume(cfg, explicit: set[str], args, warn, *, always_cli: set[str], rebuild: Callable) -> tuple:
+    """(cfg, checkpoint dict or None, path): the saved config wins for everything the user did not pass.
+
+    ``rebuild`` turns the reconciled nested dict back into this trainer's config (stage 1 and the fine-tune differ).
+    """
+    path = args.resume or cfg.MODEL.RESUME
+    if not path and cfg.TRAIN.AUTO_RESUME:
+        found = latest_checkpoint(Path(cfg.OUTPUT))
+        path = str(found) if found else ""
+    if not path:
+        return cfg, None, None
+    ckpt = load_checkpoint(path)
+    saved = flatten(ckpt.get("config") or {})
+    merged = reconcile_config(saved, flatten(to_dict(cfg)), explicit, always_cli=always_cli, warn=warn)
+    return rebuild(unflatten(merged)), ckpt, path
+
+
+def run_training(args, cfg, explicit: set[str], train_fn: Callable, *, always_cli: set[str], rebuild: Callable):
+    """Distributed set-up, resume, rank-0 log, then ``train_fn(cfg, args, env, log, ckpt, ckpt_path)``; cleans up."""
+    env = setup_distributed("cpu" if args.only_cpu else args.device)
+    warnings_seen: list[str] = []
+    cfg, ckpt, ckpt_path = resolve_resume(
+        cfg, explicit, args, warnings_seen.append, always_cli=always_cli, rebuild=rebuild
+    )
+    resume_step = int(ckpt["step"]) if ckpt else None
+    log = RunLogger(Path(cfg.OUTPUT), env.is_main, tensorboard=True, log_name="log_rank0.txt", resume_step=resume_step)
+    try:
+        for w in warnings_seen:
+            log.info(f"warning: {w}")
+        return train_fn(cfg, args, env, log, ckpt, ckpt_path)
+    finally:
+        log.close()
+        cleanup_distributed()

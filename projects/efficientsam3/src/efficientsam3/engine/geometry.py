@@ -16,27 +16,23 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from run_kit import (
     CheckpointError,
-    RunLogger,
     all_reduce_mean,
     amp_autocast,
     barrier,
-    cleanup_distributed,
     gather_rng_states,
     grad_scaler,
     load_checkpoint,
     load_state_dict_checked,
     progress,
-    reconcile_config,
     restore_resume_state,
     resume_state,
     save_checkpoint,
     seed_everything,
-    setup_distributed,
     wrap_ddp,
     write_json_atomic,
 )
 
-from ..config import ConfigError, flatten, from_dict, to_dict, unflatten
+from ..config import ConfigError, from_dict, to_dict
 from ..convert import TARGET, student_state
 from ..data.sa1b import SA1BDataset, augmentation_seed, collate
 from ..data.transforms import valid_mask
@@ -46,9 +42,9 @@ from ..finetune.prompts import collate_prompts, sample_prompts
 from ..model.sam3_frozen import SAM3_DIMS, TINY_DIMS, build_frozen_sam3
 from ..model.students import build_student
 from ..store import EmbeddingStore
-from .common import DTYPES, FLAG_KEYS, base_parser, run_cli
+from .common import DTYPES, FLAG_KEYS, base_parser, run_cli, run_training
 from .schedule import lr_at, param_groups, scaled_lr
-from .stage1 import ALWAYS_CLI, latest_checkpoint
+from .stage1 import ALWAYS_CLI
 
 PROG = "efficientsam3-train-geometry-finetune"
 FT_FLAG_KEYS = {**FLAG_KEYS, "sam3_checkpoint": "MODEL.SAM3_CHECKPOINT"}
@@ -98,19 +94,6 @@ def _config(args):
     if cfg.DISTILL.DECODE_ITERS != 1:
         raise ConfigError("DISTILL.DECODE_ITERS: iterative refinement points are not implemented here; expected 1")
     return cfg, set(overrides) | set(args.opts[0::2])
-
-
-def _resolve_resume(cfg, explicit, args, warn):
-    path = args.resume or cfg.MODEL.RESUME
-    if not path and cfg.TRAIN.AUTO_RESUME:
-        found = latest_checkpoint(Path(cfg.OUTPUT))
-        path = str(found) if found else ""
-    if not path:
-        return cfg, None, None
-    ckpt = load_checkpoint(path)
-    saved = flatten(ckpt.get("config") or {})
-    merged = reconcile_config(saved, flatten(to_dict(cfg)), explicit, always_cli=FT_ALWAYS_CLI, warn=warn)
-    return from_dict(unflatten(merged), ft_defaults(), FT_CHOICES), ckpt, path
 
 
 def batch_prompts(batch: dict, cfg, epoch: int) -> dict[str, torch.Tensor]:
@@ -172,17 +155,9 @@ def evaluate(model, loader, batch_loss, epoch: int, env, log) -> dict:
 def train(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     cfg, explicit = _config(args)
-    env = setup_distributed("cpu" if args.only_cpu else args.device)
-    warnings_seen: list[str] = []
-    cfg, ckpt, ckpt_path = _resolve_resume(cfg, explicit, args, warnings_seen.append)
-    log = RunLogger(Path(cfg.OUTPUT), env.is_main, log_name="log_rank0.txt", resume_step=ckpt and int(ckpt["step"]))
-    try:
-        for w in warnings_seen:
-            log.info(f"warning: {w}")
-        return _train(cfg, args, env, log, ckpt, ckpt_path)
-    finally:
-        log.close()
-        cleanup_distributed()
+    return run_training(
+        args, cfg, explicit, _train, always_cli=FT_ALWAYS_CLI, rebuild=lambda d: from_dict(d, ft_defaults(), FT_CHOICES)
+    )
 
 
 def _train(cfg, args, env, log, ckpt, ckpt_path) -> dict:

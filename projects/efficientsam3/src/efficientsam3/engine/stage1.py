@@ -4,7 +4,6 @@ per-epoch `ckpt_epoch_{N}.pth` and auto-resume from the newest one (the referenc
 
 from __future__ import annotations
 
-import re
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -13,31 +12,34 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from run_kit import (
-    RunLogger,
     all_reduce_mean,
     amp_autocast,
     barrier,
-    cleanup_distributed,
     gather_rng_states,
     grad_scaler,
-    load_checkpoint,
     progress,
-    reconcile_config,
     restore_resume_state,
     resume_state,
     save_checkpoint,
     seed_everything,
-    setup_distributed,
     wrap_ddp,
     write_json_atomic,
 )
 
-from ..config import flatten, from_dict, to_dict, unflatten
+from ..config import from_dict, to_dict
 from ..data.sa1b import SA1BDataset, collate
 from ..data.transforms import valid_mask
 from ..model.students import build_student
 from ..store import EmbeddingStore
-from .common import DTYPES, base_parser, config_from_args, run_cli, run_teacher, teacher_on
+from .common import (
+    DTYPES,
+    base_parser,
+    config_from_args,
+    run_cli,
+    run_teacher,
+    run_training,
+    teacher_on,
+)
 from .losses import stage1_loss
 from .schedule import lr_at, param_groups, scaled_lr
 
@@ -65,45 +67,10 @@ def build_parser():
     return p
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    found = [
-        (int(m.group(1)), p)
-        for p in out.glob("ckpt_epoch_*.pth")
-        if (m := re.fullmatch(r"ckpt_epoch_(\d+)\.pth", p.name))
-    ]
-    return max(found)[1] if found else None
-
-
-def _resolve_resume(cfg, explicit: set[str], args, warn) -> tuple:
-    """(cfg, checkpoint dict or None, path): the saved config wins for everything the user did not pass."""
-    path = args.resume or cfg.MODEL.RESUME
-    if not path and cfg.TRAIN.AUTO_RESUME:
-        found = latest_checkpoint(Path(cfg.OUTPUT))
-        path = str(found) if found else ""
-    if not path:
-        return cfg, None, None
-    ckpt = load_checkpoint(path)
-    saved = flatten(ckpt.get("config") or {})
-    merged = reconcile_config(saved, flatten(to_dict(cfg)), explicit, always_cli=ALWAYS_CLI, warn=warn)
-    return from_dict(unflatten(merged)), ckpt, path
-
-
 def train(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     cfg, explicit = config_from_args(args)
-    env = setup_distributed("cpu" if args.only_cpu else args.device)
-    out = Path(cfg.OUTPUT)
-    warnings_seen: list[str] = []
-    cfg, ckpt, ckpt_path = _resolve_resume(cfg, explicit, args, warnings_seen.append)
-    resume_step = int(ckpt["step"]) if ckpt else None
-    log = RunLogger(out, env.is_main, tensorboard=True, log_name="log_rank0.txt", resume_step=resume_step)
-    try:
-        for w in warnings_seen:
-            log.info(f"warning: {w}")
-        return _train(cfg, args, env, log, ckpt, ckpt_path)
-    finally:
-        log.close()
-        cleanup_distributed()
+    return run_training(args, cfg, explicit, _train, always_cli=ALWAYS_CLI, rebuild=from_dict)
 
 
 def _train(cfg, args, env, log, ckpt, ckpt_path) -> dict:
