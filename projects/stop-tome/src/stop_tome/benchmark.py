@@ -75,6 +75,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     bad = [m for m in models if m not in SPECS and m != "tiny"]
     if bad:
         p.error(f"argument --models: unknown model {bad[0]!r}; expected ViT-B/32 or ViT-B/16")
+    if args.tiny and args.cross_layers == p.get_default("cross_layers"):
+        # the tiny model has 3 layers: the 12-layer default joins would be out of range
+        args.cross_layers, args.cross_frames = "1-2", "2-2"
     args.model_list, args.mode_list = models, args.modes.split(",")
     return args
 
