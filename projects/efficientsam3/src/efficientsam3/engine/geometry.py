@@ -1,12 +1,15 @@
-"""Geometry fine-tune: the stage-1 student's embedding and the stored teacher embedding both go through the
-same frozen SAM3 path with the same SA-1B box/point prompts; loss = 0.0015 x embedding MSE + BCE + Dice on
-the teacher's best query. AdamW, warm-up + cosine per step (not batch-scaled), AMP, accumulation, clip,
-DDP, atomic `ckpt_epoch_{N}.pth` holding only the trainable student (`student_trunk.*`) and optimizer
-state, auto-resume from the newest one. The frozen SAM3 weights are never saved."""
+"""Geometry fine-tune: the stage-1 student's embedding and the teacher embedding (stored, or from the trunk
+run in the loop with --online-teacher) both go through the same frozen SAM3 path with the same SA-1B
+box/point prompts; loss = 0.0015 x embedding MSE + BCE + Dice on the teacher's best query, the mask terms
+averaged over DECODE_ITERS decode iterations (EdgeSAM-style refinement points in between). AdamW, warm-up +
+cosine per step (not batch-scaled), AMP, accumulation, clip, DDP, atomic `ckpt_epoch_{N}.pth` holding only the
+trainable student (`student_trunk.*`) and optimizer state, auto-resume from the newest one. The frozen SAM3
+weights are never saved."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -37,12 +40,13 @@ from ..convert import TARGET, student_state
 from ..data.sa1b import SA1BDataset, augmentation_seed, collate
 from ..data.transforms import valid_mask
 from ..finetune.config import FT_CHOICES, ft_defaults, load_ft_config
-from ..finetune.losses import LossWeights, best_query, pick, picked_loss
+from ..finetune.losses import LossWeights
 from ..finetune.prompts import collate_prompts, sample_prompts
+from ..finetune.step import DecodeSettings, ft_loss, teacher_pass
 from ..model.sam3_frozen import SAM3_DIMS, TINY_DIMS, build_frozen_sam3
 from ..model.students import build_student
 from ..store import EmbeddingStore
-from .common import DTYPES, FLAG_KEYS, base_parser, run_cli, run_training
+from .common import DTYPES, FLAG_KEYS, base_parser, run_cli, run_teacher, run_training, teacher_on
 from .schedule import lr_at, param_groups, scaled_lr
 from .stage1 import ALWAYS_CLI
 
@@ -68,6 +72,7 @@ def build_parser():
     p.add_argument("--resume", help="checkpoint to resume (default: newest ckpt_epoch_N.pth in OUTPUT)")
     p.add_argument("--accumulation-steps", type=int, help="TRAIN.ACCUMULATION_STEPS")
     p.add_argument("--eval", action="store_true", help="only report the loss over DATA.SPLIT (no training)")
+    p.add_argument("--online-teacher", action="store_true", help="run the teacher trunk in the loop (no store)")
     p.add_argument("--stop-after-epochs", type=int, default=0, help="leave after this many epochs (time-limited jobs)")
     return p
 
@@ -90,9 +95,9 @@ def _config(args):
     }
     if args.disable_amp or args.only_cpu:
         overrides["AMP_ENABLE"] = False
+    if args.online_teacher:
+        overrides["DISTILL.ONLINE_TEACHER"] = True
     cfg = load_ft_config(args.cfg, args.opts, overrides)
-    if cfg.DISTILL.DECODE_ITERS != 1:
-        raise ConfigError("DISTILL.DECODE_ITERS: iterative refinement points are not implemented here; expected 1")
     return cfg, set(overrides) | set(args.opts[0::2])
 
 
@@ -116,16 +121,30 @@ def batch_prompts(batch: dict, cfg, epoch: int) -> dict[str, torch.Tensor]:
     return prompts
 
 
-@torch.no_grad()
+def refine_uniforms(keys: list[str], epoch: int, n: int) -> Callable[[int], torch.Tensor]:
+    """uniforms(it) -> (B, n): the refinement draws, seeded per (image, epoch) like the prompts, so every rank,
+    run and resume places the same points given the same masks."""
+    gens = [torch.Generator().manual_seed(augmentation_seed(f"{k}/refine", epoch)) for k in keys]
+    return lambda it: torch.stack([torch.rand(n, generator=g) for g in gens])
+
+
+def online_teacher(cfg, device: torch.device) -> nn.Module:
+    """Stage 1's teacher (exact or merged trunk, one home: `engine.common.teacher_on`); a sam3 teacher without
+    TEACHER.CHECKPOINT reads its trunk from MODEL.SAM3_CHECKPOINT (sam3.pt holds both)."""
+    c = cfg.clone()
+    c.defrost()
+    if c.TEACHER.TYPE == "sam3" and not c.TEACHER.CHECKPOINT:
+        c.TEACHER.CHECKPOINT = c.MODEL.SAM3_CHECKPOINT
+    return teacher_on(c, device)
+
+
 def teacher_targets(frozen, target, args_p, keys, cache):
     """(best query (B,), its mask logits (B, H, W)) from the teacher embedding; from `cache` when every image
     of the batch is in it (prompts fixed per image), else computed and, with a cache, stored."""
     if cache is not None and all(k in cache for k in keys):
         idx = torch.tensor([cache[k][0] for k in keys], device=target.device)
         return idx, torch.stack([cache[k][1] for k in keys]).to(target.device)
-    out = frozen(target, *args_p)
-    idx = best_query(out["pred_logits"])
-    mask = pick(out["pred_masks"], idx)
+    idx, mask = teacher_pass(frozen, target, args_p, None)
     if cache is not None:
         for k, i, m in zip(keys, idx.tolist(), mask.to("cpu", torch.float16), strict=True):
             cache[k] = (i, m)
@@ -183,7 +202,12 @@ def _train(cfg, args, env, log, ckpt, ckpt_path) -> dict:
         log.info(f"stage-1 student from {cfg.MODEL.PRETRAINED}: {n} keys")
     wrapper = FTStudent(student).to(env.device)
     log.info(f"student {cfg.MODEL.BACKBONE}: {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M trainable")
-    store = EmbeddingStore(d.TEACHER_EMBED_PATH, d.EMBED_DIM, d.EMBED_SIZE)
+    teacher, store = None, None
+    if d.ONLINE_TEACHER:
+        teacher = online_teacher(cfg, env.device)
+        log.info(f"online teacher {cfg.TEACHER.TYPE} (merge r={cfg.TEACHER.MERGE_R}/{cfg.TEACHER.MERGE_GLOBAL_R})")
+    else:
+        store = EmbeddingStore(d.TEACHER_EMBED_PATH, d.EMBED_DIM, d.EMBED_SIZE)
     dataset = SA1BDataset(
         data.DATA_PATH, data.SPLIT, data.IMG_SIZE, data.PREPROCESS, store=store, num_samples=data.NUM_SAMPLES,
         aug_flip=data.AUG_FLIP, with_annotations=True,
@@ -207,10 +231,12 @@ def _train(cfg, args, env, log, ckpt, ckpt_path) -> dict:
         param_groups(wrapper, t.WEIGHT_DECAY), lr=lrs[0], betas=tuple(t.OPTIMIZER.BETAS), eps=t.OPTIMIZER.EPS
     )
     amp_dtype = DTYPES[cfg.AMP_DTYPE]
+    frozen_dtype = DTYPES[cfg.MODEL.SAM3_DTYPE or cfg.AMP_DTYPE]
     use_amp = cfg.AMP_ENABLE and env.device.type == "cuda"
     scaler = grad_scaler(env.device, use_amp and amp_dtype == torch.float16)
     model = wrap_ddp(wrapper, env)
     weights = LossWeights(d.EMBEDDING_LOSS_WEIGHT, d.MASK_BCE_WEIGHT, d.MASK_DICE_WEIGHT, d.TEMPERATURE)
+    decode = DecodeSettings(weights, d.DECODE_ITERS, d.ITER_ON_BOX, d.REFINE_POINTS, d.TEACHER_MASK_THRESHOLD)
     start_epoch, step = t.START_EPOCH, 0
     if ckpt is not None:
         if not any(k.startswith("student_trunk.") for k in ckpt.get("model", {})):
@@ -221,7 +247,8 @@ def _train(cfg, args, env, log, ckpt, ckpt_path) -> dict:
     log.info(
         f"{len(dataset)} images, {steps_per_epoch} steps/epoch x {t.EPOCHS} epochs, lr {lrs[0]:.3g} "
         f"(batch {data.BATCH_SIZE} x {env.world_size} x {accum}), AMP {use_amp} {cfg.AMP_DTYPE}, "
-        f"FPN level {cfg.MODEL.FEATURE_SIZE}"
+        f"FPN level {cfg.MODEL.FEATURE_SIZE}, frozen path {cfg.MODEL.SAM3_DTYPE or cfg.AMP_DTYPE}, "
+        f"decode iterations {d.DECODE_ITERS}"
     )
     mask_size = 4 * d.EMBED_SIZE
     cache: dict[str, tuple[int, torch.Tensor]] = {}  # key -> (teacher's best query, its mask logits, fp16 CPU)
@@ -229,17 +256,21 @@ def _train(cfg, args, env, log, ckpt, ckpt_path) -> dict:
     def batch_loss(batch: dict, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
         """Teacher targets (cached or not), student embedding through the frozen path, the FT loss."""
         images = batch["image"].to(env.device, non_blocking=True)
-        target = batch["target"].to(env.device, non_blocking=True)
+        if teacher is not None:
+            target = run_teacher(teacher, images)
+        else:
+            target = batch["target"].to(env.device, non_blocking=True)
         hw = batch["hw"].to(env.device)
         pr = {k: v.to(env.device) for k, v in batch_prompts(batch, cfg, epoch).items()}
-        args_p = (pr["points"], pr["point_pad"], pr["boxes"], pr["box_pad"])
+        keys = batch["key"]
         with amp_autocast(env.device, use_amp, amp_dtype):
-            idx, t_mask = teacher_targets(frozen, target, args_p, batch["key"], cache if d.CACHE_TEACHER else None)
             pred = model(images)
-            student_out = frozen(pred, *args_p)
-        return picked_loss(
-            pred, target, valid_mask(hw, data.IMG_SIZE, d.EMBED_SIZE), student_out["pred_masks"], idx, t_mask,
-            valid_mask(hw, data.IMG_SIZE, mask_size), weights,
+        return ft_loss(
+            frozen, pred, target, pr, valid_mask(hw, data.IMG_SIZE, d.EMBED_SIZE),
+            valid_mask(hw, data.IMG_SIZE, mask_size), decode,
+            first_teacher=lambda a: teacher_targets(frozen, target, a, keys, cache if d.CACHE_TEACHER else None),
+            uniforms=refine_uniforms(keys, 0 if d.FIXED_PROMPTS else epoch, d.REFINE_POINTS),
+            frozen_ctx=lambda: amp_autocast(env.device, use_amp, frozen_dtype),
         )  # fmt: skip
 
     if args.eval:

@@ -22,6 +22,8 @@ def ft_defaults() -> CN:
     c.MODEL.FEATURE_SIZE = 72
     # "sam3": SAM3's sizes (load MODEL.SAM3_CHECKPOINT); "tiny": the same modules at test size (stand-in).
     c.MODEL.SAM3_TYPE = "sam3"
+    # Autocast dtype of the frozen SAM3 path under AMP: "" = AMP_DTYPE; bf16 keeps fp32's range there.
+    c.MODEL.SAM3_DTYPE = ""
     c.DATA.BATCH_SIZE = 4
     c.DATA.BOX_JITTER = True
     c.DATA.SORT_BY_AREA = True
@@ -38,10 +40,14 @@ def ft_defaults() -> CN:
     # frozen path runs once per step for the student only once an image has been seen.
     c.DISTILL.FIXED_PROMPTS = False
     c.DISTILL.CACHE_TEACHER = False
-    # EdgeSAM style: one prompt, 50/50 box or point, DECODE_ITERS with refinement points.
+    # EdgeSAM style: one prompt, 50/50 box or point, DECODE_ITERS with refinement points: after each
+    # iteration REFINE_POINTS points per image from teacher/student disagreement (masks binarised at logit
+    # TEACHER_MASK_THRESHOLD); box-only images only get them with ITER_ON_BOX (as in the reference).
     c.DISTILL.PROMPT_MIX = False
     c.DISTILL.DECODE_ITERS = 1
     c.DISTILL.ITER_ON_BOX = False
+    c.DISTILL.REFINE_POINTS = 1
+    c.DISTILL.TEACHER_MASK_THRESHOLD = 0.0
     c.TRAIN.EPOCHS = 30
     c.TRAIN.WARMUP_EPOCHS = 2
     c.TRAIN.BASE_LR = 5e-5
@@ -58,7 +64,11 @@ def ft_defaults() -> CN:
     return c
 
 
-FT_CHOICES = {"MODEL.FEATURE_SIZE": (72, 36), "MODEL.SAM3_TYPE": ("sam3", "tiny")}
+FT_CHOICES = {
+    "MODEL.FEATURE_SIZE": (72, 36),
+    "MODEL.SAM3_TYPE": ("sam3", "tiny"),
+    "MODEL.SAM3_DTYPE": ("", "fp16", "bf16"),
+}
 
 
 def load_ft_config(cfg_file: str | None = None, opts: Sequence[str] = (), overrides: dict | None = None) -> CN:
@@ -67,6 +77,8 @@ def load_ft_config(cfg_file: str | None = None, opts: Sequence[str] = (), overri
     d = cfg.DISTILL
     if d.MAX_PROMPTS < 1 or d.DECODE_ITERS < 1:
         raise ConfigError(f"DISTILL.MAX_PROMPTS / DECODE_ITERS: expected >= 1, got {d.MAX_PROMPTS} / {d.DECODE_ITERS}")
+    if d.REFINE_POINTS < 1:
+        raise ConfigError(f"DISTILL.REFINE_POINTS: expected >= 1, got {d.REFINE_POINTS}")
     if not (d.USE_BOX_PROMPTS or d.USE_POINT_PROMPTS):
         raise ConfigError("DISTILL.USE_BOX_PROMPTS / USE_POINT_PROMPTS: at least one must be true")
     if d.CACHE_TEACHER and not d.FIXED_PROMPTS:

@@ -83,10 +83,16 @@ def picked_loss(
     weights: LossWeights = LossWeights(),
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The same loss from the teacher's chosen query index (B,) and its mask (B, H, W), e.g. from a cache."""
-    s = pick(student_masks, idx) / weights.temperature
-    t = teacher_mask.detach().float() / weights.temperature
     mse = embedding_mse(student_embed, teacher_embed, embed_valid)
-    bce = soft_bce(s, t, mask_valid)
-    dice = soft_dice(s, t, mask_valid)
+    bce, dice = mask_terms(pick(student_masks, idx), teacher_mask, mask_valid, weights.temperature)
     total = weights.embed * mse + weights.bce * bce + weights.dice * dice
     return total, {"embed_mse": mse.item(), "mask_bce": bce.item(), "mask_dice": dice.item()}
+
+
+def mask_terms(
+    student_mask: torch.Tensor, teacher_mask: torch.Tensor, valid: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(soft BCE, Dice) of the student's chosen mask logits against the teacher's, both (B, H, W)."""
+    s = student_mask / temperature
+    t = teacher_mask.detach().float() / temperature
+    return soft_bce(s, t, valid), soft_dice(s, t, valid)

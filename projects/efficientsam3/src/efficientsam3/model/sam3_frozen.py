@@ -69,14 +69,21 @@ class FrozenSAM3(nn.Module):
         return {name: sum(p.numel() for p in self.get_submodule(name).parameters()) for name in PREFIXES}
 
     def forward(
-        self, embed: torch.Tensor, points: torch.Tensor, point_pad: torch.Tensor, boxes: torch.Tensor, box_pad
+        self,
+        embed: torch.Tensor,
+        points: torch.Tensor,
+        point_pad: torch.Tensor,
+        boxes: torch.Tensor,
+        box_pad,
+        point_labels: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """embed (B, C, S, S); points (B, Np, 2) / boxes (B, Nb, 4) normalised xy / cxcywh, pads True = padding.
+        """embed (B, C, S, S); points (B, Np, 2) / boxes (B, Nb, 4) normalised xy / cxcywh, pads True = padding;
+        point_labels (B, Np) 1 = positive, 0 = negative (default all positive; refinement points need 0).
         -> pred_logits (B, Q) (last decoder layer's scores), pred_masks (B, Q, 4S, 4S), presence_logit (B,)."""
         feats, pos = self.neck(embed)
         level = 2 if self.feature_size == 72 else 3  # scale 1 (the embedding's own grid) or scale 0.5
         img, img_pos = feats[level], pos[level]
-        prompt, prompt_pad = self.geometry_encoder(points, point_pad, boxes, box_pad, img, img_pos)
+        prompt, prompt_pad = self.geometry_encoder(points, point_pad, boxes, box_pad, img, img_pos, point_labels)
         memory, memory_pos = self.encoder(img, img_pos, prompt, prompt_pad)
         dec = self.decoder(memory, memory_pos, tuple(img.shape[-2:]), prompt, prompt_pad)
         scores = self.scoring(dec["hs"], prompt, prompt_pad)
