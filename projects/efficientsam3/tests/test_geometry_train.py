@@ -1,6 +1,8 @@
 """Geometry fine-tune on the tiny stand-in: 2 steps, a resume that continues and equals an uninterrupted
 run, only trainable weights saved, the converter on the result, one-line errors."""
 
+import json
+
 import pytest
 import torch
 
@@ -134,3 +136,44 @@ def test_teacher_cache_maps_images_to_their_own_targets():
     torch.testing.assert_close(mask2.float(), mask[order].half().float())
     fresh, _ = teacher_targets(frozen, emb[order], (pts[order], pad[order], boxes[order], pad[order]), ["c", "a"], None)
     assert fresh.tolist() == idx2.tolist()
+
+
+EDGESAM = ["DISTILL.MAX_PROMPTS", "1", "DISTILL.PROMPT_MIX", "True", "DISTILL.DECODE_ITERS", "2",
+           "DISTILL.ITER_ON_BOX", "True"]  # fmt: skip
+
+
+def _refine_counts(out):
+    """refine_points logged per step (history.json)."""
+    return [row["refine_points"] for row in json.loads((out / "history.json").read_text()) if "refine_points" in row]
+
+
+def test_edgesam_style_decode_iterations_resume(ft_setup, tmp_path):
+    """DECODE_ITERS 2 with refinement points: 2 steps, then a resume (the saved config keeps the EdgeSAM keys)
+    that continues and equals the uninterrupted run."""
+    cfg, sa1b, store = ft_setup
+    full = _run(cfg, sa1b, store, tmp_path / "full", "--opts", *EDGESAM)
+    part = _run(cfg, sa1b, store, tmp_path / "part", "--stop-after-epochs", "1", "--opts", *EDGESAM)
+    assert part["step"] == 2
+    rest = _run(cfg, sa1b, store, tmp_path / "part")
+    assert rest["epochs_run"] == 1 and rest["step"] == full["step"] == 4
+    saved = load_checkpoint(tmp_path / "part" / "ckpt_epoch_1.pth")
+    assert saved["config"]["DISTILL"]["DECODE_ITERS"] == 2
+    a = load_checkpoint(tmp_path / "full" / "ckpt_epoch_1.pth")["model"]
+    for k, v in a.items():
+        torch.testing.assert_close(saved["model"][k], v, atol=1e-6, rtol=1e-5)
+    counts = _refine_counts(tmp_path / "full")
+    assert len(counts) == 4 and max(counts) > 0  # points were added (random tiny SAM3 disagrees)
+
+
+def test_online_teacher_matches_the_store(ft_setup, tmp_path):
+    """--online-teacher runs stage 1's teacher (here the stand-in the store was exported with) in the loop:
+    the same loss parts as reading the store (which holds fp16), no store needed; it also trains."""
+    cfg, sa1b, store = ft_setup
+    stored = _run(cfg, sa1b, store, tmp_path / "a", "--eval")["eval"]
+    online = train(["--cfg", str(cfg), "--data-path", str(sa1b), "--output", str(tmp_path / "b"), "--device", "cpu",
+                    "--online-teacher", "--teacher-type", "standin", "--eval"])["eval"]  # fmt: skip
+    for k in stored:
+        assert online[k] == pytest.approx(stored[k], rel=2e-3), k
+    r = train(["--cfg", str(cfg), "--data-path", str(sa1b), "--output", str(tmp_path / "d"), "--device", "cpu",
+               "--online-teacher", "--teacher-type", "standin", "--stop-after-epochs", "1"])  # fmt: skip
+    assert r["step"] == 2 and (tmp_path / "d" / "ckpt_epoch_0.pth").is_file()
