@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from plyfile import PlyData
 
 # ScanNet's 20 benchmark classes as nyu40 ids (index = segment20 label)
 SCANNET20_NYU40 = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 24, 28, 33, 34, 36, 39)
@@ -35,7 +34,11 @@ def read_mmdet3d_bin(path: str | Path, dims: int = 6) -> tuple[np.ndarray, np.nd
 
 
 def read_ply(path: str | Path) -> dict[str, np.ndarray]:
-    """Vertex coord (and color, normal, label when the ply has red/green/blue, nx/ny/nz, label)."""
+    """Vertex coord (and color, normal, label when the ply has red/green/blue, nx/ny/nz, label).
+
+    plyfile is imported here, not at the top, so converting .bin scenes needs no plyfile (GPU hosts without it)."""
+    from plyfile import PlyData
+
     vertex = PlyData.read(str(path))["vertex"]
     names = vertex.data.dtype.names
     if not {"x", "y", "z"}.issubset(names):

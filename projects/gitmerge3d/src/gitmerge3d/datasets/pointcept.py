@@ -7,6 +7,7 @@ item is the scene's ``fragment_list``: for each test augmentation, every GridSam
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .transform import Compose, build_transform
+from .transform import Compose, GridSample, SphereCrop, build_transform
+
+TEST_CFG_KEYS = ("voxelize", "crop", "post_transform", "aug_transform", "vote")
 
 
 class DefaultDataset(Dataset):
@@ -35,21 +38,36 @@ class DefaultDataset(Dataset):
         self.root = Path(data_root)
         self.splits = [split] if isinstance(split, str) else list(split)
         self.transform = Compose(transform)
+        if any(isinstance(t, SphereCrop) and t.mode == "all" for t in self.transform.transforms):
+            raise ValueError("SphereCrop mode='all' returns several crops: use it as data.test.test_cfg.crop only")
         self.test_mode, self.loop = test_mode, max(1, int(loop)) if not test_mode else 1
         self.scenes = self._scenes()
         if max_scenes is not None:
             self.scenes = self.scenes[: int(max_scenes)]
         if test_mode:
-            if not test_cfg:
-                raise ValueError("data.test.test_cfg is required when test_mode=True")
-            self.voxelize = build_transform(test_cfg["voxelize"])
-            if test_cfg.get("crop"):
-                raise ValueError("data.test.test_cfg.crop is not supported (None in every shipped config)")
-            self.post = Compose(test_cfg.get("post_transform"))
-            self.augs = [Compose(a) for a in test_cfg.get("aug_transform") or [[]]]
-            self.vote = test_cfg.get("vote", "once")
-            if self.vote not in ("once", "all"):
-                raise ValueError(f"data.test.test_cfg.vote must be 'once' or 'all', got {self.vote!r}")
+            self._init_test(test_cfg)
+
+    def _init_test(self, test_cfg: Mapping | None) -> None:
+        if not test_cfg:
+            raise ValueError("data.test.test_cfg is required when test_mode=True")
+        unknown = sorted(set(test_cfg) - set(TEST_CFG_KEYS))
+        if unknown:
+            supported = ", ".join(TEST_CFG_KEYS)
+            raise ValueError(f"data.test.test_cfg.{unknown[0]} is not supported (supported: {supported})")
+        self.voxelize = build_transform(test_cfg["voxelize"]) if test_cfg.get("voxelize") else None
+        if self.voxelize is not None and not (isinstance(self.voxelize, GridSample) and self.voxelize.mode == "test"):
+            raise ValueError("data.test.test_cfg.voxelize must be a GridSample with mode='test' (or None)")
+        self.crop = build_transform(test_cfg["crop"]) if test_cfg.get("crop") else None
+        if self.crop is not None and not (isinstance(self.crop, SphereCrop) and self.crop.mode == "all"):
+            raise ValueError(
+                "data.test.test_cfg.crop must be a SphereCrop with mode='all' (or None): "
+                "other crops leave points without a prediction"
+            )
+        self.post = Compose(test_cfg.get("post_transform"))
+        self.augs = [Compose(a) for a in test_cfg.get("aug_transform") or [[]]]
+        self.vote = test_cfg.get("vote", "once")
+        if self.vote not in ("once", "all"):
+            raise ValueError(f"data.test.test_cfg.vote must be 'once' or 'all', got {self.vote!r}")
 
     def _scenes(self) -> list[Path]:
         hint = f"put Pointcept scene folders at {self.root}/<split>/<scene>/{{coord,color,normal}}.npy (see README)"
@@ -102,12 +120,19 @@ class DefaultDataset(Dataset):
         data.pop("instance", None)
         fragments = []
         for aug in self.augs:
-            for part in self.voxelize(aug(copy.deepcopy(data))):
-                vote = torch.from_numpy(part.pop("vote")) if self.vote == "once" else None
-                frag = self.post(part)
-                if vote is not None:
-                    frag["vote"] = vote
-                fragments.append(frag)
+            view = aug(copy.deepcopy(data))
+            if self.voxelize is not None:
+                parts = self.voxelize(view)
+            else:  # every point once: Pointcept's voxelize=None
+                n = len(view["coord"])
+                parts = [{**view, "index": np.arange(n), "vote": np.ones(n, dtype=bool)}]
+            for part in parts:
+                for piece in self.crop(part) if self.crop is not None else [part]:
+                    vote = torch.from_numpy(piece.pop("vote"))
+                    frag = self.post(piece)
+                    if self.vote == "once":
+                        frag["vote"] = vote
+                    fragments.append(frag)
         return {"segment": segment, "name": name, "fragment_list": fragments, "num_points": len(segment)}
 
 
@@ -131,7 +156,14 @@ def build_dataset(cfg: Mapping[str, Any], **overrides: Any) -> DefaultDataset:
     name = kwargs.pop("type", None)
     if name not in DATASETS:
         raise ValueError(f"data type {name!r} is not one of {', '.join(DATASETS)}")
+    unknown = sorted(set(kwargs) - set(DATASET_ARGS))
+    if unknown:
+        supported = ", ".join(DATASET_ARGS)
+        raise ValueError(f"dataset argument {unknown[0]!r} ({name}) is not supported (supported: {supported})")
     return DATASETS[name](**kwargs)
+
+
+DATASET_ARGS = tuple(inspect.signature(DefaultDataset.__init__).parameters)[1:]
 
 
 def collate_fn(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -145,4 +177,25 @@ def collate_fn(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             out[key] = torch.cat(vals, 0)
         else:
             out[key] = vals
+    return out
+
+
+def point_collate_fn(batch: Sequence[Mapping[str, Any]], mix_prob: float = 0.0) -> dict[str, Any]:
+    """``collate_fn``, then Mix3D with probability ``mix_prob`` (Pointcept's training collate): samples 2k and
+    2k+1 become one scene by dropping the offset between them, so their points overlay in one sample (an odd
+    last sample stays alone). Instance ids of the second scene of a pair are shifted past the first's."""
+    out = collate_fn(batch)
+    if mix_prob <= 0 or np.random.rand() >= mix_prob:
+        return out
+    offset = out["offset"]
+    if "instance" in out:
+        inst = out["instance"]
+        bounds = [0, *offset.tolist()]
+        for i in range(1, len(offset), 2):
+            first = inst[bounds[i - 1] : bounds[i]]
+            second = inst[bounds[i] : bounds[i + 1]]
+            shift = max(int(first.max()) + 1, 0) if len(first) else 0
+            second[second != -1] += shift
+    for key in [k for k in out if "offset" in k]:
+        out[key] = torch.cat([out[key][1:-1:2], out[key][-1:]])
     return out

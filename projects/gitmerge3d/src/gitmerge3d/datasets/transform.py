@@ -12,10 +12,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.interpolate import RegularGridInterpolator
-from scipy.ndimage import gaussian_filter
 
-POINT_KEYS = ("coord", "color", "normal", "segment", "instance", "grid_coord", "index")
+POINT_KEYS = ("coord", "color", "normal", "segment", "instance", "grid_coord", "index", "vote")
 TRANSFORMS: dict[str, type] = {}
 FNV_OFFSET = np.uint64(14695981039346656037)
 FNV_PRIME = np.uint64(1099511628211)
@@ -173,6 +171,44 @@ class RandomJitter:
         return data
 
 
+def gaussian_smooth(arr: np.ndarray, axes: Sequence[int], sigma: float = 1.0, truncate: float = 4.0) -> np.ndarray:
+    """Separable Gaussian filter with edge ('nearest') padding over ``axes``: scipy.ndimage.gaussian_filter's
+    result (radius ``int(truncate * sigma + 0.5)``), in numpy so the pipeline needs no scipy."""
+    radius = int(truncate * sigma + 0.5)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    weights = np.exp(-0.5 * (x / sigma) ** 2)
+    weights /= weights.sum()
+    out = arr.astype(np.float64)
+    for axis in axes:
+        pad = [(0, 0)] * out.ndim
+        pad[axis] = (radius, radius)
+        padded = np.pad(out, pad, mode="edge")
+        size = out.shape[axis]
+        acc = np.zeros_like(out)
+        for j, w in enumerate(weights):
+            acc += w * np.take(padded, np.arange(j, j + size), axis=axis)
+        out = acc
+    return out.astype(arr.dtype)
+
+
+def trilinear(field: np.ndarray, lo: np.ndarray, step: float, coord: np.ndarray) -> np.ndarray:
+    """Linear interpolation of ``field`` (X, Y, Z, C) sampled at ``lo + step * ijk``; 0 outside the grid
+    (scipy's RegularGridInterpolator(bounds_error=False, fill_value=0) on the same grid)."""
+    shape = np.array(field.shape[:3])
+    pos = (coord - lo) / step
+    inside = np.all((pos >= 0) & (pos <= shape - 1), axis=1)
+    i0 = np.clip(np.floor(pos).astype(np.int64), 0, shape - 2)
+    t = pos - i0
+    out = np.zeros((len(coord), field.shape[3]), dtype=np.float64)
+    for corner in range(8):
+        bits = np.array([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1])
+        w = np.prod(np.where(bits, t, 1 - t), axis=1)
+        idx = i0 + bits
+        out += w[:, None] * field[idx[:, 0], idx[:, 1], idx[:, 2]]
+    out[~inside] = 0.0
+    return out
+
+
 @register
 class ElasticDistortion:
     """Smooth random displacement fields, one per (granularity m, magnitude) pair, each applied with p 0.95."""
@@ -185,10 +221,8 @@ class ElasticDistortion:
         lo = coord.min(0) - granularity * 3
         shape = ((coord.max(0) - lo) // granularity).astype(int) + 3
         noise = np.random.randn(*shape, 3).astype(np.float32)
-        noise = gaussian_filter(noise, sigma=(1, 1, 1, 0), mode="nearest")
-        axes = [np.linspace(lo[d], lo[d] + granularity * (shape[d] - 1), shape[d]) for d in range(3)]
-        field = RegularGridInterpolator(axes, noise, bounds_error=False, fill_value=0.0)
-        return coord + field(coord) * magnitude
+        noise = gaussian_smooth(noise, axes=(0, 1, 2))
+        return coord + trilinear(noise, lo, granularity, coord) * magnitude
 
     def __call__(self, data: dict) -> dict:
         for granularity, magnitude in self.params:
@@ -284,21 +318,66 @@ class GridSample:
 
 @register
 class SphereCrop:
-    """Keep the ``point_max`` points nearest a centre (random point, or the middle point for 'center')."""
+    """Keep the ``point_max`` (or ``sample_rate * N``) points nearest a centre: a random point ('random'), the
+    middle point ('center'), or, with ``mode='all'``, a list of such crops that together cover every point
+    (Pointcept's test-time crop of large fragments).
+
+    'all' (Pointcept's rule): every point gets a tiny random score; the next centre is the lowest-scored point,
+    and each crop raises its points' scores by ``(1 - d2 / max d2)^2``, so centres spread out; crops stop when
+    every point is in one. Each crop keeps ``index`` (into the scene, when the input has it). A ``vote`` mask
+    (GridSample test mode) is split so each point votes in one crop only: the crop whose centre is nearest."""
+
+    MODES = ("random", "center", "all")
 
     def __init__(self, point_max: int = 80000, sample_rate: float | None = None, mode: str = "random"):
-        if mode not in ("random", "center"):
-            raise ValueError(f"SphereCrop mode must be 'random' or 'center' here, got {mode!r}")
+        if mode not in self.MODES:
+            raise ValueError(f"SphereCrop mode must be one of {self.MODES}, got {mode!r}")
+        if sample_rate is None and (not isinstance(point_max, int) or point_max < 1):
+            raise ValueError(f"SphereCrop point_max must be a positive int, got {point_max!r}")
+        if sample_rate is not None and not 0 < sample_rate <= 1:
+            raise ValueError(f"SphereCrop sample_rate must be in (0, 1], got {sample_rate!r}")
         self.point_max, self.sample_rate, self.mode = point_max, sample_rate, mode
 
-    def __call__(self, data: dict) -> dict:
+    def __call__(self, data: dict) -> dict | list[dict]:
         n = len(data["coord"])
-        limit = int(self.sample_rate * n) if self.sample_rate else self.point_max
+        limit = max(1, int(self.sample_rate * n)) if self.sample_rate else self.point_max
+        if self.mode == "all":
+            return self._crop_all(data, limit)
         if n <= limit:
             return data
         c = data["coord"][np.random.randint(n) if self.mode == "random" else n // 2]
         keep = np.sort(np.argsort(((data["coord"] - c) ** 2).sum(1))[:limit])
         return index_points(data, keep)
+
+    @staticmethod
+    def _crop_all(data: dict, limit: int) -> list[dict]:
+        coord = data["coord"]
+        n = len(coord)
+        if "index" not in data:
+            data = {**data, "index": np.arange(n)}
+        if n <= limit:
+            return [dict(data)]
+        score = np.random.rand(n) * 1e-3
+        covered = np.zeros(n, dtype=bool)
+        best = np.full(n, np.inf)
+        owner = np.full(n, -1)
+        picks: list[np.ndarray] = []
+        while not covered.all():
+            d2 = ((coord - coord[np.argmin(score)]) ** 2).sum(1)
+            pick = np.sort(np.argsort(d2, kind="stable")[:limit])
+            w = d2[pick]
+            score[pick] += np.square(1 - w / w.max()) if w.max() > 0 else 1.0
+            covered[pick] = True
+            nearer = w < best[pick]
+            best[pick[nearer]], owner[pick[nearer]] = w[nearer], len(picks)
+            picks.append(pick)
+        parts = []
+        for k, pick in enumerate(picks):
+            part = index_points(dict(data), pick)
+            if "vote" in data:
+                part["vote"] = data["vote"][pick] & (owner[pick] == k)
+            parts.append(part)
+        return parts
 
 
 @register
@@ -324,18 +403,33 @@ class ToTensor:
 
 @register
 class Collect:
-    """Keep ``keys``, add ``offset`` (point count) and ``feat`` = concatenated ``feat_keys``."""
+    """Keep ``keys``; add the point counts named by ``offset_keys_dict`` (default ``offset`` = len(coord)) and,
+    for each ``<name>_keys=(...)`` argument, ``<name>`` = those entries concatenated (``feat_keys`` -> ``feat``)."""
 
-    def __init__(self, keys: Sequence[str], feat_keys: Sequence[str] = ("coord", "color", "normal"), **kwargs):
-        self.keys, self.feat_keys = tuple(keys), tuple(feat_keys)
+    def __init__(
+        self,
+        keys: str | Sequence[str],
+        offset_keys_dict: Mapping[str, str] | None = None,
+        feat_keys: Sequence[str] = ("coord", "color", "normal"),
+        **concat_keys: Sequence[str],
+    ):
+        bad = [k for k in concat_keys if not k.endswith("_keys")]
+        if bad:
+            raise ValueError(f"Collect argument {bad[0]!r} is not supported (expected keys, offset_keys_dict, *_keys)")
+        self.keys = (keys,) if isinstance(keys, str) else tuple(keys)
+        self.offset_keys = dict(offset_keys_dict) if offset_keys_dict is not None else {"offset": "coord"}
+        self.concat = {"feat": tuple(feat_keys), **{k[: -len("_keys")]: tuple(v) for k, v in concat_keys.items()}}
 
     def __call__(self, data: dict) -> dict:
-        missing = [k for k in (*self.keys, *self.feat_keys) if k not in data]
+        needed = [*self.keys, *self.offset_keys.values(), *(k for ks in self.concat.values() for k in ks)]
+        missing = [k for k in needed if k not in data]
         if missing:
             raise KeyError(f"Collect: the scene has no '{missing[0]}' (has {sorted(data)})")
         out = {k: data[k] for k in self.keys}
-        out["offset"] = torch.tensor([len(data["coord"])])
-        out["feat"] = torch.cat([torch.as_tensor(data[k]).float() for k in self.feat_keys], dim=1)
+        for name, key in self.offset_keys.items():
+            out[name] = torch.tensor([len(data[key])])
+        for name, keys in self.concat.items():
+            out[name] = torch.cat([torch.as_tensor(data[k]).float() for k in keys], dim=1)
         return out
 
 

@@ -24,6 +24,14 @@ _BACKBONE_EXTRA = {"type", "additional_info"}
 BACKBONE_TYPES = ("PT-v3m2",)
 MODEL_TYPES = ("DefaultSegmentorV2",)
 REQUIRED = ("model", "data", "epoch", "optimizer", "scheduler", "batch_size")
+# every top-level setting the engine reads (data_root/dataset_type: the dataset files' helper variables)
+TOP_LEVEL = (
+    *REQUIRED,
+    *("param_dicts", "finetuning_param_list", "mix_prob", "batch_size_val", "num_worker", "seed", "enable_amp"),
+    *("amp_dtype", "clip_grad", "empty_cache", "evaluate", "eval_epoch", "find_unused_parameters", "weight"),
+    *("resume", "save_path", "max_train_iters", "max_val_scenes", "data_root", "dataset_type"),
+)
+AMP_DTYPES = ("float16", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -123,6 +131,10 @@ def validate(cfg: Mapping) -> None:
     for key in REQUIRED:
         if key not in cfg:
             raise ConfigError(f"config lacks '{key}'")
+    unknown = sorted(set(cfg) - set(TOP_LEVEL))
+    if unknown:
+        raise ConfigError(f"config key '{unknown[0]}' is not supported here (see README: Training and testing)")
+    _validate_runtime(cfg)
     model = cfg["model"]
     if model.get("type") not in MODEL_TYPES:
         raise ConfigError(f"model.type must be one of {MODEL_TYPES}, got {model.get('type')!r}")
@@ -168,6 +180,21 @@ def validate(cfg: Mapping) -> None:
         raise ConfigError(f"finetuning_param_list must be a list of name fragments, got {fpl!r}")
     if not isinstance(cfg["batch_size"], int) or cfg["batch_size"] < 1:
         raise ConfigError(f"batch_size must be a positive int, got {cfg['batch_size']!r}")
+
+
+def _validate_runtime(cfg: Mapping) -> None:
+    mix = cfg.get("mix_prob", 0.0)
+    if not isinstance(mix, (int, float)) or isinstance(mix, bool) or not 0 <= mix <= 1:
+        raise ConfigError(f"mix_prob must be a number in [0, 1], got {mix!r}")
+    if cfg.get("amp_dtype", "float16") not in AMP_DTYPES:
+        raise ConfigError(f"amp_dtype must be one of {AMP_DTYPES}, got {cfg.get('amp_dtype')!r}")
+    ev, ep = cfg.get("eval_epoch"), cfg["epoch"]
+    if not isinstance(ep, int) or isinstance(ep, bool) or ep < 1:
+        raise ConfigError(f"epoch must be a positive int, got {ep!r}")
+    if ev is not None and (not isinstance(ev, int) or isinstance(ev, bool) or ev < 1 or ep % ev):
+        raise ConfigError(f"eval_epoch must be None or a positive divisor of epoch ({ep}), got {ev!r}")
+    if not isinstance(cfg.get("empty_cache", False), bool):
+        raise ConfigError(f"empty_cache must be True or False, got {cfg.get('empty_cache')!r}")
 
 
 def load_config(path: str | Path, options: Sequence[str] = ()) -> Config:

@@ -7,13 +7,15 @@ run early (quick runs, tests); if that cuts an epoch short, a resumed run restar
 from __future__ import annotations
 
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from run_kit import (
     DistEnv,
@@ -35,7 +37,7 @@ from run_kit import (
     wrap_ddp,
 )
 
-from ..datasets.pointcept import build_dataset, collate_fn
+from ..datasets.pointcept import build_dataset, collate_fn, point_collate_fn
 from .build import Criteria, apply_finetuning_filter, build_model, build_optimizer, build_scheduler, load_weight
 from .config import Config, _plain, _wrap
 from .metrics import confusion, summarize
@@ -48,15 +50,33 @@ def _worker_init(worker_id: int) -> None:
     np.random.seed((torch.initial_seed() + worker_id) % 2**32)
 
 
-def _loader(ds, batch: int, workers: int, env: DistEnv, shuffle: bool) -> DataLoader:
-    sampler = DistributedSampler(ds, shuffle=shuffle) if env.distributed else None
+class ShardSampler(Sampler[int]):
+    """Rank ``r`` of ``w`` takes items ``r, r + w, ...``: every item exactly once over the ranks, no padding
+    (DistributedSampler repeats items to even the ranks out, which would count a scene twice in metrics)."""
+
+    def __init__(self, size: int, rank: int, world_size: int):
+        self.indices = list(range(rank, size, world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def _loader(ds, batch: int, workers: int, env: DistEnv, shuffle: bool, mix_prob: float = 0.0) -> DataLoader:
+    """Train (``shuffle``): DistributedSampler under DDP, Mix3D collate. Eval: each rank its own shard."""
+    if shuffle:
+        sampler = DistributedSampler(ds, shuffle=True) if env.distributed else None
+    else:
+        sampler = ShardSampler(len(ds), env.rank, env.world_size) if env.distributed else None
     return DataLoader(
         ds,
         batch_size=batch,
         shuffle=shuffle and sampler is None,
         sampler=sampler,
         num_workers=workers,
-        collate_fn=collate_fn,
+        collate_fn=partial(point_collate_fn, mix_prob=mix_prob) if shuffle else collate_fn,
         worker_init_fn=_worker_init,
         drop_last=shuffle and len(ds) >= batch * env.world_size,
         persistent_workers=False,
@@ -65,15 +85,17 @@ def _loader(ds, batch: int, workers: int, env: DistEnv, shuffle: bool) -> DataLo
 
 @torch.no_grad()
 def validate(model, loader, cfg: Mapping, env: DistEnv) -> dict:
-    """Single pass over the val split (val transform, no voting); metrics pooled over ranks and scenes."""
+    """Single pass over the val split (val transform, no voting); each rank its own scenes (no repeats), the
+    confusion summed over ranks. ``model`` is the bare module: ranks may run different numbers of batches."""
     model.eval()
     c = cfg["data"]["num_classes"]
     conf = torch.zeros(c, c, dtype=torch.long, device=env.device)
-    for i, batch in enumerate(loader):
-        if cfg.get("max_val_scenes") is not None and i >= cfg["max_val_scenes"]:
-            break
+    if env.distributed:  # BatchNorm running stats: rank 0's, as DDP's forward would broadcast them
+        for buf in model.buffers():
+            dist.broadcast(buf, 0)
+    for batch in loader:
         batch = to_device(batch, env.device)
-        with amp_autocast(env.device, cfg.get("enable_amp", False)):
+        with amp_autocast(env.device, cfg.get("enable_amp", False), getattr(torch, cfg.get("amp_dtype") or "float16")):
             pred = model(batch).argmax(-1)
         conf += confusion(pred, batch["segment"], c, cfg["data"].get("ignore_index", -1))
     conf = all_reduce_sum(conf.double(), env)
@@ -114,13 +136,17 @@ def train(cfg: Config, env: DistEnv, explicit: Sequence[str] = ()) -> dict[str, 
 
     per_gpu = max(1, cfg["batch_size"] // env.world_size)
     train_ds = build_dataset(cfg["data"]["train"])
-    train_loader = _loader(train_ds, per_gpu, cfg.get("num_worker", 0), env, shuffle=True)
+    # Pointcept's eval_epoch: `eval_epoch` rounds, each `epoch // eval_epoch` passes over the data (one loader)
+    rounds = cfg.get("eval_epoch") or cfg["epoch"]
+    train_ds.loop *= cfg["epoch"] // rounds
+    mix = float(cfg.get("mix_prob") or 0.0)
+    train_loader = _loader(train_ds, per_gpu, cfg.get("num_worker", 0), env, shuffle=True, mix_prob=mix)
     val_loader = None
     if cfg.get("evaluate", True):
-        val_ds = build_dataset(cfg["data"]["val"])
+        val_ds = build_dataset(cfg["data"]["val"], max_scenes=cfg.get("max_val_scenes"))
         val_loader = _loader(val_ds, cfg.get("batch_size_val", 1), cfg.get("num_worker", 0), env, shuffle=False)
     optimizer = build_optimizer(model, cfg["optimizer"], cfg.get("param_dicts"))
-    scheduler = build_scheduler(optimizer, cfg["scheduler"], cfg["epoch"] * len(train_loader))
+    scheduler = build_scheduler(optimizer, cfg["scheduler"], rounds * len(train_loader))
     scaler = grad_scaler(env.device, cfg.get("enable_amp", False))
     criteria = Criteria(cfg["model"].get("criteria", [dict(type="CrossEntropyLoss", ignore_index=-1)]))
 
@@ -132,17 +158,18 @@ def train(cfg: Config, env: DistEnv, explicit: Sequence[str] = ()) -> dict[str, 
         logger.info(f"resumed from {last}: epoch {start_epoch}, iteration {step}")
     max_iters = cfg.get("max_train_iters")
     row: dict[str, Any] = {}
-    for epoch in range(start_epoch, cfg["epoch"]):
+    amp_dtype = getattr(torch, cfg.get("amp_dtype") or "float16")
+    for epoch in range(start_epoch, rounds):
         if max_iters is not None and step >= max_iters:
             break
         set_sampler_epoch(train_loader, epoch)
         ddp.train()
         completed = True
         losses = []
-        bar = progress(train_loader, env.is_main, desc=f"epoch {epoch + 1}/{cfg['epoch']}", leave=False)
+        bar = progress(train_loader, env.is_main, desc=f"epoch {epoch + 1}/{rounds}", leave=False)
         for batch in bar:
             batch = to_device(batch, env.device)
-            with amp_autocast(env.device, cfg.get("enable_amp", False)):
+            with amp_autocast(env.device, cfg.get("enable_amp", False), amp_dtype):
                 logits = ddp(batch)
             loss = criteria(logits, batch["segment"])
             optimizer.zero_grad(set_to_none=True)
@@ -155,6 +182,8 @@ def train(cfg: Config, env: DistEnv, explicit: Sequence[str] = ()) -> dict[str, 
             scheduler.step()
             step += 1
             losses.append(loss.item())
+            if cfg.get("empty_cache") and env.device.type == "cuda":
+                torch.cuda.empty_cache()
             if max_iters is not None and step >= max_iters and step % len(train_loader) != 0:
                 completed = False
                 break
@@ -165,7 +194,7 @@ def train(cfg: Config, env: DistEnv, explicit: Sequence[str] = ()) -> dict[str, 
             "lr": scheduler.get_last_lr()[-1],
         }
         if val_loader is not None:
-            m = validate(ddp, val_loader, cfg, env)
+            m = validate(model, val_loader, cfg, env)
             row.update(val_mIoU=m["mIoU"], val_mAcc=m["mAcc"], val_allAcc=m["allAcc"])
         logger.log_scalars(step, **row)
         logger.info(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
