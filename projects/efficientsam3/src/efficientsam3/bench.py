@@ -8,6 +8,12 @@ Suites (`--suite`, repeatable):
   against the exact embeddings on held-out images (the stage-1 loss a user would get from each store).
 - train: stage-1 training img/s of --train-student reading a store written to --workdir, and the store's
   read MB/s against what training consumes (img/s x record bytes).
+- finetune: one geometry-FT step of --ft-student at --ft-batch (AMP: fp16 autocast + GradScaler, the frozen
+  SAM3 path under each --ft-frozen-dtypes autocast, random weights) with the teacher path uncached and
+  cached, at the 72x72 and 36x36 FPN level; its parts (student fwd+bwd, frozen path for the student with
+  backward, frozen path for the teacher); an EdgeSAM-style step (1 prompt, 2 decode iterations); and a
+  stage-1 step of the same student at the same batch for the ratio (target: FT step <= 1.5x stage-1).
+  Not in the default suite list (ask for it).
 `--tiny` switches to CPU-sized settings (tiny SAM3 trunk, 64 px students). Results go to --out (JSON)."""
 
 from __future__ import annotations
@@ -30,7 +36,10 @@ from run_kit import OneLineArgumentParser, write_json_atomic
 
 from .data.transforms import preprocess, valid_mask
 from .engine.losses import stage1_loss
+from .finetune.losses import LossWeights, embedding_mse, mask_terms, pick
+from .finetune.step import DecodeSettings, ft_loss, teacher_targets
 from .model.merged_teacher import apply_merging, attended_tokens
+from .model.sam3_frozen import SAM3_DIMS, TINY_DIMS, build_frozen_sam3
 from .model.sam3_vit import SAM3_VIT, TINY_VIT, SAM3ViT
 from .model.students import STUDENTS, build_student
 from .model.teacher import load_trunk
@@ -224,9 +233,175 @@ def bench_train(args, device, dtype) -> list[dict]:
     return [row]
 
 
+def ft_prompts(b: int, n: int, generator: torch.Generator, device) -> dict[str, torch.Tensor]:
+    """n boxes + n points per image (the FT default: up to 16 of each in one geometric prompt), normalised."""
+    centre = torch.rand(b, n, 2, generator=generator) * 0.6 + 0.2
+    size = torch.rand(b, n, 2, generator=generator) * 0.3 + 0.05
+    pad = torch.zeros(b, n, dtype=torch.bool)
+    out = {"boxes": torch.cat([centre, size], -1), "points": centre.clone(), "box_pad": pad, "point_pad": pad.clone()}
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def _count_calls(module: torch.nn.Module, fn) -> int:
+    """Forward calls of `module` during one fn() (what a timed step runs through the frozen path)."""
+    calls = [0]
+    handle = module.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    try:
+        fn()
+    finally:
+        handle.remove()
+    return calls[0]
+
+
+class FTBench:
+    """The FT step's pieces on fixed random tensors (the data loading is not timed). The step is the trainer's
+    own code: `ft_loss` and `teacher_targets` with its cache; AMP as the trainer: fp16 autocast for the
+    student, GradScaler, clip 1.0, AdamW."""
+
+    def __init__(self, args, device: torch.device) -> None:
+        self.args, self.device, self.gpu = args, device, device.type == "cuda"
+        self.dims = TINY_DIMS if args.tiny else SAM3_DIMS
+        b, s = args.ft_batch, args.embed_size
+        g = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)
+        self.student = build_student(args.ft_student, self.dims.embed_dim, s).to(device)
+        self.opt = torch.optim.AdamW(self.student.parameters(), lr=5e-5, weight_decay=0.01)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.gpu)
+        self.images = torch.randn(b, 3, args.img_size, args.img_size, generator=g).to(device)
+        self.target = torch.randn(b, self.dims.embed_dim, s, s, generator=g).to(device)  # one store record each
+        self.embed_valid = torch.ones(b, s, s, dtype=torch.bool, device=device)
+        self.mask_valid = torch.ones(b, 4 * s, 4 * s, dtype=torch.bool, device=device)
+        self.prompts = ft_prompts(b, args.ft_prompts, g, device)
+        one = {k: v[:, :1].clone() for k, v in ft_prompts(b, 1, g, device).items()}
+        one["point_pad"][: b // 2] = True  # EdgeSAM style: half box-only, half point-only (PROMPT_MIX)
+        one["box_pad"][b // 2 :] = True
+        self.one_prompt = one
+        self.keys = [f"img{i}" for i in range(b)]
+        self.frozen = None
+        self.frozen_dtype = torch.float32
+        self.cache: dict = {}
+
+    def amp(self, dtype: torch.dtype = torch.float16):
+        return torch.autocast(self.device.type, dtype=dtype, enabled=self.gpu)
+
+    def set_frozen(self, level: int, dtype: torch.dtype) -> None:
+        torch.manual_seed(0)
+        self.frozen = build_frozen_sam3("", self.dims, level).to(self.device)
+        self.frozen_dtype = dtype
+        self.cache = {}
+
+    def update(self, loss: torch.Tensor) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt)
+        torch.nn.utils.clip_grad_norm_(self.student.parameters(), 1.0)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+
+    def stage1_step(self) -> None:
+        with self.amp():
+            pred = self.student(self.images)
+        self.update(stage1_loss(pred, self.target, self.embed_valid)[0])
+
+    def student_fwd_bwd(self) -> None:
+        with self.amp():
+            pred = self.student(self.images)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(embedding_mse(pred, self.target, self.embed_valid)).backward()
+
+    def _args(self) -> tuple:
+        p = self.prompts
+        return p["points"], p["point_pad"], p["boxes"], p["box_pad"]
+
+    def frozen_teacher(self) -> None:
+        with torch.no_grad(), self.amp(self.frozen_dtype):
+            self.frozen(self.target, *self._args())
+
+    def frozen_student(self) -> None:
+        """Frozen path forward on an embedding that needs a gradient, mask loss, backward to the embedding."""
+        emb = self.target.detach().requires_grad_(True)
+        idx = torch.zeros(len(self.keys), dtype=torch.long, device=self.device)
+        with self.amp(self.frozen_dtype):
+            s_mask = pick(self.frozen(emb, *self._args())["pred_masks"], idx)
+        bce, dice = mask_terms(s_mask, torch.zeros_like(s_mask, dtype=torch.float32), self.mask_valid)
+        self.scaler.scale(bce + dice).backward()
+
+    def ft_step(self, cached: bool, edgesam: bool = False) -> None:
+        settings = DecodeSettings(LossWeights(), decode_iters=2, iter_on_box=True) if edgesam else DecodeSettings()
+        prompts = self.one_prompt if edgesam else self.prompts
+        cache = self.cache if cached else None
+        with self.amp():
+            pred = self.student(self.images)
+        loss, _ = ft_loss(
+            self.frozen, pred, self.target, prompts, self.embed_valid, self.mask_valid, settings,
+            first_teacher=lambda a: teacher_targets(self.frozen, self.target, a, self.keys, cache),
+            frozen_ctx=lambda: self.amp(self.frozen_dtype),
+        )  # fmt: skip
+        self.update(loss)
+
+    def timed(self, name: str, fn, count: bool = False, **info) -> dict:
+        """Median ms of fn (merge_core's timing loop: CUDA events around each call), img/s, peak memory."""
+        if self.gpu:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t = measure(fn, self.device, self.args.warmup, self.args.iters)
+        b = self.args.ft_batch
+        row = {"part": name, **info, "batch": b, "ms": t["ms_median"], "ms_min": t["ms_min"],
+               "img_per_s": b / t["ms_median"] * 1e3}  # fmt: skip
+        if self.gpu:
+            row["peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if count:
+            row["frozen_calls"] = _count_calls(self.frozen, fn)
+        print(json.dumps(row))
+        return row
+
+
+def bench_finetune(args, device) -> dict:
+    """One FT step and its parts for each frozen dtype and FPN level; see the module docstring."""
+    t_start = time.perf_counter()
+    fb = FTBench(args, device)
+    rows = [fb.timed("stage1_step", fb.stage1_step), fb.timed("student_fwd_bwd", fb.student_fwd_bwd)]
+    dtypes = args.ft_frozen_dtypes if fb.gpu else ["fp32"]
+    for name in dtypes:
+        for level in (72, 36):
+            fb.set_frozen(level, DTYPES[name])
+            info = {"frozen_dtype": name, "level": level}
+            fb.ft_step(True)  # fills the cache (the first epoch of a run with DISTILL.CACHE_TEACHER)
+            rows.append(fb.timed("frozen_teacher", fb.frozen_teacher, **info))
+            rows.append(fb.timed("frozen_student", fb.frozen_student, **info))
+            rows.append(fb.timed("ft_step_uncached", lambda: fb.ft_step(False), True, **info))
+            rows.append(fb.timed("ft_step_cached", lambda: fb.ft_step(True), True, **info))
+            if level == 72 and name == dtypes[0]:
+                rows.append(fb.timed("ft_step_edgesam", lambda: fb.ft_step(False, True), True, **info))
+    stage1_ms = rows[0]["ms"]
+    for row in rows:
+        row["x_stage1"] = row["ms"] / stage1_ms
+    summary: dict = {"stage1_ms": stage1_ms}
+    for row in rows:
+        if row["part"].startswith("ft_step_") and row.get("level") == 72 and row.get("frozen_dtype") == dtypes[0]:
+            summary[f"{row['part']}_x_stage1"] = row["x_stage1"]
+    summary["target_met"] = summary["ft_step_cached_x_stage1"] <= 1.5
+    summary["target_met_uncached"] = summary["ft_step_uncached_x_stage1"] <= 1.5
+    summary["seconds"] = time.perf_counter() - t_start
+    print_ft_table(rows, summary)
+    return {"rows": rows, "summary": summary, "student": args.ft_student, "batch": args.ft_batch,
+            "img_size": args.img_size, "prompts": args.ft_prompts}  # fmt: skip
+
+
+def print_ft_table(rows: list[dict], summary: dict) -> None:
+    print(f"{'part':<18} {'frozen':>6} {'level':>5} {'ms':>9} {'img/s':>9} {'x stage-1':>9} {'frozen calls':>12}")
+    for r in rows:
+        print(f"{r['part']:<18} {r.get('frozen_dtype', '-'):>6} {r.get('level', '-'):>5} {r['ms']:9.2f} "
+              f"{r['img_per_s']:9.2f} {r['x_stage1']:9.2f} {r.get('frozen_calls', '-'):>12}")  # fmt: skip
+    print(f"target FT step <= 1.5x stage-1: cached {summary['target_met']}, uncached "
+          f"{summary['target_met_uncached']} ({summary['seconds']:.0f} s)")  # fmt: skip
+
+
 def build_parser():
     p = OneLineArgumentParser(prog="efficientsam3-bench", description=__doc__.splitlines()[0])
-    p.add_argument("--suite", action="append", choices=("students", "teacher", "distill", "train"), default=None)
+    p.add_argument(
+        "--suite", action="append", choices=("students", "teacher", "distill", "train", "finetune"), default=None
+    )
     p.add_argument("--tiny", action="store_true", help="CPU-sized settings")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None, choices=tuple(DTYPES), help="student forward dtype (fp16 on GPU)")
@@ -252,6 +427,11 @@ def build_parser():
     p.add_argument("--train-batch", type=int, default=None)
     p.add_argument("--train-records", type=int, default=None)
     p.add_argument("--workdir", default=None, help="folder for the train suite's store (temp dir by default)")
+    p.add_argument("--ft-student", default=None, help="finetune suite: student (repvit_m1_1 = ES-RV-M)")
+    p.add_argument("--ft-batch", type=int, default=None, help="finetune suite: batch (4, the FT recipe's per GPU)")
+    p.add_argument("--ft-prompts", type=int, default=16, help="finetune suite: boxes and points per image")
+    p.add_argument("--ft-frozen-dtypes", nargs="+", default=["bf16", "fp16"], choices=("bf16", "fp16"),
+                   help="finetune suite: autocast dtypes of the frozen SAM3 path (GPU)")  # fmt: skip
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--out", default=None, help="results JSON")
@@ -265,6 +445,7 @@ def _defaults(args) -> None:
         "teacher_batch": (2, 8), "merge": (["2:8", "4:16", "6:24"], ["96:864", "144:1296", "192:1728", "288:2592"]),
         "distill_images": (16, 64), "distill_steps": (20, 300), "train_batch": (2, 64), "train_records": (8, 256),
         "warmup": (1, 5), "iters": (2, 20),
+        "ft_student": ("efficientvit_b0", "repvit_m1_1"), "ft_batch": (2, 4),
     }  # fmt: skip
     for key, (small, full) in pick.items():
         if getattr(args, key) is None:
@@ -304,6 +485,8 @@ def main(argv=None) -> dict:
         result["distill"] = bench_distill(args, device, dtype)
     if "train" in suites:
         result["train"] = bench_train(args, device, dtype)
+    if "finetune" in suites:
+        result["finetune"] = bench_finetune(args, device)
     if args.out:
         write_json_atomic(args.out, result)
     return result

@@ -42,7 +42,7 @@ from ..data.transforms import valid_mask
 from ..finetune.config import FT_CHOICES, ft_defaults, load_ft_config
 from ..finetune.losses import LossWeights
 from ..finetune.prompts import collate_prompts, sample_prompts
-from ..finetune.step import DecodeSettings, ft_loss, teacher_pass
+from ..finetune.step import DecodeSettings, ft_loss, teacher_targets
 from ..model.sam3_frozen import SAM3_DIMS, TINY_DIMS, build_frozen_sam3
 from ..model.students import build_student
 from ..store import EmbeddingStore
@@ -136,19 +136,6 @@ def online_teacher(cfg, device: torch.device) -> nn.Module:
     if c.TEACHER.TYPE == "sam3" and not c.TEACHER.CHECKPOINT:
         c.TEACHER.CHECKPOINT = c.MODEL.SAM3_CHECKPOINT
     return teacher_on(c, device)
-
-
-def teacher_targets(frozen, target, args_p, keys, cache):
-    """(best query (B,), its mask logits (B, H, W)) from the teacher embedding; from `cache` when every image
-    of the batch is in it (prompts fixed per image), else computed and, with a cache, stored."""
-    if cache is not None and all(k in cache for k in keys):
-        idx = torch.tensor([cache[k][0] for k in keys], device=target.device)
-        return idx, torch.stack([cache[k][1] for k in keys]).to(target.device)
-    idx, mask = teacher_pass(frozen, target, args_p, None)
-    if cache is not None:
-        for k, i, m in zip(keys, idx.tolist(), mask.to("cpu", torch.float16), strict=True):
-            cache[k] = (i, m)
-    return idx, mask
 
 
 @torch.no_grad()

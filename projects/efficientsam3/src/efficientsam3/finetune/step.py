@@ -35,6 +35,19 @@ def teacher_pass(frozen, target: torch.Tensor, args: PromptArgs, labels: torch.T
     return idx, pick(out["pred_masks"], idx)
 
 
+def teacher_targets(frozen, target, args_p, keys, cache):
+    """(best query (B,), its mask logits (B, H, W)) from the teacher embedding; from `cache` when every image
+    of the batch is in it (prompts fixed per image), else computed and, with a cache, stored."""
+    if cache is not None and all(k in cache for k in keys):
+        idx = torch.tensor([cache[k][0] for k in keys], device=target.device)
+        return idx, torch.stack([cache[k][1] for k in keys]).to(target.device)
+    idx, mask = teacher_pass(frozen, target, args_p, None)
+    if cache is not None:
+        for k, i, m in zip(keys, idx.tolist(), mask.to("cpu", torch.float16), strict=True):
+            cache[k] = (i, m)
+    return idx, mask
+
+
 def ft_loss(
     frozen,
     pred: torch.Tensor,

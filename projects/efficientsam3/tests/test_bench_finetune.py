@@ -1,0 +1,29 @@
+"""The finetune benchmark suite at tiny size on CPU: every part is timed, the step runs the frozen path as
+often as the trainer would (uncached: teacher + student; cached: student only; EdgeSAM-style: both, twice),
+both FPN levels are covered and the JSON holds the stage-1 ratio."""
+
+import json
+
+from efficientsam3.bench import main as bench_main
+
+
+def test_bench_finetune_tiny_cpu(tmp_path):
+    out = tmp_path / "ft.json"
+    r = bench_main(["--tiny", "--device", "cpu", "--suite", "finetune", "--warmup", "0", "--iters", "1",
+                    "--ft-prompts", "4", "--out", str(out)])["finetune"]  # fmt: skip
+    assert json.loads(out.read_text())["finetune"]["summary"] == r["summary"]
+    rows = {(row["part"], row.get("level")): row for row in r["rows"]}
+    assert r["student"] == "efficientvit_b0" and r["batch"] == 2
+    for level in (72, 36):
+        for part in ("frozen_teacher", "frozen_student", "ft_step_uncached", "ft_step_cached"):
+            row = rows[(part, level)]
+            assert row["ms"] > 0 and row["frozen_dtype"] == "fp32"  # CPU: no autocast
+        assert rows[("ft_step_uncached", level)]["frozen_calls"] == 2
+        assert rows[("ft_step_cached", level)]["frozen_calls"] == 1
+    # two decode iterations with a refinement point: teacher + student, twice
+    assert rows[("ft_step_edgesam", 72)]["frozen_calls"] == 4
+    stage1 = rows[("stage1_step", None)]
+    assert stage1["x_stage1"] == 1.0 and rows[("student_fwd_bwd", None)]["ms"] > 0
+    s = r["summary"]
+    assert s["ft_step_cached_x_stage1"] == rows[("ft_step_cached", 72)]["ms"] / stage1["ms"]
+    assert s["target_met"] == (s["ft_step_cached_x_stage1"] <= 1.5)
