@@ -4,6 +4,9 @@ both FPN levels are covered and the JSON holds the stage-1 ratio."""
 
 import json
 
+import pytest
+import torch
+
 from efficientsam3.bench import main as bench_main
 
 
@@ -27,3 +30,13 @@ def test_bench_finetune_tiny_cpu(tmp_path):
     s = r["summary"]
     assert s["ft_step_cached_x_stage1"] == rows[("ft_step_cached", 72)]["ms"] / stage1["ms"]
     assert s["target_met"] == (s["ft_step_cached_x_stage1"] <= 1.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bench_finetune_tiny_cuda_amp(tmp_path):
+    """AMP path: fp16 student autocast + GradScaler, the frozen path under bf16 and fp16 autocast."""
+    r = bench_main(["--tiny", "--device", "cuda", "--suite", "finetune", "--warmup", "1", "--iters", "2",
+                    "--out", str(tmp_path / "ft.json")])["finetune"]  # fmt: skip
+    dtypes = {row.get("frozen_dtype") for row in r["rows"]}
+    assert dtypes == {None, "bf16", "fp16"} and all(row["peak_gib"] > 0 for row in r["rows"])

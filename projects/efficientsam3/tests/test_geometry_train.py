@@ -2,12 +2,15 @@
 run, only trainable weights saved, the converter on the result, one-line errors."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
+from efficientsam3.config import ConfigError
 from efficientsam3.engine.export import export
 from efficientsam3.engine.geometry import main, teacher_targets, train
+from efficientsam3.finetune.config import load_ft_config
 from efficientsam3.finetune.convert import extract_student
 from efficientsam3.model.sam3_frozen import TINY_DIMS, build_frozen_sam3
 from run_kit import load_checkpoint
@@ -177,3 +180,14 @@ def test_online_teacher_matches_the_store(ft_setup, tmp_path):
     r = train(["--cfg", str(cfg), "--data-path", str(sa1b), "--output", str(tmp_path / "d"), "--device", "cpu",
                "--online-teacher", "--teacher-type", "standin", "--stop-after-epochs", "1"])  # fmt: skip
     assert r["step"] == 2 and (tmp_path / "d" / "ckpt_epoch_0.pth").is_file()
+
+
+def test_edgesam_config_and_new_keys():
+    cfgs = Path(__file__).resolve().parents[1] / "stage1_geometry_finetune" / "configs"
+    d = load_ft_config(str(cfgs / "base_geometry_finetune_edgesam_style.yaml")).DISTILL
+    assert (d.MAX_PROMPTS, d.PROMPT_MIX, d.DECODE_ITERS, d.ITER_ON_BOX, d.REFINE_POINTS) == (1, True, 2, True, 1)
+    assert load_ft_config(None).MODEL.SAM3_DTYPE == ""  # the frozen path follows AMP_DTYPE
+    with pytest.raises(ConfigError, match="DISTILL.REFINE_POINTS: expected >= 1"):
+        load_ft_config(None, ["DISTILL.REFINE_POINTS", "0"])
+    with pytest.raises(ConfigError, match="MODEL.SAM3_DTYPE"):
+        load_ft_config(None, ["MODEL.SAM3_DTYPE", "fp8"])

@@ -352,6 +352,8 @@ class FTBench:
             row["peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if count:
             row["frozen_calls"] = _count_calls(self.frozen, fn)
+        row["gflop_per_img"] = _flops(fn) / b / 1e9  # matmuls and convolutions (torch's FLOP counter)
+        row["tflop_per_s"] = row["gflop_per_img"] * b / row["ms"]
         print(json.dumps(row))
         return row
 
@@ -389,10 +391,12 @@ def bench_finetune(args, device) -> dict:
 
 
 def print_ft_table(rows: list[dict], summary: dict) -> None:
-    print(f"{'part':<18} {'frozen':>6} {'level':>5} {'ms':>9} {'img/s':>9} {'x stage-1':>9} {'frozen calls':>12}")
+    print(f"{'part':<18} {'frozen':>6} {'level':>5} {'ms':>9} {'img/s':>9} {'x stage-1':>9} {'frozen calls':>12} "
+          f"{'GFLOP/img':>9} {'TFLOP/s':>8} {'peak GiB':>8}")  # fmt: skip
     for r in rows:
         print(f"{r['part']:<18} {r.get('frozen_dtype', '-'):>6} {r.get('level', '-'):>5} {r['ms']:9.2f} "
-              f"{r['img_per_s']:9.2f} {r['x_stage1']:9.2f} {r.get('frozen_calls', '-'):>12}")  # fmt: skip
+              f"{r['img_per_s']:9.2f} {r['x_stage1']:9.2f} {r.get('frozen_calls', '-'):>12} "
+              f"{r['gflop_per_img']:9.1f} {r['tflop_per_s']:8.2f} {r.get('peak_gib', float('nan')):8.2f}")  # fmt: skip
     print(f"target FT step <= 1.5x stage-1: cached {summary['target_met']}, uncached "
           f"{summary['target_met_uncached']} ({summary['seconds']:.0f} s)")  # fmt: skip
 
