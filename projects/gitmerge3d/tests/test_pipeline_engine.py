@@ -6,6 +6,7 @@ The reduced config inherits a shipped config through ``_base_`` and only shrinks
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -19,11 +20,13 @@ import torch
 from gitmerge3d.engine.build import build_model, load_weight, lovasz_softmax
 from gitmerge3d.engine.config import load_config
 from gitmerge3d.engine.metrics import summarize
+from gitmerge3d.engine.tester import pool_scenes
 from gitmerge3d.tools import test as test_tool
 from gitmerge3d.tools import train as train_tool
 from run_kit import load_checkpoint
 
 PROJECT = Path(__file__).resolve().parents[1]
+LOOPBACK = {"GLOO_SOCKET_IFNAME": "lo"} if os.path.isdir("/sys/class/net/lo") else {}
 BASE = PROJECT / "configs" / "sonata" / "gitmerge3d-patch-0c-scannet-ft-finetune-100epochs-r0.9-s10.py"
 
 
@@ -142,7 +145,7 @@ def test_train_sh_two_processes_ddp_on_cpu(tmp_path, init_weight):
     (work / "tools").symlink_to(PROJECT / "tools")
     (work / "scripts").symlink_to(PROJECT / "scripts")
     (work / "configs" / "tiny" / "cfg.py").write_text(init_weight[0].read_text())
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29533"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29533", **LOOPBACK}
     cmd = [
         "sh",
         "scripts/train.sh",
@@ -256,3 +259,43 @@ def test_weight_from_sonata_pretraining_loads_the_encoder(tmp_path, init_weight)
     after = dst.backbone.state_dict()
     assert all(torch.equal(after[k], v) for k, v in enc.items())
     assert all(torch.equal(after[k], v) for k, v in dec_before.items())  # the new decoder keeps its init
+
+
+def _labelled(root: Path) -> int:
+    """Labelled points over the val split (the only labelled val scene is the 100-point sample)."""
+    return sum(int((np.load(f) != -1).sum()) for f in (root / "val").glob("*/segment20.npy"))
+
+
+def test_test_py_over_two_processes_counts_each_scene_once(tmp_path, trained, init_weight, tiny_scannet):
+    """torchrun --nproc_per_node 2 tools/test.py (gloo on CPU): each rank votes its half of the val scenes, rank 0
+    pools them; the pooled confusion equals the one-process run's (per-scene seeding makes the votes equal)."""
+    cfg, weight = str(init_weight[0]), f"weight={trained}/model/model_best.pth"
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert test_tool.main(["--config-file", cfg, "--options", weight, f"save_path={one}"]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **LOOPBACK}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "tools/test.py", "--config-file", cfg, "--options", weight, f"save_path={two}"]  # fmt: skip
+    out = subprocess.run(cmd, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "[rank 0] scene0000_00" in out.stdout and "[rank 1] scene0002_00" in out.stdout
+    assert out.stdout.count("mIoU/mAcc/allAcc") == 1  # written once, by rank 0
+    a = json.loads((one / "result" / "metrics.json").read_text())
+    b = json.loads((two / "result" / "metrics.json").read_text())
+    assert b["world_size"] == 2 and sorted(b["scenes"]) == ["scene0000_00", "scene0002_00"]
+    assert b["confusion"] == a["confusion"] and np.sum(b["confusion"]) == _labelled(tiny_scannet) > 0
+
+
+def test_pooling_refuses_a_scene_counted_twice():
+    conf = [[1, 0], [0, 1]]
+    scenes = [{"index": 0, "name": "a", "confusion": conf}, {"index": 1, "name": "b", "confusion": conf}]
+    assert pool_scenes(scenes, 2)["confusion"] == [[2, 0], [0, 2]]
+    with pytest.raises(ValueError, match="scene index 0"):
+        pool_scenes([*scenes, scenes[0]], 2)
+
+
+def test_test_py_with_a_test_time_crop(tmp_path, trained, init_weight, tiny_scannet, capsys):
+    crop = "data.test.test_cfg.crop={'type': 'SphereCrop', 'point_max': 64, 'mode': 'all'}"
+    opts = [f"weight={trained}/model/model_best.pth", f"save_path={tmp_path}", crop]
+    assert test_tool.main(["--config-file", str(init_weight[0]), "--options", *opts]) == 0
+    res = json.loads((tmp_path / "result" / "metrics.json").read_text())
+    assert np.sum(res["confusion"]) == _labelled(tiny_scannet) and "mIoU/mAcc/allAcc" in capsys.readouterr().out

@@ -446,6 +446,8 @@ class Compose:
 
 
 def build_transform(cfg: Mapping[str, Any]) -> Callable:
+    if not isinstance(cfg, Mapping):
+        raise ValueError(f"a transform must be a dict with a 'type', got {cfg!r}")
     kwargs = dict(cfg)
     name = kwargs.pop("type", None)
     if name not in TRANSFORMS:

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from run_kit import seed_everything
+
 from .metrics import confusion, summarize
 
 
@@ -40,12 +42,16 @@ def test_scenes(
     device: torch.device,
     ignore_index: int = -1,
     on_scene: Callable[[str, np.ndarray, dict], None] | None = None,
+    seed: int | None = None,
 ) -> list[dict]:
     """Vote the scenes ``indices`` of ``dataset``; per scene ``{"index", "name", "confusion"}`` (a (C, C) list),
-    picklable so ranks can gather them."""
+    picklable so ranks can gather them. With ``seed``, the RNGs are reseeded per scene (``seed + index``): the
+    model's order shuffling then gives the same predictions however the scenes are split over ranks."""
     model.eval()
     out = []
     for i in indices:
+        if seed is not None:
+            seed_everything(int(seed) + int(i))
         item = dataset[i]
         pred = vote_scene(model, item, num_classes, device).argmax(-1).cpu()
         target = torch.as_tensor(item["segment"]).long()
@@ -84,7 +90,8 @@ def test_dataset(
     device: torch.device,
     ignore_index: int = -1,
     on_scene: Callable[[str, np.ndarray, dict], None] | None = None,
+    seed: int | None = None,
 ) -> dict:
     """Vote every scene in one process; returns the pooled summary (``pool_scenes``)."""
-    scenes = test_scenes(model, dataset, range(len(dataset)), num_classes, device, ignore_index, on_scene)
+    scenes = test_scenes(model, dataset, range(len(dataset)), num_classes, device, ignore_index, on_scene, seed)
     return pool_scenes(scenes, num_classes)

@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
 
         mine = range(env.rank, len(ds), env.world_size)
         c = cfg.data.num_classes
-        scenes = test_scenes(model, ds, mine, c, env.device, cfg.data.get("ignore_index", -1), on_scene)
+        ignore = cfg.data.get("ignore_index", -1)
+        scenes = test_scenes(model, ds, mine, c, env.device, ignore, on_scene, seed=int(cfg.get("seed") or 0))
         scenes = _gather(scenes, env)
         if env.is_main:
             res = pool_scenes(scenes, c)
