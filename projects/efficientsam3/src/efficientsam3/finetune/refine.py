@@ -72,5 +72,5 @@ def append_points(
     p = torch.cat([points, new_points.to(points.dtype)], 1)
     lab = torch.cat([labels, new_labels.to(labels.dtype)], 1)
     pd = torch.cat([pad, new_pad], 1)
-    order = torch.sort(pd.to(torch.uint8), dim=1, stable=True).indices
+    order = torch.sort(pd.to(torch.int32), dim=1, stable=True).indices
     return p.gather(1, order[..., None].expand(-1, -1, 2)), lab.gather(1, order), pd.gather(1, order)
