@@ -25,7 +25,6 @@ from torch import nn
 
 from run_kit import CheckpointError, load_state_dict_checked
 
-from ..convert import check_student, student_state
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .sam3_interactive_decoder import MaskDecoder
 from .sam3_interactive_prompt import PromptEncoder
@@ -283,6 +282,13 @@ def infer_backbone(student_sd: dict, source: str) -> str:
     raise CheckpointError(f"{source}: the student matches none of the 9 backbones; pass --backbone")
 
 
+def _strip(key: str) -> str:
+    """Training-checkpoint prefixes (DDP `module.`, the FT's `student_trunk.`) -> the student's own keys."""
+    for prefix in ("module.", "student_trunk."):
+        key = key.removeprefix(prefix)
+    return key
+
+
 def _read(path: str, flag: str) -> dict:
     """A whole checkpoint dict, memory-mapped (a converted checkpoint is ~1.7 GB); one-line errors."""
     if not os.path.isfile(path):
@@ -347,7 +353,8 @@ def _student_trunk(
 ) -> tuple[nn.Module, dict | None]:
     if random_weights:
         with torch.device(device):
-            return build_student(backbone or "repvit_m1_1", dims.embed_dim, dims.grid), None
+            default = "efficientvit_b0" if dims == TINY_INTERACTIVE else "repvit_m1_1"  # ES-EV-S / ES-RV-M
+            return build_student(backbone or default, dims.embed_dim, dims.grid), None
     if not checkpoint:
         raise ValueError("--checkpoint: required for --predictor student / finetuned")
     ck = _read(checkpoint, "--checkpoint")
@@ -358,7 +365,7 @@ def _student_trunk(
     else:  # stage-1 ckpt_epoch_N.pth / geometry-FT checkpoint / bare student: heads from sam3.pt
         if not sam3_checkpoint:
             raise ValueError(f"--sam3-checkpoint: required for the heads ({checkpoint} holds only a student)")
-        student_sd = student_state({"model": sd})
+        student_sd = {_strip(k): v for k, v in sd.items()}
         heads_sd = read_sam3_state(sam3_checkpoint, "--sam3-checkpoint")
     cfg = ck.get("config")
     cfg_backbone = cfg.get("MODEL", {}).get("BACKBONE") if isinstance(cfg, dict) else None
@@ -366,7 +373,6 @@ def _student_trunk(
     embed_dim = int(student_sd["head.0.weight"].shape[0]) if "head.0.weight" in student_sd else dims.embed_dim
     if embed_dim != dims.embed_dim:
         raise CheckpointError(f"--checkpoint: student embeds {embed_dim} channels, the heads expect {dims.embed_dim}")
-    check_student(student_sd, name, embed_dim, f"--checkpoint: {checkpoint}")
     with torch.device(device):
         student = build_student(name, embed_dim, dims.grid)
     load_state_dict_checked(student, student_sd, f"--checkpoint: {checkpoint}")
