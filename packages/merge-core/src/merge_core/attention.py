@@ -8,7 +8,9 @@ Backends, all exact (they agree in tests and with attention over duplicated keys
 - ``flex``: FlexAttention with a key-bias ``score_mod`` (compiled on CUDA; eager elsewhere).
 - ``channel``: one extra head channel carries log(size): q' = [q, 1/scale], k' = [k, log s], so
   scale * q'.k' = scale * q.k + log s, padded to a multiple of 8 so FlashAttention still runs.
-- ``auto``: the backend measured fastest for the input's device, dtype and shape (``choose_backend``).
+- ``auto``: for inference on CUDA fp16/bf16 the key-bias flash kernel (``kernels.attn_bias``: one bias load
+  per key block, no padding, no mask); otherwise the backend measured fastest for the input's device, dtype
+  and shape (``choose_backend``). With autograd recording ``auto`` never takes the kernel (no backward).
 """
 
 from __future__ import annotations
@@ -19,18 +21,25 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .kernels.prop_attn import use_bias_kernel
+
 BACKENDS = ("auto", "reference", "sdpa", "flex", "channel")
 
 
-def _key_bias(size: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """log(size) as (B, N) in q's dtype; accepts size shaped (B, N) or (B, N, 1)."""
+def _size_2d(size: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``size`` as (B, N); accepts (B, N) or (B, N, 1)."""
     if size.dim() == q.dim() - 1 and size.shape[-1] == 1:
         size = size[..., 0]
     if size.shape != (q.shape[0], q.shape[-2]):
         raise ValueError(
             f"size must have shape (B, N) or (B, N, 1) with B={q.shape[0]}, N={q.shape[-2]}, got {tuple(size.shape)}"
         )
-    return size.log().to(q.dtype)
+    return size
+
+
+def _key_bias(size: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """log(size) as (B, N) in q's dtype."""
+    return _size_2d(size, q).log().to(q.dtype)
 
 
 def reference_attention(q, k, v, bias: torch.Tensor, scale: float) -> torch.Tensor:
@@ -126,6 +135,10 @@ def proportional_attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if size is None:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    if backend == "auto" and use_bias_kernel((q, k, v, size), q.shape[-1], dropout_p):
+        from .kernels.attn_bias import bias_attention
+
+        return bias_attention(q, k, v, size=_size_2d(size, q), scale=scale)
     bias = _key_bias(size, q)
     if backend == "auto":
         backend = choose_backend(q, dropout_p)
