@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
+import os
+import time
+import warnings
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from merge_core import kernels
-from merge_core.attention import proportional_attention
+from merge_core.attention import channel_attention, flex_attention_bias, proportional_attention, sdpa_attention
 from merge_core.bench import measure
+from merge_core.kernels.prop_attn import attn_kernel_mode, qkv_channel_attention
 from merge_core.matching import bipartite_soft_matching
 from merge_core.merge import merge_wavg
 
-from .common import graphed
+from .common import DTYPES, device_slug, environment, graphed, write_json
+from .models import bench_model
 
 # (batch, tokens, metric channels, r, x channels): ViT-B 224 at batch 256 and 1, ViT-L@512 at batch 1 and 32,
 # and the long-sequence rows of issue 9 (N = 4096, 16384, 65536)
@@ -154,3 +160,342 @@ def run_attention(device, dtype, args, log=print, shapes=ATTENTION_SHAPES) -> li
             + ", ".join(f"{r_['backend']} {r_.get('ms_median', float('nan')):.3f} ms" for r_ in rows)
         )
     return rows_all
+
+
+# ---------------------------------------------------------------------------------------------------------
+# prop-attn section (issue 9, target 4): proportional attention backends, the key-bias kernel, FlexAttention
+# probe, and end-to-end prop_attn on vs off. ``python3 -m merge_bench.micro --help``.
+
+# (batch, heads, tokens, head dim): ViT-B/16 bs256 and ViT-L/16@512 bs32, plus their token counts after
+# merging (197 - 16k, 1025 - 40k)
+PROP_ATTN_SHAPES = (
+    (256, 12, 197, 64),
+    (256, 12, 149, 64),
+    (256, 12, 101, 64),
+    (256, 12, 53, 64),
+    (32, 16, 1025, 64),
+    (32, 16, 785, 64),
+    (32, 16, 545, 64),
+    (32, 16, 305, 64),
+)
+TINY_PROP_ATTN_SHAPES = ((2, 2, 17, 32), (2, 2, 70, 64))
+# (label, timm model, image size, batch, r): the two rows of target 4
+PROP_ATTN_E2E = (
+    ("vit_base bs256 r=16", "vit_base_patch16_224", 224, 256, 16),
+    ("vit_large@512 bs32 r=40", "vit_large_patch16_224", 512, 32, 40),
+)
+TINY_PROP_ATTN_E2E = (("vit_tiny@64 bs2 r=2", "vit_tiny_patch16_224", 64, 2, 2),)
+# kernel configurations swept at the first shape of each model (BLOCK_M, BLOCK_N, num_warps, num_stages)
+KERNEL_CONFIGS = tuple((m, 64, w, s) for m in (64, 128) for w in (4, 8) for s in (2, 3))
+
+
+def _timm_layout(batch, heads, tokens, head_dim, device, dtype, pad: int = 0):
+    """q, k, v as strided views of one (B, N, 3, H, D + pad) projection output, as timm's reshape leaves them."""
+    qkv = torch.randn(batch, tokens, 3, heads, head_dim + pad, device=device, dtype=dtype)
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _kernel_ok(device: torch.device) -> bool:
+    return kernels.triton_available() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _timed(rows, label, fn, device, args, **extra) -> None:
+    try:
+        timing = measure(fn, device, args.warmup, args.iters)
+    except Exception as exc:
+        rows.append({"bench": "prop_attn", "path": label, **extra, "error": f"{type(exc).__name__}: {exc}"})
+        return
+    rows.append({"bench": "prop_attn", "path": label, **extra, **timing})
+
+
+def bench_prop_attn_shape(batch, heads, tokens, head_dim, device, dtype, args, sweep: bool) -> list[dict[str, Any]]:
+    """Attention alone (no projections) on one shape: SDPA without / with a float key mask, the log(size)
+    channel (as ``attention.channel_attention`` builds it, and as the qkv projection writes it: SDPA at D + 8),
+    the reference, and the key-bias kernel on timm-layout strided q/k/v (plus its config sweep)."""
+    torch.manual_seed(0)
+    q, k, v = _timm_layout(batch, heads, tokens, head_dim, device, dtype)
+    size = torch.randint(1, 4, (batch, tokens), device=device).to(dtype)
+    bias = size.log()
+    qp, kp, vp = _timm_layout(batch, heads, tokens, head_dim, device, dtype, pad=8)
+    scale = head_dim**-0.5
+    shape = {"shape": [batch, heads, tokens, head_dim], "dtype": str(dtype).replace("torch.", "")}
+    cases = [
+        ("sdpa no mask", lambda: F.scaled_dot_product_attention(q, k, v, scale=scale)),
+        ("sdpa float mask", lambda: sdpa_attention(q, k, v, bias, scale)),
+        ("channel (cat+pad copies)", lambda: channel_attention(q, k, v, bias, scale)),
+        ("channel qkv (sdpa at D+8)", lambda: F.scaled_dot_product_attention(qp, kp, vp, scale=scale)),
+    ]
+    if tokens <= 1025 and batch * heads * tokens * tokens <= 2**31:
+        cases.append(
+            ("reference (explicit softmax)", lambda: proportional_attention(q, k, v, size, backend="reference"))
+        )
+    if _kernel_ok(device):
+        from merge_core.kernels.attn_bias import bias_attention, heuristic_config
+
+        cases.append(("kernel (heuristic)", lambda: bias_attention(q, k, v, size=size, scale=scale)))
+        shape["kernel_heuristic"] = list(heuristic_config(batch * heads, tokens, head_dim, device))
+        qc, kc, vc = (t.contiguous() for t in (q, k, v))
+        cases.append(("kernel contiguous q/k/v", lambda: bias_attention(qc, kc, vc, size=size, scale=scale)))
+        for cfg in KERNEL_CONFIGS if sweep else ():
+            cases.append((f"kernel {cfg}", lambda cfg=cfg: bias_attention(q, k, v, size=size, scale=scale, config=cfg)))
+    rows: list[dict[str, Any]] = []
+    for label, fn in cases:
+
+        def run(fn=fn):
+            with torch.inference_mode():
+                return fn()
+
+        _timed(rows, label, run, device, args, **shape)
+    return rows
+
+
+def flex_probe(batch, heads, tokens, head_dim, device, dtype, args, variants) -> list[dict[str, Any]]:
+    """FlexAttention with a key-bias ``score_mod``: which way of calling it is slow (issue 9's 12 ms).
+
+    Per variant: first call (compile) time, steady-state median, and dynamo's counters over the timed calls
+    (recompiles, graph breaks, unique graphs) plus warnings (e.g. flex's "without torch.compile" fallback).
+    Variants: ``once`` torch.compile(flex_attention) with one score_mod built once, under no_grad and under
+    inference_mode; ``fresh-closure`` the same compiled function but a new score_mod closure every call;
+    ``dynamic`` torch.compile(dynamic=True); ``eager`` flex_attention not compiled; ``repo`` merge-core's
+    ``flex_attention_bias`` (torch.compile of a function that builds the closure inside the compiled region).
+    """
+    from torch._dynamo.utils import counters
+    from torch.nn.attention.flex_attention import flex_attention
+
+    torch.manual_seed(0)
+    q, k, v = _timm_layout(batch, heads, tokens, head_dim, device, dtype)
+    bias = torch.randint(1, 4, (batch, tokens), device=device).to(dtype).log()
+    scale = head_dim**-0.5
+    expected = proportional_attention(q, k, v, bias.exp(), backend="reference")
+    rows: list[dict[str, Any]] = []
+
+    def key_bias(score, b, h, q_idx, kv_idx):
+        return score + bias[b, kv_idx]
+
+    flex_args = argparse.Namespace(warmup=min(args.warmup, 3), iters=min(args.iters, 10))  # ms-scale effects
+    for variant in variants:
+        torch._dynamo.reset()
+        counters.clear()
+        # a recompiling variant would compile up to dynamo's limit (8) before falling back: stop at 3
+        limit = 3 if variant == "fresh-closure" else None
+        grad_ctx = torch.inference_mode if variant == "once-inference_mode" else torch.no_grad
+        if variant.startswith("once") or variant == "fresh-closure":
+            compiled = torch.compile(flex_attention, dynamic=False)
+        elif variant == "dynamic":
+            compiled = torch.compile(flex_attention, dynamic=True)
+        else:
+            compiled = flex_attention
+
+        def call(variant=variant, compiled=compiled):
+            if variant == "repo":
+                return flex_attention_bias(q, k, v, bias, scale)
+            if variant == "fresh-closure":
+
+                def fresh(score, b, h, q_idx, kv_idx):
+                    return score + bias[b, kv_idx]
+
+                return compiled(q, k, v, score_mod=fresh, scale=scale)
+            return compiled(q, k, v, score_mod=key_bias, scale=scale)
+
+        row: dict[str, Any] = {"bench": "flex_probe", "variant": variant, "shape": [batch, heads, tokens, head_dim]}
+        config = torch._dynamo.config
+        limit_name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        saved_limit = getattr(config, limit_name)
+        if limit is not None:
+            setattr(config, limit_name, limit)
+            row[limit_name] = limit
+        try:
+            with warnings.catch_warnings(record=True) as caught, grad_ctx():
+                warnings.simplefilter("always")
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                out = call()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                row["first_call_s"] = time.perf_counter() - t0
+                row["max_abs_err"] = (out.float() - expected.float()).abs().max().item()
+                before = {key: dict(value) for key, value in counters.items()}
+                row.update(measure(call, device, flex_args.warmup, flex_args.iters))
+            after = {key: dict(value) for key, value in counters.items()}
+            row["first_call_counters"] = {k_: sum(v_.values()) for k_, v_ in before.items() if v_}
+            row["timed_calls_counters"] = {
+                f"{group}.{name}": count - before.get(group, {}).get(name, 0)
+                for group, values in after.items()
+                for name, count in values.items()
+                if count - before.get(group, {}).get(name, 0)
+            }
+            row["warnings"] = sorted({str(w.message)[:160] for w in caught})
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+        finally:
+            setattr(config, limit_name, saved_limit)
+        rows.append(row)
+    torch._dynamo.reset()
+    return rows
+
+
+def bench_prop_attn_layer(batch, heads, tokens, head_dim, device, dtype, args) -> list[dict[str, Any]]:
+    """A timm ``Attention`` layer (qkv projection + attention + head merge + proj) with token sizes:
+    plain (no sizes), the padded-qkv channel path, and the key-bias kernel path (``qkv_channel_attention``)."""
+    from timm.models.vision_transformer import Attention
+
+    torch.manual_seed(0)
+    dim = heads * head_dim
+    attn = Attention(dim, num_heads=heads, qkv_bias=True).to(device=device, dtype=dtype).eval()
+    x = torch.randn(batch, tokens, dim, device=device, dtype=dtype)
+    size = torch.randint(1, 4, (batch, tokens, 1), device=device).to(dtype)
+
+    def finish(o):
+        return attn.proj(o.transpose(1, 2).reshape(batch, tokens, dim))
+
+    cases = [
+        ("layer: timm Attention, no sizes", lambda: attn(x)),
+        (
+            "layer: channel (padded qkv, sdpa D+8)",
+            lambda: finish(qkv_channel_attention(attn, x, size, kernel=False)[0]),
+        ),
+    ]
+    if _kernel_ok(device):
+        cases.append(("layer: key-bias kernel", lambda: finish(qkv_channel_attention(attn, x, size)[0])))
+    shape = {"shape": [batch, heads, tokens, head_dim], "dtype": str(dtype).replace("torch.", "")}
+    rows: list[dict[str, Any]] = []
+    for label, fn in cases:
+
+        def run(fn=fn):
+            with torch.inference_mode(), kernels.kernel_mode("always" if device.type != "cuda" else "auto"):
+                return fn()
+
+        _timed(rows, label, run, device, args, **shape)
+    return rows
+
+
+def prop_attn_e2e(label, name, img, batch, r, device, dtype, args, log=print) -> list[dict[str, Any]]:
+    """timm vs merge-core prop_attn off / on (kernel) interleaved, then prop_attn on with the kernel off
+    (the padded-qkv channel path, last round's default) against its own timm row."""
+    run_args = argparse.Namespace(**vars(args))
+    run_args.r, run_args.prop_attn, run_args.attn_backend = [r], "both", "auto"
+    run_args.auto = run_args.bounds = run_args.tome = run_args.torch_path = False
+    run_args.mode, run_args.interleave = "eager", True
+    rows: list[dict[str, Any]] = []
+    _, found = bench_model(name, batch, run_args, device, dtype, log, img_size=img)
+    rows += [{**row, "label": label, "attn_kernel": "auto"} for row in found]
+    run_args.prop_attn = "on"
+    with attn_kernel_mode("never"):
+        _, found = bench_model(name, batch, run_args, device, dtype, log, img_size=img)
+    rows += [{**row, "label": label, "attn_kernel": "never"} for row in found]
+    return rows
+
+
+def _e2e_summary(rows) -> list[str]:
+    """prop on / prop off ratios per model (target 4: >= 0.95x)."""
+    lines = []
+    for label in dict.fromkeys(row["label"] for row in rows):
+        mine = [row for row in rows if row["label"] == label and "ms_median" in row]
+
+        def ms(kind, prop, kernel, mine=mine):
+            hits = [
+                r_["ms_median"]
+                for r_ in mine
+                if r_["kind"] == kind and r_["prop_attn"] == prop and r_["attn_kernel"] == kernel
+            ]
+            return hits[0] if hits else float("nan")
+
+        timm, off, on = ms("timm", None, "auto"), ms("merge", False, "auto"), ms("merge", True, "auto")
+        timm2, channel = ms("timm", None, "never"), ms("merge", True, "never")
+        lines.append(
+            f"  {label:<26} timm {timm:8.3f} ms | prop off {off:8.3f} ms ({timm / off:.2f}x) | prop on (kernel) "
+            f"{on:8.3f} ms ({timm / on:.2f}x) -> on/off {off / on:.3f}x | prop on (channel) {channel:8.3f} ms "
+            f"({timm2 / channel:.2f}x of its timm {timm2:.3f}) -> channel/off {off / channel * timm2 / timm:.3f}x"
+        )
+    return lines
+
+
+def run_prop_attn(device, dtype, args, log=print, checkpoint=None) -> dict[str, Any]:
+    """The prop-attn section: attention rows per shape, layer rows, the flex probe, end-to-end rows."""
+    checkpoint = checkpoint or (lambda payload: None)
+    tiny = getattr(args, "tiny", False)
+    shapes = TINY_PROP_ATTN_SHAPES if tiny else PROP_ATTN_SHAPES
+    payload: dict[str, Any] = {"suite": "prop-attn", "environment": environment(device), "dtype": str(dtype)}
+    payload.update(warmup=args.warmup, iters=args.iters, attention=[], layer=[], flex_probe=[], e2e=[])
+    log(f"device: {payload['environment']['device_name']} | torch {torch.__version__}")
+    log(f"{'shape':<20} {'path':<34} {'ms median':>10} {'vs sdpa no mask':>16}")
+    swept = set()
+    for b, h, n, d in shapes:
+        sweep = (b, h) not in swept and not tiny
+        swept.add((b, h))
+        rows = bench_prop_attn_shape(b, h, n, d, device, dtype, args, sweep)
+        payload["attention"] += rows
+        base = next((r_["ms_median"] for r_ in rows if r_["path"] == "sdpa no mask" and "ms_median" in r_), None)
+        for row in rows:
+            ms = row.get("ms_median")
+            text = f"{ms:10.3f} {base / ms if base and ms else float('nan'):15.2f}x" if ms else row.get("error", "")
+            log(f"{b}x{h}x{n}x{d:<8} {row['path']:<34} {text}")
+        checkpoint(payload)
+    for b, h, n, d in (shapes[0], shapes[4]) if not tiny else shapes:
+        rows = bench_prop_attn_layer(b, h, n, d, device, dtype, args)
+        payload["layer"] += rows
+        for row in rows:
+            log(f"{b}x{h}x{n}x{d:<8} {row['path']:<34} {row.get('ms_median', float('nan')):10.3f}")
+        checkpoint(payload)
+    if args.flex:
+        compiled = device.type == "cuda"
+        main = ("once-no_grad", "once-inference_mode", "repo") if compiled else ("eager",)
+        probes = [(shapes[0], main + (("fresh-closure", "dynamic", "eager") if compiled else ()))]
+        if not tiny:
+            probes.append((shapes[4], main))
+        for (b, h, n, d), variants in probes:
+            rows = flex_probe(b, h, n, d, device, dtype, args, variants)
+            payload["flex_probe"] += rows
+            for row in rows:
+                text = (
+                    f"{row['ms_median']:10.3f} ms (1st call {row['first_call_s']:.1f} s, err {row['max_abs_err']:.0e}) "
+                    f"timed-call counters {row['timed_calls_counters']} warnings {len(row['warnings'])}"
+                    if "ms_median" in row
+                    else row.get("error", "")
+                )
+                log(f"{b}x{h}x{n}x{d:<8} flex {row['variant']:<29} {text}")
+            checkpoint(payload)
+    if args.e2e:
+        for label, name, img, batch, r in TINY_PROP_ATTN_E2E if tiny else PROP_ATTN_E2E:
+            try:
+                payload["e2e"] += prop_attn_e2e(label, name, img, batch, r, device, dtype, args, log)
+            except Exception as exc:  # e.g. out of memory: keep the other rows
+                log(f"  {label} failed: {type(exc).__name__}: {exc}")
+                payload["e2e"].append({"label": label, "error": f"{type(exc).__name__}: {exc}"})
+            checkpoint(payload)
+        for line in _e2e_summary([row for row in payload["e2e"] if "kind" in row]):
+            log(line)
+    return payload
+
+
+def main(argv=None) -> int:
+    """``python3 -m merge_bench.micro``: the prop-attn section as one command (table on stdout, JSON file)."""
+    p = argparse.ArgumentParser(prog="python3 -m merge_bench.micro", description=main.__doc__)
+    p.add_argument("--section", choices=["prop-attn"], default="prop-attn")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--warmup", type=int, default=None, help="default 10 (CUDA), 1 (CPU)")
+    p.add_argument("--iters", type=int, default=None, help="default 30 (CUDA), 2 (CPU)")
+    p.add_argument("--json", default=None, help="output path (default results/merge-bench-prop-attn-<device>.json)")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes and model (a CPU check of the command)")
+    p.add_argument("--no-flex", dest="flex", action="store_false", help="skip the FlexAttention probe")
+    p.add_argument("--no-e2e", dest="e2e", action="store_false", help="skip the end-to-end rows")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        p.error("--device cuda requested but CUDA is not available")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if cuda else torch.float32)
+    args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)
+    args.iters = args.iters if args.iters is not None else (30 if cuda else 2)
+    if args.iters <= 0 or args.warmup < 0:
+        p.error("--iters must be > 0 and --warmup >= 0")
+    path = args.json or f"results/merge-bench-prop-attn-{device_slug(device)}.json"
+    run_prop_attn(device, dtype, args, checkpoint=lambda payload: write_json(path, payload, lambda *a: None))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

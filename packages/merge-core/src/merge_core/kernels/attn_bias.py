@@ -41,7 +41,6 @@ def _attn_bias_fwd(
     H,
     NQ,
     NK,
-    D,
     qk_scale,
     stride_qb,
     stride_qh,
@@ -64,6 +63,7 @@ def _attn_bias_fwd(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
 ):
     """Rows ``BLOCK_M`` of one (batch, head); scores in the exp2 domain: s * scale * log2e + bias2[key]."""
     pid_m = tl.program_id(0)
@@ -73,11 +73,13 @@ def _attn_bias_fwd(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < NQ
     dims = tl.arange(0, BLOCK_D)
-    dmask = dims < D
+    dmask = dims < HEAD_DIM  # all true unless the head dim is padded to a power of two (80, 96)
+    if BLOCK_D == HEAD_DIM:  # masks constant along the head dim keep the loads vectorised
+        qmask = rmask[:, None]
+    else:
+        qmask = rmask[:, None] & dmask[None, :]
     q = tl.load(
-        q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + dims[None, :],
-        mask=rmask[:, None] & dmask[None, :],
-        other=0.0,
+        q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + dims[None, :], mask=qmask, other=0.0
     )
     if DOT_F32:
         q = q.to(tl.float32)
@@ -90,10 +92,12 @@ def _attn_bias_fwd(
     for n0 in range(0, NK, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         cmask = cols < NK
-        kt = tl.load(
-            k_base + cols[None, :] * stride_kn + dims[:, None], mask=cmask[None, :] & dmask[:, None], other=0.0
-        )
-        v = tl.load(v_base + cols[:, None] * stride_vn + dims[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
+        if BLOCK_D == HEAD_DIM:
+            kvmask = cmask[:, None]
+        else:
+            kvmask = cmask[:, None] & dmask[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_kn + dims[None, :], mask=kvmask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn + dims[None, :], mask=kvmask, other=0.0)
         if BIAS_IS_SIZE:  # log2(size); padded keys load size 0 -> -inf
             bias2 = tl.log2(tl.load(bias_base + cols * stride_bn, mask=cmask, other=0.0).to(tl.float32))
         elif HAS_BIAS:
@@ -104,9 +108,9 @@ def _attn_bias_fwd(
         else:
             bias2 = tl.where(cmask, 0.0, float("-inf"))
         if DOT_F32:
-            s = tl.dot(q, kt.to(tl.float32), input_precision="ieee")
+            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
-            s = tl.dot(q, kt)
+            s = tl.dot(q, tl.trans(k))
         s = s * qk_scale + bias2[None, :]
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row whose keys so far all weigh 0
@@ -122,7 +126,7 @@ def _attn_bias_fwd(
     tl.store(
         o_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + dims[None, :],
         out.to(o_ptr.dtype.element_ty),
-        mask=rmask[:, None] & dmask[None, :],
+        mask=qmask,
     )
 
 
@@ -203,7 +207,6 @@ def bias_attention(
         h,
         nq,
         nk,
-        d,
         scale * LOG2E,
         q.stride(0),
         q.stride(1),
@@ -226,6 +229,7 @@ def bias_attention(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=triton.next_power_of_2(d),
+        HEAD_DIM=d,
         num_warps=warps,
         num_stages=stages,
     )
