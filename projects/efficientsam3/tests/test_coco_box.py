@@ -2,10 +2,20 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
 from efficientsam3.evaluation.coco_box import BoxFillPredictor, evaluate_box_prompts, main
+from efficientsam3.model.sam3_interactive import (
+    HEAD_PREFIXES,
+    NO_MEM_KEY,
+    TINY_INTERACTIVE,
+    TRUNK_PREFIX,
+    InteractiveHeads,
+    build_predictor,
+)
+from efficientsam3.model.sam3_vit import TINY_VIT, SAM3ViT
 
 
 def _rle(mask):
@@ -86,3 +96,76 @@ def test_cli(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--coco-ann", str(tmp_path / "x.json"), "--coco-images", str(tmp_path)])
     assert capsys.readouterr().err.strip().endswith("--coco-ann: file not found: " + str(tmp_path / "x.json"))
+
+
+def _tiny_sam3_pt(path):
+    torch.manual_seed(0)
+    trunk, heads = SAM3ViT(TINY_VIT), InteractiveHeads(TINY_INTERACTIVE)
+    sd = {TRUNK_PREFIX + k: v for k, v in trunk.state_dict().items()}
+    for name, prefix in HEAD_PREFIXES.items():
+        sd |= {prefix + k: v for k, v in heads.get_submodule(name).state_dict().items()}
+    sd[NO_MEM_KEY] = heads.no_mem_embed.detach()
+    torch.save({"model": sd}, path)
+
+
+def test_end_to_end_through_the_stand_in_predictor(tmp_path):
+    """The real interactive path (tiny trunk and heads) on the 3-image fixture. With hole filling over any area
+    every mask becomes the whole image, so mIoU = mean(|GT| / (H W)) whatever the weights (by hand)."""
+    masks = _fixture(tmp_path)
+    _tiny_sam3_pt(tmp_path / "sam3.pt")
+    ann, imgs = str(tmp_path / "instances_val2017.json"), str(tmp_path / "val2017")
+    common = ["--coco-ann", ann, "--coco-images", imgs, "--predictor", "sam3", "--tiny", "--device", "cpu",
+              "--sam3-checkpoint", str(tmp_path / "sam3.pt")]  # fmt: skip
+    r = main([*common, "--max-hole-area", "1e9", "--output", str(tmp_path / "r.json")])
+    assert (r["images"], r["instances"]) == (3, 4)
+    assert r["miou"] == pytest.approx((16 / 100 + 15 / 100 + 20 / 120 + 20 / 100) / 4)
+    assert r["latency_ms_mean"] > 0 and json.loads((tmp_path / "r.json").read_text())["predictor"] == "sam3"
+    # the default (SAM3's 256-px hole filling): the evaluator's mIoU equals IoUs computed here from the predictor
+    r = main(common)
+    pred = build_predictor("sam3", sam3_checkpoint=str(tmp_path / "sam3.pt"), tiny=True)
+    want = []
+    for img_id, box_ids in ((1, (1, 2)), (2, (3,)), (3, (5,))):
+        pred.set_image(np.asarray(Image.open(tmp_path / "val2017" / f"{img_id:012d}.png").convert("RGB")))
+        boxes = {1: [0, 0, 4, 4], 2: [5, 5, 10, 10], 3: [0, 0, 10, 2], 5: [2, 2, 8, 8]}
+        got = pred.predict_boxes(np.array([boxes[i] for i in box_ids], dtype=np.float64))
+        for m, i in zip(got, box_ids, strict=True):
+            inter, union = (m & masks[i]).sum(), (m | masks[i]).sum()
+            want.append(inter / union if union else 0.0)
+    assert r["miou"] == pytest.approx(float(np.mean(want)))
+
+
+def test_synthetic_throughput_command(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    r = main(["--synthetic", "2", "--predictor", "sam3", "student", "--tiny", "--device", "cpu",
+              "--synthetic-hw", "40x48", "--boxes-per-image", "2", "--warmup", "1", "--out", str(out)])  # fmt: skip
+    text = capsys.readouterr().out
+    assert "| sam3 |" in text and "| student |" in text and "img/s" in text
+    saved = json.loads(out.read_text())
+    assert saved["mode"] == "synthetic" and saved["random_weights"] and saved["dtype"] == "fp32"
+    for row in saved["results"]:
+        assert row["images"] == 2 and row["images_per_s"] > 0 and row["boxes_per_image"] == 2
+        assert row["latency_ms_mean"] == pytest.approx(row["set_image_ms_mean"] + row["boxes_ms_mean"])
+    assert [row["predictor"] for row in r["results"]] == ["sam3", "student"]
+    assert saved["results"][0]["trunk_params_m"] == pytest.approx(
+        sum(p.numel() for p in SAM3ViT(TINY_VIT).parameters()) / 1e6
+    )
+
+
+def test_cli_one_line_errors(tmp_path, capsys):
+    _fixture(tmp_path)
+    ann, imgs = str(tmp_path / "instances_val2017.json"), str(tmp_path / "val2017")
+    cases = [
+        (["--coco-ann", ann, "--coco-images", imgs, "--predictor", "sam3", "--tiny"],
+         "--sam3-checkpoint: required for --predictor sam3"),
+        (["--coco-ann", ann, "--coco-images", imgs, "--predictor", "student", "--tiny"], "--checkpoint: required"),
+        (["--predictor", "box"], "--coco-ann/--coco-images: required unless --synthetic N"),
+        (["--synthetic", "1", "--synthetic-hw", "big"], "--synthetic-hw: expected HxW"),
+    ]  # fmt: skip
+    for argv, msg in cases:
+        with pytest.raises(SystemExit):
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert (
+            err.startswith("efficientsam3-eval-coco-box: error: ") and err.endswith(msg.split(": ", 1)[1]) or msg in err
+        )
+        assert "\n" not in err

@@ -196,3 +196,48 @@ def test_predictor_equals_wheel_predict_inst_path(wheel):
     want_m, _, _ = ref.predict(point_coords=pts[0], point_labels=labs[0], box=boxes[0], multimask_output=False)
     got_m, _, _ = mine.predict(boxes=boxes[:1], points=pts, labels=labs)
     assert (got_m[0].numpy() != want_m.astype(bool)).mean() < 1e-3
+
+
+def test_key_layout_equals_wheel_tracker_and_backbone(monkeypatch):
+    """SAM3's own builders at full size: the tracker has 309 keys (sam_mask_decoder 131, sam_prompt_encoder 17,
+    no_mem_embed 1, the rest memory modules) and the vision backbone trunk 420 / convs 22 / sam2_convs 22;
+    ours must hold exactly the keys and shapes the interactive path uses."""
+    root = os.path.join(os.environ["SAM3_SRC"], "sam3")
+    for name in ("sam3", "sam3.model", "sam3.model.utils", "sam3.sam", "sam3.perflib", "sam3.train", "sam3.train.data"):
+        pkg = types.ModuleType(name)
+        pkg.__path__ = [os.path.join(root, *name.split(".")[1:])]
+        monkeypatch.setitem(sys.modules, name, pkg)
+    collator = types.ModuleType("sam3.train.data.collator")
+    collator.BatchedDatapoint = object
+    monkeypatch.setitem(sys.modules, "sam3.train.data.collator", collator)
+    for name in ("iopath", "iopath.common", "iopath.common.file_io", "psutil", "ftfy", "einops"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))  # imported, unused on these builders
+    sys.modules["iopath.common.file_io"].g_pathmgr = None
+    sys.modules["einops"].rearrange = sys.modules["einops"].repeat = None
+    before = set(sys.modules)
+    try:
+        pe = importlib.import_module("sam3.model.position_encoding")
+        init = pe.PositionEmbeddingSine.__init__
+        monkeypatch.setattr(pe.PositionEmbeddingSine, "__init__",
+                            lambda self, *a, **k: init(self, *a, **{**k, "precompute_resolution": None}))  # fmt: skip
+        mb = importlib.import_module("sam3.model_builder")
+        tracker = mb.build_tracker(apply_temporal_disambiguation=False).state_dict()
+        with torch.device("meta"):
+            trunk = torch.nn.Module()
+            trunk.channel_list = [1024]  # the neck reads only this from the ViT
+            neck = mb._create_vit_neck(pe.PositionEmbeddingSine(256, normalize=True), trunk, True)
+    finally:
+        for name in set(sys.modules) - before:
+            if name.startswith("sam3"):
+                del sys.modules[name]
+    assert len(tracker) == 309
+    with torch.device("meta"):
+        heads = InteractiveHeads()
+    ours = heads.state_dict()
+    used = {k: v for k, v in tracker.items() if k.startswith(("sam_prompt_encoder.", "sam_mask_decoder."))}
+    used["no_mem_embed"] = tracker["no_mem_embed"]
+    assert len(used) == 149 and {k: tuple(v.shape) for k, v in used.items()} == {
+        k: tuple(v.shape) for k, v in ours.items() if not k.startswith("sam2_convs.")
+    }
+    sam2 = {k: tuple(v.shape) for k, v in neck.sam2_convs.state_dict().items()}
+    assert sam2 == {k[len("sam2_convs.") :]: tuple(v.shape) for k, v in ours.items() if k.startswith("sam2_convs.")}

@@ -175,7 +175,7 @@ class InteractivePredictor(nn.Module):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"image: expected (H, W, 3) RGB, got {tuple(image.shape)}")
         self.orig_hw = image.shape[:2]
-        x = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
+        x = torch.tensor(image, dtype=torch.uint8, device=self.device)  # a copy: PIL arrays are read-only
         x, self.valid_hw = preprocess_image(x, self.size, self.preprocess)
         with self._autocast():
             self._feats = self.heads.features(self.trunk(x))
