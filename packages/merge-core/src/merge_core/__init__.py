@@ -5,7 +5,10 @@ Switch from ToMe by changing the import: ``import merge_core as tome`` gives ``t
 ``patch.torchvision``, ``patch.hf`` and the adapter kit ``merge_core.adapter`` for your own models.
 """
 
-from . import adapter, merge, patch, utils, vis
+import importlib
+from typing import Any
+
+from . import adapter, merge, patch, utils
 from .attention import proportional_attention
 from .binned import binned_soft_matching
 from .matching import (
@@ -25,7 +28,16 @@ from .merge import (
 from .penalty import TokenPairPenalty
 from .pruning import prune_by_score, random_pruning
 from .schedule import keep_rate_schedule, parse_r, tokens_per_layer
-from .vis import make_visualization
+
+
+def __getattr__(name: str) -> Any:
+    """``vis`` / ``make_visualization`` load on first use, so importing merge_core needs no Pillow."""
+    if name == "vis":
+        return importlib.import_module(f"{__name__}.vis")
+    if name == "make_visualization":
+        return importlib.import_module(f"{__name__}.vis").make_visualization
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "adapter",
