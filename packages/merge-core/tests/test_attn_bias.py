@@ -255,3 +255,25 @@ def test_timm_qkv_path_uses_kernel_in_inference(monkeypatch):
     torch.testing.assert_close(train_out.double(), expected, rtol=1e-4, atol=1e-5)
     train_out.sum().backward()
     assert attn.qkv.weight.grad is not None and attn.qkv.weight.grad.abs().sum() > 0
+
+
+@needs_interpreter
+def test_tuning_picks_a_candidate_once_and_stays_exact(monkeypatch):
+    """MERGE_CORE_ATTN_TUNE=1 tunes on CPU too: the kept config is one of the candidates, cached per shape class;
+    =0 uses the heuristic and caches nothing; a malformed MERGE_CORE_ATTN_CONFIG is rejected."""
+    candidates = ((32, 32, 4, 1), (64, 64, 4, 1))
+    monkeypatch.setattr(attn_bias, "candidate_configs", lambda head_dim: candidates)
+    monkeypatch.setattr(attn_bias, "_tuned", {})
+    q, k, v, size = _inputs(2, 2, 40, 32, torch.float32, seed=9)
+    key = attn_bias.tune_key(q, 40, True, False)
+    expected = _reference(q, k, v, size.double().log()[:, None, None, :], 0.2)
+    monkeypatch.setenv("MERGE_CORE_ATTN_TUNE", "0")
+    out = attn_bias.bias_attention(q, k, v, size=size, scale=0.2)
+    assert attn_bias.tuned_config(key) is None
+    monkeypatch.setenv("MERGE_CORE_ATTN_TUNE", "1")
+    out = attn_bias.bias_attention(q, k, v, size=size, scale=0.2)
+    assert attn_bias.tuned_config(key) in candidates
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("MERGE_CORE_ATTN_CONFIG", "64,64")
+    with pytest.raises(ValueError, match="MERGE_CORE_ATTN_CONFIG must be"):
+        attn_bias.bias_attention(q, k, v, size=size)

@@ -230,10 +230,13 @@ def bench_prop_attn_shape(batch, heads, tokens, head_dim, device, dtype, args, s
             ("reference (explicit softmax)", lambda: proportional_attention(q, k, v, size, backend="reference"))
         )
     if _kernel_ok(device):
-        from merge_core.kernels.attn_bias import bias_attention, heuristic_config
+        from merge_core.kernels import attn_bias
+        from merge_core.kernels.attn_bias import bias_attention
 
-        cases.append(("kernel (heuristic)", lambda: bias_attention(q, k, v, size=size, scale=scale)))
-        shape["kernel_heuristic"] = list(heuristic_config(batch * heads, tokens, head_dim, device))
+        heuristic = attn_bias.heuristic_config(batch * heads, tokens, head_dim, device)
+        shape["kernel_heuristic"] = list(heuristic)
+        cases.append(("kernel (default: tuned)", lambda: bias_attention(q, k, v, size=size, scale=scale)))
+        cases.append(("kernel (heuristic)", lambda: bias_attention(q, k, v, size=size, scale=scale, config=heuristic)))
         qc, kc, vc = (t.contiguous() for t in (q, k, v))
         cases.append(("kernel contiguous q/k/v", lambda: bias_attention(qc, kc, vc, size=size, scale=scale)))
         for cfg in KERNEL_CONFIGS if sweep else ():
@@ -246,6 +249,10 @@ def bench_prop_attn_shape(batch, heads, tokens, head_dim, device, dtype, args, s
                 return fn()
 
         _timed(rows, label, run, device, args, **shape)
+    if _kernel_ok(device):
+        tuned = attn_bias.tuned_config(attn_bias.tune_key(q, tokens, True, False))
+        for row in rows:
+            row["kernel_tuned"] = list(tuned) if tuned else None
     return rows
 
 
@@ -431,6 +438,9 @@ def run_prop_attn(device, dtype, args, log=print, checkpoint=None) -> dict[str, 
             ms = row.get("ms_median")
             text = f"{ms:10.3f} {base / ms if base and ms else float('nan'):15.2f}x" if ms else row.get("error", "")
             log(f"{b}x{h}x{n}x{d:<8} {row['path']:<34} {text}")
+        if rows and rows[0].get("kernel_heuristic"):
+            configs = f"heuristic {rows[0]['kernel_heuristic']} tuned {rows[0]['kernel_tuned']}"
+            log(f"{b}x{h}x{n}x{d:<8} kernel config: {configs}")
         checkpoint(payload)
     for b, h, n, d in (shapes[0], shapes[4]) if not tiny else shapes:
         rows = bench_prop_attn_layer(b, h, n, d, device, dtype, args)

@@ -14,13 +14,18 @@ so proportional attention costs about what plain flash attention costs.
   Tail keys beyond N load size 0 / bias -inf, i.e. weight 0.
 - Forward only: no autograd. ``merge_core.attention`` dispatches here for inference (see ``use_bias_kernel``);
   training keeps the exact differentiable paths.
-- Block sizes by heuristic (no autotuning: a bare machine compiles each configuration once).
+- Block sizes: the first call of a shape class on CUDA times 8 configurations (BLOCK_M 64/128, warps 4/8,
+  stages 2/3) and keeps the fastest for the process (``choose_config``; a bare machine compiles each once);
+  ``MERGE_CORE_ATTN_TUNE=0`` uses ``heuristic_config``, ``MERGE_CORE_ATTN_CONFIG=BM,BN,warps,stages`` forces
+  one. Inside CUDA-graph capture an untuned shape takes the heuristic (timing cannot run there).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import time
 
 import torch
 import triton
@@ -130,22 +135,93 @@ def _attn_bias_fwd(
     )
 
 
-def heuristic_config(batch_heads: int, nq: int, head_dim: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages): 128-row blocks when they still give every SM two programs.
+Config = tuple[int, int, int, int]  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
+_tuned: dict[tuple, Config] = {}
 
-    ``MERGE_CORE_ATTN_CONFIG=BM,BN,warps,stages`` overrides it (what the merge-bench prop-attn rows sweep).
-    """
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _forced_config() -> Config | None:
     forced = os.environ.get("MERGE_CORE_ATTN_CONFIG")
-    if forced:
-        parts = tuple(int(p) for p in forced.split(","))
-        if len(parts) != 4:
-            raise ValueError(f"MERGE_CORE_ATTN_CONFIG must be BM,BN,warps,stages, got {forced!r}")
-        return parts  # type: ignore[return-value]
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    block_m = 128 if batch_heads * triton.cdiv(nq, 128) >= 2 * sms else 64
+    if not forced:
+        return None
+    parts = tuple(int(p) for p in forced.split(","))
+    if len(parts) != 4:
+        raise ValueError(f"MERGE_CORE_ATTN_CONFIG must be BM,BN,warps,stages, got {forced!r}")
+    return parts  # type: ignore[return-value]
+
+
+def heuristic_config(batch_heads: int, nq: int, head_dim: int, device: torch.device) -> Config:
+    """128-row blocks when they still give every SM two programs, else 64; 64-key blocks up to head dim 64."""
+    block_m = 128 if batch_heads * triton.cdiv(nq, 128) >= 2 * _sm_count(device) else 64
     block_n = 64 if head_dim <= 64 else 32
     warps = 8 if block_m == 128 and head_dim > 64 else 4
     return block_m, block_n, warps, 3 if head_dim <= 64 else 2
+
+
+def candidate_configs(head_dim: int) -> tuple[Config, ...]:
+    """The tiny tuning space: BLOCK_M 64/128, num_warps 4/8, num_stages 2/3 (BLOCK_N 64, 32 above head dim 64)."""
+    block_n = 64 if head_dim <= 64 else 32
+    return tuple((m, block_n, w, st) for m in (64, 128) for w in (4, 8) for st in (2, 3))
+
+
+def _tuning_on(device: torch.device) -> bool:
+    """``MERGE_CORE_ATTN_TUNE``: ``auto`` (default) tunes on CUDA, ``1`` also elsewhere, ``0`` never."""
+    mode = os.environ.get("MERGE_CORE_ATTN_TUNE", "auto")
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"MERGE_CORE_ATTN_TUNE must be auto, 0 or 1, got {mode!r}")
+    if mode == "0" or (mode == "auto" and device.type != "cuda"):
+        return False
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def _time_once(launch, config: Config, device: torch.device) -> float:
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        launch(config)
+        return time.perf_counter() - t0
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    launch(config)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def choose_config(key: tuple, head_dim: int, device: torch.device, launch, fallback: Config) -> Config:
+    """The fastest of ``candidate_configs`` for ``key``, timed once per process (compile + best of 3 runs),
+    or ``fallback`` where tuning is off (``MERGE_CORE_ATTN_TUNE=0``, CPU, inside CUDA-graph capture)."""
+    if key in _tuned:
+        return _tuned[key]
+    if not _tuning_on(device):
+        return fallback
+    best, best_ms = fallback, float("inf")
+    for config in candidate_configs(head_dim):
+        try:
+            launch(config)  # compiles
+        except Exception:  # e.g. out of shared memory for this block shape: skip it
+            continue
+        ms = min(_time_once(launch, config, device) for _ in range(3))
+        if ms < best_ms:
+            best, best_ms = config, ms
+    _tuned[key] = best
+    return best
+
+
+def tune_key(q: torch.Tensor, nk: int, is_size: bool, has_bias: bool) -> tuple:
+    """Shape class the tuned config is kept for: device, dtype, head dim, key blocks of 64, and query blocks
+    of 64 x batch x heads rounded up to a power of two."""
+    b, h, nq, d = q.shape
+    work = triton.next_power_of_2(b * h * triton.cdiv(nq, 64))
+    return (q.device, q.dtype, d, triton.cdiv(nk, 64), work, is_size, has_bias)
+
+
+def tuned_config(key: tuple) -> Config | None:
+    """The configuration ``choose_config`` kept for ``key`` (None: not tuned yet)."""
+    return _tuned.get(key)
 
 
 def _bias_view(t: torch.Tensor, b: int, h: int, nk: int, name: str) -> tuple[torch.Tensor, int, int, int]:
@@ -169,7 +245,7 @@ def bias_attention(
     size: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     scale: float | None = None,
-    config: tuple[int, int, int, int] | None = None,
+    config: Config | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + key bias) v over (B, H, N, D) q and (B, H, Nk, D) k, v (forward only).
 
@@ -196,7 +272,23 @@ def bias_attention(
     else:
         per_key, sb, sh, sn = _bias_view(per_key, b, h, nk, "size" if size is not None else "bias")
     out = torch.empty(b, nq, h, d, device=q.device, dtype=q.dtype)
-    block_m, block_n, warps, stages = config or heuristic_config(b * h, nq, d, q.device)
+
+    def launch(config: Config) -> None:
+        _launch(q, k, v, per_key, out, (sb, sh, sn), scale, size is not None, bias is not None, config)
+
+    config = config or _forced_config()
+    if config is None:
+        key = tune_key(q, nk, size is not None, bias is not None)
+        config = choose_config(key, d, q.device, launch, heuristic_config(b * h, nq, d, q.device))
+    launch(config)
+    return out.transpose(1, 2)
+
+
+def _launch(q, k, v, per_key, out, bias_strides, scale: float, is_size: bool, has_bias: bool, config: Config) -> None:
+    b, h, nq, d = q.shape
+    nk = k.shape[-2]
+    sb, sh, sn = bias_strides
+    block_m, block_n, warps, stages = config
     grid = (triton.cdiv(nq, block_m), b * h)
     _attn_bias_fwd[grid](
         q,
@@ -223,8 +315,8 @@ def bias_attention(
         out.stride(0),
         out.stride(2),
         out.stride(1),
-        BIAS_IS_SIZE=size is not None,
-        HAS_BIAS=bias is not None,
+        BIAS_IS_SIZE=is_size,
+        HAS_BIAS=has_bias,
         DOT_F32=q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and not q.is_cuda),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
@@ -233,4 +325,3 @@ def bias_attention(
         num_warps=warps,
         num_stages=stages,
     )
-    return out.transpose(1, 2)
