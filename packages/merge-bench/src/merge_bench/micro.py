@@ -261,10 +261,11 @@ def flex_probe(batch, heads, tokens, head_dim, device, dtype, args, variants) ->
 
     Per variant: first call (compile) time, steady-state median, and dynamo's counters over the timed calls
     (recompiles, graph breaks, unique graphs) plus warnings (e.g. flex's "without torch.compile" fallback).
-    Variants: ``once`` torch.compile(flex_attention) with one score_mod built once, under no_grad and under
-    inference_mode; ``fresh-closure`` the same compiled function but a new score_mod closure every call;
-    ``dynamic`` torch.compile(dynamic=True); ``eager`` flex_attention not compiled; ``repo`` merge-core's
-    ``flex_attention_bias`` (torch.compile of a function that builds the closure inside the compiled region).
+    Variants: ``once`` torch.compile(flex_attention) with one score_mod built once, under no_grad, under
+    inference_mode and with grad mode on (inputs not requiring grad); ``fresh-closure`` the same compiled
+    function but a new score_mod closure every call; ``dynamic`` torch.compile(dynamic=True); ``eager``
+    flex_attention not compiled; ``repo`` merge-core's ``flex_attention_bias`` (torch.compile of a function
+    that builds the closure inside the compiled region).
     """
     from torch._dynamo.utils import counters
     from torch.nn.attention.flex_attention import flex_attention
@@ -285,7 +286,9 @@ def flex_probe(batch, heads, tokens, head_dim, device, dtype, args, variants) ->
         counters.clear()
         # a recompiling variant would compile up to dynamo's limit (8) before falling back: stop at 3
         limit = 3 if variant == "fresh-closure" else None
-        grad_ctx = torch.inference_mode if variant == "once-inference_mode" else torch.no_grad
+        grad_ctx = {"once-inference_mode": torch.inference_mode, "once-grad_enabled": torch.enable_grad}.get(
+            variant, torch.no_grad
+        )
         if variant.startswith("once") or variant == "fresh-closure":
             compiled = torch.compile(flex_attention, dynamic=False)
         elif variant == "dynamic":
@@ -451,7 +454,7 @@ def run_prop_attn(device, dtype, args, log=print, checkpoint=None) -> dict[str, 
     if args.flex:
         compiled = device.type == "cuda"
         main = ("once-no_grad", "once-inference_mode", "repo") if compiled else ("eager",)
-        probes = [(shapes[0], main + (("fresh-closure", "dynamic", "eager") if compiled else ()))]
+        probes = [(shapes[0], main + (("once-grad_enabled", "fresh-closure", "dynamic", "eager") if compiled else ()))]
         if not tiny:
             probes.append((shapes[4], main))
         for (b, h, n, d), variants in probes:
