@@ -256,3 +256,14 @@ def test_gradient_free_and_device_consistent():
     with pytest.raises(ValueError, match="expected boxes and/or points"):
         pred.predict()
     assert math.isfinite(float(pred.predict(boxes=np.array([[0.0, 0.0, 10.0, 10.0]]))[1][0, 0]))
+
+
+def test_letterbox_masks_map_back_to_the_image():
+    pred = build_predictor("sam3", tiny=True, random_weights=True, preprocess="letterbox", max_hole_area=0)
+    pred.set_image(_image(hw=(28, 56)))
+    assert pred.valid_hw == (56, 112)  # long side 56 -> 112, rows 56..111 are padding
+    low = torch.full((1, 1, 32, 32), -5.0)
+    low[..., :16, :16] = 5.0  # left half of the valid (top) half of the padded square
+    got = (pred.postprocess(low) > 0)[0, 0]
+    assert got.shape == (28, 56) and got[:, :26].all() and not got[:, 30:].any()
+    assert pred.predict_boxes(np.array([[1.0, 1.0, 30.0, 20.0]])).shape == (1, 28, 56)
