@@ -4,7 +4,7 @@ the predicted mask is compared with the ground-truth mask, and the mean IoU over
 `BoxPromptPredictor`: the filled-box baseline, or SAM3's interactive path (`predict_inst(box,
 multimask_output=False)`, as the reference's eval_coco.py) on SAM3 itself, a stage-1 student or a
 geometry-fine-tuned student. `--synthetic N` times the predictors on random images and boxes instead
-(random weights, no COCO needed): the GPU throughput command."""
+(no COCO needed; random weights unless checkpoints are given): the GPU throughput command."""
 
 from __future__ import annotations
 
@@ -273,7 +273,8 @@ def _main(argv=None) -> dict:
                    help="sam3: square, mean/std 0.5 (the reference eval); letterbox: stage 1's option")  # fmt: skip
     p.add_argument("--max-hole-area", type=float, default=256.0, help="SAM3 predictor's hole filling (0: off)")
     p.add_argument("--max-images", type=int, default=-1, help="first N images with instances (-1: all)")
-    p.add_argument("--synthetic", type=int, default=0, help="time N random images instead (random weights)")
+    p.add_argument("--synthetic", type=int, default=0,
+                   help="time N random images instead (random weights unless checkpoints are given)")  # fmt: skip
     p.add_argument("--synthetic-hw", default="480x640", help="synthetic image size HxW")
     p.add_argument("--boxes-per-image", type=int, default=7, help="synthetic boxes per image (COCO val: ~7.3)")
     p.add_argument("--warmup", type=int, default=2, help="synthetic warm-up images (not timed)")
@@ -286,8 +287,9 @@ def _main(argv=None) -> dict:
     if not args.synthetic and not (args.coco_ann and args.coco_images):
         raise ValueError("--coco-ann/--coco-images: required unless --synthetic N")
     rows = []
+    random_weights = bool(args.synthetic) and not (args.checkpoint or args.sam3_checkpoint)
     for name in args.predictor:
-        pred = make_predictor(name, args, random_weights=bool(args.synthetic))
+        pred = make_predictor(name, args, random_weights=random_weights)
         if args.synthetic:
             r = time_predictor(pred, args.synthetic, _hw(args.synthetic_hw), args.boxes_per_image, args.warmup)
         else:
@@ -306,7 +308,7 @@ def _main(argv=None) -> dict:
         "preprocess": args.preprocess,
         "max_hole_area": args.max_hole_area,
         "tiny": args.tiny,
-        "random_weights": bool(args.synthetic),
+        "random_weights": random_weights,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
