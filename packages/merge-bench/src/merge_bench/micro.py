@@ -185,8 +185,9 @@ PROP_ATTN_E2E = (
     ("vit_large@512 bs32 r=40", "vit_large_patch16_224", 512, 32, 40),
 )
 TINY_PROP_ATTN_E2E = (("vit_tiny@64 bs2 r=2", "vit_tiny_patch16_224", 64, 2, 2),)
-# kernel configurations swept at the first shape of each model (BLOCK_M, BLOCK_N, num_warps, num_stages)
-KERNEL_CONFIGS = tuple((m, 64, w, s) for m in (64, 128) for w in (4, 8) for s in (2, 3))
+# kernel configurations swept at the first shape of each model (BLOCK_M, BLOCK_N, num_warps, num_stages):
+# the tuning space (merge_core.kernels.attn_bias.candidate_configs) plus two 2-stage variants
+EXTRA_KERNEL_CONFIGS = ((64, 64, 4, 2), (128, 64, 4, 2))
 
 
 def _timm_layout(batch, heads, tokens, head_dim, device, dtype, pad: int = 0):
@@ -239,7 +240,7 @@ def bench_prop_attn_shape(batch, heads, tokens, head_dim, device, dtype, args, s
         cases.append(("kernel (heuristic)", lambda: bias_attention(q, k, v, size=size, scale=scale, config=heuristic)))
         qc, kc, vc = (t.contiguous() for t in (q, k, v))
         cases.append(("kernel contiguous q/k/v", lambda: bias_attention(qc, kc, vc, size=size, scale=scale)))
-        for cfg in KERNEL_CONFIGS if sweep else ():
+        for cfg in attn_bias.candidate_configs(head_dim) + EXTRA_KERNEL_CONFIGS if sweep else ():
             cases.append((f"kernel {cfg}", lambda cfg=cfg: bias_attention(q, k, v, size=size, scale=scale, config=cfg)))
     rows: list[dict[str, Any]] = []
     for label, fn in cases:

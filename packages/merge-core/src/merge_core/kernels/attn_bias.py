@@ -14,8 +14,8 @@ so proportional attention costs about what plain flash attention costs.
   Tail keys beyond N load size 0 / bias -inf, i.e. weight 0.
 - Forward only: no autograd. ``merge_core.attention`` dispatches here for inference (see ``use_bias_kernel``);
   training keeps the exact differentiable paths.
-- Block sizes: the first call of a shape class on CUDA times 8 configurations (BLOCK_M 64/128, warps 4/8,
-  stages 2/3) and keeps the fastest for the process (``choose_config``; a bare machine compiles each once);
+- Block sizes: the first call of a shape class on CUDA times 8 configurations (BLOCK_M 64/128, BLOCK_N
+  32/64, warps 4/8) and keeps the fastest for the process (``choose_config``; a bare machine compiles each once);
   ``MERGE_CORE_ATTN_TUNE=0`` uses ``heuristic_config``, ``MERGE_CORE_ATTN_CONFIG=BM,BN,warps,stages`` forces
   one. Inside CUDA-graph capture an untuned shape takes the heuristic (timing cannot run there).
 """
@@ -163,9 +163,12 @@ def heuristic_config(batch_heads: int, nq: int, head_dim: int, device: torch.dev
 
 
 def candidate_configs(head_dim: int) -> tuple[Config, ...]:
-    """The tiny tuning space: BLOCK_M 64/128, num_warps 4/8, num_stages 2/3 (BLOCK_N 64, 32 above head dim 64)."""
-    block_n = 64 if head_dim <= 64 else 32
-    return tuple((m, block_n, w, st) for m in (64, 128) for w in (4, 8) for st in (2, 3))
+    """The tiny tuning space: BLOCK_M 64/128 x BLOCK_N 32/64 x num_warps 4/8; 3 stages up to head dim 64, else 2.
+
+    BLOCK_N 32 is there for merged ViT lengths (197 keys in 64-key blocks compute 256, in 32-key blocks 224).
+    """
+    stages = 3 if head_dim <= 64 else 2
+    return tuple((m, n, w, stages) for m in (64, 128) for n in (32, 64) for w in (4, 8))
 
 
 def _tuning_on(device: torch.device) -> bool:
