@@ -16,10 +16,12 @@ from gitmerge3d.datasets.transform import SphereCrop, gaussian_smooth, trilinear
 from gitmerge3d.engine.build import build_model
 from gitmerge3d.engine.config import ConfigError, load_config
 from gitmerge3d.engine.trainer import ShardSampler, _loader
+from gitmerge3d.tools import demo_data
 from run_kit import DistEnv
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "sonata"
 CFG_0C = CONFIGS / "gitmerge3d-patch-0c-scannet-ft.py"
+DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "pointcloud"
 
 
 def _sample(n: int, first_instance: int, tag: float) -> dict:
@@ -176,3 +178,30 @@ def test_eval_loader_under_ddp_takes_its_shard(tiny_scannet):
     env = DistEnv(rank=1, world_size=2, distributed=True, is_main=False)
     names = [b["name"][0] for b in _loader(ds, 1, 0, env, shuffle=False)]
     assert names == ["scene0002_00"]  # rank 1 of 2 over [scene0000_00, scene0002_00]
+
+
+def test_demo_data_for_the_ddp_script(tmp_path):
+    """gitmerge3d.tools.demo_data (what scripts/ddp_gpu_run.sh trains on) from the ../shared samples."""
+    src = tmp_path / "src"
+    for rel, dst in [
+        ("mmdet3d-scannet-demo/scene0000_00.bin", "scene0000_00.bin"),
+        ("mmdet3d-tests/scannet/points/scene0000_00.bin", "points/scene0000_00.bin"),
+        ("mmdet3d-tests/scannet/semantic_mask/scene0000_00.bin", "semantic_mask/scene0000_00.bin"),
+    ]:
+        if not (DATA / rel).is_file():
+            pytest.skip("../shared/data/pointcloud samples not found")
+        (src / dst).parent.mkdir(parents=True, exist_ok=True)
+        (src / dst).write_bytes((DATA / rel).read_bytes())
+    out = tmp_path / "demo"
+    assert demo_data.main([str(src), str(out), "--max-points", "300", "--normals", "zero"]) == 0
+    assert len(list((out / "train").iterdir())) == 8 and len(list((out / "val").iterdir())) == 3
+    demo = np.fromfile(src / "scene0000_00.bin", dtype=np.float32).reshape(-1, 6)[:, :3]
+    cols = [np.load(out / "train" / f"scene{100 + k:04d}_00" / "coord.npy") for k in range(4)]
+    assert all(len(c) == 300 for c in cols)  # every quarter of the 40k-point scene has more than 300 points
+    rows = {tuple(r) for r in demo}
+    assert all(tuple(r) in rows for c in cols for r in c)  # real points, unchanged
+    a = np.load(out / "val" / "scene0000_00" / "coord.npy")
+    b = np.load(out / "val" / "scene0001_00" / "coord.npy")
+    np.testing.assert_allclose(b, np.stack([-a[:, 1] + 0.3, a[:, 0] + 0.3, a[:, 2] + 0.3], 1), atol=1e-5)
+    assert not (out / "train" / "scene0100_00" / "segment20.npy").exists()  # the demo scene has no labels
+    assert demo_data.main([str(tmp_path / "none"), str(out)]) == 2
