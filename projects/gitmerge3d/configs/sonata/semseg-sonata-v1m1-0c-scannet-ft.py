@@ -2,7 +2,7 @@
 _base_ = ["../_base_/default_runtime.py", "../_base_/datasets/scannet.py"]
 
 batch_size = 12  # total over all GPUs (GitMerge3D's value; upstream Sonata uses 24)
-mix_prob = 0.8  # Pointcept's Mix3D probability; not implemented here (see README)
+mix_prob = 0.8  # Mix3D: the training collate overlays pairs of scenes with this probability (see README)
 
 model = dict(
     type="DefaultSegmentorV2",
