@@ -267,3 +267,16 @@ def test_letterbox_masks_map_back_to_the_image():
     got = (pred.postprocess(low) > 0)[0, 0]
     assert got.shape == (28, 56) and got[:, :26].all() and not got[:, 30:].any()
     assert pred.predict_boxes(np.array([[1.0, 1.0, 30.0, 20.0]])).shape == (1, 28, 56)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_matches_cpu_fp32(tmp_path):
+    torch.save(_tiny_sam3_ckpt(4), tmp_path / "sam3.pt")
+    img, boxes = _image(5), np.array([[3.0, 4.0, 40.0, 45.0], [10, 10, 69, 49]])
+    lows = []
+    for device, dtype in (("cpu", "fp32"), ("cuda", "bf16")):
+        pred = build_predictor("sam3", sam3_checkpoint=str(tmp_path / "sam3.pt"), tiny=True, device=device, dtype=dtype)
+        pred.set_image(img)
+        lows.append(pred.predict(boxes=boxes)[2].cpu())
+    torch.testing.assert_close(lows[1], lows[0], atol=0.1, rtol=0.05)
