@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from .modules import PointModule, PointSequential
-from .point_transformer_v3m2 import Block, _check_lengths, _linspace
-from .pooling import segment_reduce
+from .point_transformer_v3m2 import Block
+from .pooling import GridUnpooling, segment_reduce
+from .ptv3_common import build_decoder, build_encoder, check_orders, check_stages
 from .sparse_conv import SubMConv3d
 from .structure import Point
 
@@ -77,18 +78,8 @@ class SerializedPooling(PointModule):
         return pooled
 
 
-class SerializedUnpooling(PointModule):
-    def __init__(self, in_channels, skip_channels, out_channels, norm_layer=None, act_layer=None, traceable=False):
-        super().__init__()
-        self.proj = PointSequential(nn.Linear(in_channels, out_channels))
-        self.proj_skip = PointSequential(nn.Linear(skip_channels, out_channels))
-        if norm_layer is not None:
-            self.proj.add(norm_layer(out_channels))
-            self.proj_skip.add(norm_layer(out_channels))
-        if act_layer is not None:
-            self.proj.add(act_layer())
-            self.proj_skip.add(act_layer())
-        self.traceable = traceable
+class SerializedUnpooling(GridUnpooling):
+    """GridUnpooling's layers (same keys); forward keeps v1m1's quirk (``sparse_conv_feat`` not refreshed)."""
 
     def forward(self, point: Point) -> Point:
         if "pooling_parent" not in point.keys() or "pooling_inverse" not in point.keys():
@@ -158,29 +149,13 @@ class PointTransformerV3M1(PointModule):
         super().__init__()
         if pdnorm_bn or pdnorm_ln:
             raise ValueError("pdnorm_bn / pdnorm_ln (PDNorm, multi-dataset training) are not implemented")
-        from .serialization import ORDERS
-
-        self.order = [order] if isinstance(order, str) else list(order)
-        for o in self.order:
-            if o not in ORDERS:
-                raise ValueError(f"order entries must be in {ORDERS}, got {o!r}")
-        self.num_stages = len(enc_depths)
+        self.order = check_orders(order)
+        enc = dict(enc_depths=enc_depths, enc_channels=enc_channels, enc_num_head=enc_num_head,
+                   enc_patch_size=enc_patch_size)  # fmt: skip
+        dec = dict(dec_depths=dec_depths, dec_channels=dec_channels, dec_num_head=dec_num_head,
+                   dec_patch_size=dec_patch_size)  # fmt: skip
+        self.num_stages = check_stages(stride, enc, None if cls_mode else dec)
         self.cls_mode, self.shuffle_orders = cls_mode, shuffle_orders
-        _check_lengths("stride", stride, self.num_stages - 1)
-        for name, val in (
-            ("enc_channels", enc_channels),
-            ("enc_num_head", enc_num_head),
-            ("enc_patch_size", enc_patch_size),
-        ):
-            _check_lengths(name, val, self.num_stages)
-        if not cls_mode:
-            for name, val in (
-                ("dec_depths", dec_depths),
-                ("dec_channels", dec_channels),
-                ("dec_num_head", dec_num_head),
-            ):
-                _check_lengths(name, val, self.num_stages - 1)
-            _check_lengths("dec_patch_size", dec_patch_size, self.num_stages - 1)
         bn = partial(nn.BatchNorm1d, eps=1e-3, momentum=0.01)
         ln, act = nn.LayerNorm, nn.GELU
         block_kw = dict(
@@ -198,38 +173,19 @@ class PointTransformerV3M1(PointModule):
             upcast_softmax=upcast_softmax,
         )
         self.embedding = Embedding(in_channels, enc_channels[0], bn, act)
-        enc_dp = _linspace(drop_path, sum(enc_depths))
-        self.enc = PointSequential()
-        for s in range(self.num_stages):
-            dp = enc_dp[sum(enc_depths[:s]) : sum(enc_depths[: s + 1])]
-            enc = PointSequential()
-            if s > 0:
-                enc.add(
-                    SerializedPooling(
-                        enc_channels[s - 1], enc_channels[s], stride[s - 1], bn, act, shuffle_orders=shuffle_orders
-                    ),
-                    name="down",
-                )
-            for i in range(enc_depths[s]):
-                block = Block(enc_channels[s], enc_num_head[s], enc_patch_size[s], drop_path=dp[i],
-                              order_index=i % len(self.order), cpe_indice_key=f"stage{s}", **block_kw)  # fmt: skip
-                enc.add(block, name=f"block{i}")
-            if len(enc) != 0:
-                self.enc.add(enc, name=f"enc{s}")
+
+        def down(cin: int, cout: int, s: int) -> nn.Module:
+            return SerializedPooling(cin, cout, s, bn, act, shuffle_orders=shuffle_orders)
+
+        def up(cin: int, skip: int, cout: int) -> nn.Module:
+            return SerializedUnpooling(cin, skip, cout, bn, act)
+
+        n = len(self.order)
+        self.enc = build_encoder(Block, down, enc_depths, enc_channels, enc_num_head, enc_patch_size, stride,
+                                 drop_path, n, block_kw)  # fmt: skip
         if not cls_mode:
-            dec_dp = _linspace(drop_path, sum(dec_depths))
-            self.dec = PointSequential()
-            dec_ch = list(dec_channels) + [enc_channels[-1]]
-            for s in reversed(range(self.num_stages - 1)):
-                dp = dec_dp[sum(dec_depths[:s]) : sum(dec_depths[: s + 1])]
-                dp.reverse()
-                dec = PointSequential()
-                dec.add(SerializedUnpooling(dec_ch[s + 1], enc_channels[s], dec_ch[s], bn, act), name="up")
-                for i in range(dec_depths[s]):
-                    block = Block(dec_ch[s], dec_num_head[s], dec_patch_size[s], drop_path=dp[i],
-                                  order_index=i % len(self.order), cpe_indice_key=f"stage{s}", **block_kw)  # fmt: skip
-                    dec.add(block, name=f"block{i}")
-                self.dec.add(dec, name=f"dec{s}")
+            self.dec = build_decoder(Block, up, dec_depths, dec_channels, dec_num_head, dec_patch_size,
+                                     enc_channels, drop_path, n, block_kw)  # fmt: skip
 
     def forward(self, data_dict) -> Point:
         point = Point(data_dict)

@@ -19,6 +19,7 @@ from torch.nn.init import trunc_normal_
 
 from .modules import PointModule, PointSequential
 from .pooling import GridPooling, GridUnpooling
+from .ptv3_common import build_decoder, build_encoder, check_orders, check_stages
 from .sparse_conv import SubMConv3d
 from .structure import Point, offset2bincount
 
@@ -267,16 +268,6 @@ class Embedding(PointModule):
         return point
 
 
-def _linspace(end: float, n: int) -> list[float]:
-    """Stochastic-depth rates 0..end (python floats, so building on the meta device works)."""
-    return [end * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
-
-
-def _check_lengths(name: str, value, expected: int) -> None:
-    if len(value) != expected:
-        raise ValueError(f"{name} must have {expected} entries, got {len(value)}")
-
-
 class PointTransformerV3(PointModule):
     """PT-v3m2. Keyword names and defaults follow Pointcept; Sonata's values come from its config."""
 
@@ -312,29 +303,13 @@ class PointTransformerV3(PointModule):
         freeze_encoder=False,
     ):
         super().__init__()
-        from .serialization import ORDERS
-
-        self.order = [order] if isinstance(order, str) else list(order)
-        for o in self.order:
-            if o not in ORDERS:
-                raise ValueError(f"order entries must be in {ORDERS}, got {o!r}")
-        self.num_stages = len(enc_depths)
+        self.order = check_orders(order)
+        enc = dict(enc_depths=enc_depths, enc_channels=enc_channels, enc_num_head=enc_num_head,
+                   enc_patch_size=enc_patch_size)  # fmt: skip
+        dec = dict(dec_depths=dec_depths, dec_channels=dec_channels, dec_num_head=dec_num_head,
+                   dec_patch_size=dec_patch_size)  # fmt: skip
+        self.num_stages = check_stages(stride, enc, None if enc_mode else dec)
         self.shuffle_orders, self.enc_mode, self.freeze_encoder = shuffle_orders, enc_mode, freeze_encoder
-        _check_lengths("stride", stride, self.num_stages - 1)
-        for name, val in (
-            ("enc_channels", enc_channels),
-            ("enc_num_head", enc_num_head),
-            ("enc_patch_size", enc_patch_size),
-        ):
-            _check_lengths(name, val, self.num_stages)
-        if not enc_mode:
-            for name, val in (
-                ("dec_depths", dec_depths),
-                ("dec_channels", dec_channels),
-                ("dec_num_head", dec_num_head),
-                ("dec_patch_size", dec_patch_size),
-            ):
-                _check_lengths(name, val, self.num_stages - 1)
         ln, act = nn.LayerNorm, nn.GELU
         block_kw = dict(
             mlp_ratio=mlp_ratio,
@@ -352,56 +327,19 @@ class PointTransformerV3(PointModule):
             upcast_softmax=upcast_softmax,
         )
         self.embedding = Embedding(in_channels, enc_channels[0], ln, act, mask_token)
-        enc_dp = _linspace(drop_path, sum(enc_depths))
-        self.enc = PointSequential()
-        for s in range(self.num_stages):
-            dp = enc_dp[sum(enc_depths[:s]) : sum(enc_depths[: s + 1])]
-            enc = PointSequential()
-            if s > 0:
-                enc.add(
-                    GridPooling(
-                        enc_channels[s - 1], enc_channels[s], stride[s - 1], ln, act, shuffle_orders=shuffle_orders
-                    ),
-                    name="down",
-                )
-            for i in range(enc_depths[s]):
-                enc.add(
-                    Block(
-                        enc_channels[s],
-                        enc_num_head[s],
-                        enc_patch_size[s],
-                        drop_path=dp[i],
-                        order_index=i % len(self.order),
-                        cpe_indice_key=f"stage{s}",
-                        **block_kw,
-                    ),
-                    name=f"block{i}",
-                )
-            if len(enc) != 0:
-                self.enc.add(enc, name=f"enc{s}")
+
+        def down(cin: int, cout: int, s: int) -> nn.Module:
+            return GridPooling(cin, cout, s, ln, act, shuffle_orders=shuffle_orders)
+
+        def up(cin: int, skip: int, cout: int) -> nn.Module:
+            return GridUnpooling(cin, skip, cout, ln, act, traceable)
+
+        n = len(self.order)
+        self.enc = build_encoder(Block, down, enc_depths, enc_channels, enc_num_head, enc_patch_size, stride,
+                                 drop_path, n, block_kw)  # fmt: skip
         if not enc_mode:
-            dec_dp = _linspace(drop_path, sum(dec_depths))
-            self.dec = PointSequential()
-            dec_ch = list(dec_channels) + [enc_channels[-1]]
-            for s in reversed(range(self.num_stages - 1)):
-                dp = dec_dp[sum(dec_depths[:s]) : sum(dec_depths[: s + 1])]
-                dp.reverse()
-                dec = PointSequential()
-                dec.add(GridUnpooling(dec_ch[s + 1], enc_channels[s], dec_ch[s], ln, act, traceable), name="up")
-                for i in range(dec_depths[s]):
-                    dec.add(
-                        Block(
-                            dec_ch[s],
-                            dec_num_head[s],
-                            dec_patch_size[s],
-                            drop_path=dp[i],
-                            order_index=i % len(self.order),
-                            cpe_indice_key=f"stage{s}",
-                            **block_kw,
-                        ),
-                        name=f"block{i}",
-                    )
-                self.dec.add(dec, name=f"dec{s}")
+            self.dec = build_decoder(Block, up, dec_depths, dec_channels, dec_num_head, dec_patch_size,
+                                     enc_channels, drop_path, n, block_kw)  # fmt: skip
         self.apply(self._init_weights)
         if freeze_encoder:
             for p in list(self.embedding.parameters()) + list(self.enc.parameters()):
