@@ -8,6 +8,10 @@
 - ``MergeState.merge_tokens``: the one merge step (matching, source tracing, size-weighted average, masks,
   token-count record) that every adapter calls between attention and MLP.
 - ``weighted_mean`` / ``size_bias``: size-weighted pooling and the proportional-attention key bias.
+- The zero-cost r = 0 path: layers swapped with ``swap(..., steps_out=True)`` get a class of their own per patch;
+  ``MergeState.run_plain`` runs a forward whose schedule is all zero with those classes' ``forward`` set to the
+  library's own (two class attribute writes per forward, undone after it), so an unmerged forward runs exactly
+  the unpatched code with no adapter frame inside the layers.
 
 ``docs/writing-an-adapter.md`` walks through writing an adapter with these pieces.
 """
@@ -15,7 +19,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol, runtime_checkable
 
@@ -83,17 +87,39 @@ class MergeState:
     # undo log of the patch: (module, original class) and (module, attribute name) pairs
     patched: list[tuple[nn.Module, type]] = field(default_factory=list, repr=False)
     attached: list[tuple[nn.Module, str]] = field(default_factory=list, repr=False)
+    # classes of this patch that step out at r = 0: (per-patch merging class, original class, the per-patch
+    # class's own ``forward`` or None; transformers' layers get one from ``__init_subclass__``)
+    stepping: list[tuple[type, type, Any]] = field(default_factory=list, repr=False)
     _entries: dict[int, tuple] = field(default_factory=dict, repr=False)
     _matches: dict[int, tuple] = field(default_factory=dict, repr=False)
+    _schedules: dict[tuple, list[int]] = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ per forward
+    def schedule(self, num_layers: int, r: Any) -> list[int]:
+        """``parse_r(num_layers, r)``, cached by ``r``'s value (an O(1) check for an int); do not mutate the list.
+
+        Why: the r = 0 path must cost the unpatched model nothing measurable, and ``parse_r`` validates
+        every entry with ABC checks (microseconds per call, twice per forward before the cache).
+        """
+        key = _schedule_key(num_layers, r)
+        schedule = self._schedules.get(key) if key is not None else None
+        if schedule is None:
+            schedule = parse_r(num_layers, r)
+            if key is not None:
+                if len(self._schedules) >= 16:  # a handful of forms per model (model.r, resolved lists)
+                    self._schedules.clear()
+                self._schedules[key] = schedule
+        return schedule
+
     def begin(self, num_layers: int, r: Any, *, checkpointing: bool = False, need_index: bool = False) -> None:
         """Reset the per-forward state; ``r`` is resolved once into a static per-layer list.
 
-        Change the schedule of a forward only through ``begin`` (it also sets ``merging``).
+        Change the schedule of a forward only through ``begin`` (it also sets ``merging``). With an all-zero
+        schedule, run the library's forward through ``run_plain``.
         """
-        self.r = parse_r(num_layers, r)
-        self.merging = any(self.r)
+        schedule = self.schedule(num_layers, r)
+        self.r = list(schedule)
+        self.merging = any(schedule)
         self.size = None
         self.source = None
         self.source_index = None
@@ -103,6 +129,34 @@ class MergeState:
         self.checkpointing = checkpointing
         self._entries = {}
         self._matches = {}
+
+    def run_plain(self, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``forward(*args, **kwargs)`` with every stepping-out layer on its library's own ``forward``.
+
+        Why: at r = 0 (``model.r == 0``, an all-zero schedule, the policy choosing r = 0) the patched model must
+        cost what the unpatched one costs. Each per-patch class gets its original class's ``forward`` as a class
+        attribute for this call (two writes for a ViT, whatever its depth) and loses it afterwards, even on an
+        exception, so the layers' ``__call__`` (hooks included) dispatches straight to the library's code. Not
+        under ``torch.compile`` (dynamo cannot trace a class write): there the merging classes' own r = 0 branch
+        runs the same library forwards, exactly.
+        """
+        if not self.stepping or _compiling():
+            return forward(*args, **kwargs)
+        for own, original, _ in self.stepping:
+            own.forward = original.forward
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            for own, _, saved in self.stepping:
+                if saved is not None:
+                    own.forward = saved
+                elif "forward" in own.__dict__:
+                    del own.forward
+
+    def fill_tokens(self, num_layers: int, n: int) -> None:
+        """Token record of a forward that merged nothing: ``n`` tokens leave every layer."""
+        if not self.merging:
+            self.tokens = [n] * num_layers
 
     def attn_size(self) -> torch.Tensor | None:
         """The ``size`` attention should weight keys by (None without proportional attention)."""
@@ -171,7 +225,9 @@ class MergeState:
     # ------------------------------------------------------------------ ToMe's dict view
     def _field_names(self) -> tuple[str, ...]:
         return tuple(
-            f.name for f in fields(self) if not f.name.startswith("_") and f.name not in ("patched", "attached")
+            f.name
+            for f in fields(self)
+            if not f.name.startswith("_") and f.name not in ("patched", "attached", "stepping")
         )
 
     def __getitem__(self, key: str) -> Any:
@@ -198,6 +254,21 @@ class MergeState:
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys())
+
+
+def _schedule_key(num_layers: int, r: Any) -> tuple | None:
+    """A hashable value-copy of ``r`` for the schedule cache; None for forms that are not cached (tensors...)."""
+    kind = type(r)
+    if kind is int:
+        return (num_layers, r)
+    if kind is list or kind is tuple:
+        if all(type(v) is int or type(v) is float for v in r):
+            return (num_layers, kind, *r)
+    return None
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
 
 
 def merge_attn_bias(merge: MergeFn, bias: torch.Tensor) -> torch.Tensor:
@@ -255,6 +326,16 @@ def weighted_mean(x: torch.Tensor, size: torch.Tensor | None, start: int = 0) ->
 def merged_class(mixin: type, cls: type) -> type:
     """One shared subclass per (mixin, original class): ``Merge<Name>``, the mixin's methods first."""
     return type(f"Merge{cls.__name__}", (mixin, cls), {"__module__": mixin.__module__})
+
+
+def state_class(state: MergeState, merging: type, original: type) -> type:
+    """The per-patch subclass of ``merging`` that steps out to ``original.forward`` (one per state and class)."""
+    for own, seen, _ in state.stepping:
+        if own.__bases__[0] is merging and seen is original:
+            return own
+    own = type(merging.__name__, (merging,), {"__module__": merging.__module__, "__qualname__": merging.__qualname__})
+    state.stepping.append((own, original, own.__dict__.get("forward")))
+    return own
 
 
 class MergeAdapter:
@@ -329,14 +410,20 @@ class MergeAdapter:
         self.attach_attr(model, "r", 0, state)
 
     @staticmethod
-    def swap(module: nn.Module, cls: type, state: MergeState) -> None:
+    def swap(module: nn.Module, cls: type, state: MergeState, *, steps_out: bool = False) -> None:
         """Give ``module`` class ``cls`` if it subclasses the module's class, else ``mixin`` + the module's class.
 
-        Recorded in the state, so ``remove`` restores the original class.
+        Recorded in the state, so ``remove`` restores the original class. ``steps_out=True`` (layers, their
+        attention): the module gets a subclass of its own per patch and class, whose ``forward`` is the original
+        class's during ``MergeState.run_plain``; the merging class must still compute the original forward
+        exactly when ``state.merging`` is False (it runs so under ``torch.compile``).
         """
         original = type(module)
         state.patched.append((module, original))
-        module.__class__ = cls if issubclass(cls, original) else merged_class(cls, original)
+        merging = cls if issubclass(cls, original) else merged_class(cls, original)
+        if steps_out:
+            merging = state_class(state, merging, original)
+        module.__class__ = merging
 
     @staticmethod
     def attach_attr(module: nn.Module, name: str, value: Any, state: MergeState) -> None:
@@ -355,6 +442,7 @@ def remove_patch(model: nn.Module) -> nn.Module:
     state = model.__dict__.get("_merge_info")
     if not isinstance(state, MergeState):
         raise ValueError(f"model ({type(model).__name__}) is not patched by merge_core (no _merge_info state)")
+    state.stepping.clear()
     for module, cls in reversed(state.patched):
         module.__class__ = cls
     for module, name in reversed(state.attached):

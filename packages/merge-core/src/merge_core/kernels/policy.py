@@ -16,7 +16,13 @@ makes the same choice for graph replay by timing both captured graphs.
 Force the requested ``r``: ``model.merge_policy = "force"`` or ``MERGE_CORE_POLICY=force``. Accuracy and
 ablation evaluations should force it: a decision to run r = 0 changes the outputs (they become the unmerged
 model's), so an "r = 16" accuracy measured at a small batch on a GPU would otherwise be the r = 0 accuracy.
-``last_decision(model)`` tells what the last calibrated forward ran.
+``last_decision(model)`` tells what the last calibrated forward ran. ``set_decision(model, x, r, merge)`` pins a
+decision for one shape in this process (on CPU too, where nothing is calibrated).
+
+Cost per forward of a known shape: a few attribute reads and one dict lookup on a tuple key (shape, dtype,
+device, schedule, kernel mode); a decision to run r = 0 then runs the library's own classes (the adapter kit's
+zero-cost path, ``merge_core.adapter.MergeState.step_out``), so an unmerged forward costs what the unpatched
+model costs.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from . import get_mode
 
 POLICIES = ("auto", "force")
 CACHE_VERSION = "v1"
@@ -58,7 +66,10 @@ def cache_path() -> Path:
 
 def get_policy(model: Any) -> str:
     """The model's policy: ``model.merge_policy`` if set, else ``$MERGE_CORE_POLICY``, else ``auto``."""
-    policy = getattr(model, "merge_policy", None) or os.environ.get("MERGE_CORE_POLICY") or "auto"
+    # read the instance dict first: a missing attribute on an nn.Module goes through Module.__getattr__ and an
+    # exception, a measurable cost on every forward (a string attribute is never a parameter or submodule)
+    policy = getattr(model, "__dict__", {}).get("merge_policy") or getattr(type(model), "merge_policy", None)
+    policy = policy or os.environ.get("MERGE_CORE_POLICY") or "auto"
     if policy not in POLICIES:
         raise ValueError(f"merge_policy must be one of {POLICIES}, got {policy!r}")
     return policy
@@ -97,8 +108,6 @@ def policy_key(model: Any, x: torch.Tensor, r_list: Sequence[int]) -> str:
         f"prop_attn {_state_field(model, 'prop_attn')}",
         f"attn_backend {_state_field(model, 'attn_backend')}",
     ]
-    from . import get_mode
-
     parts.append(f"kernels {get_mode()}")
     return " | ".join(parts)
 
@@ -163,11 +172,42 @@ def _dispatch_mode_active() -> bool:
     return torch._C._len_torch_dispatch_stack() > 0
 
 
-def _calibratable(model: Any, x: torch.Tensor) -> bool:
-    if not x.is_cuda or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+def _applies(model: Any, x: torch.Tensor) -> bool:
+    """Whether a decision may replace the requested r: not during graph capture, not in training."""
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
-    training = torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
-    return not training
+    return not (torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()))
+
+
+def _calibratable(model: Any, x: torch.Tensor) -> bool:
+    """Whether a new shape may be timed: CUDA inputs, not tracing, not capturing, not training."""
+    return x.is_cuda and not torch.compiler.is_compiling() and _applies(model, x)
+
+
+def _slot(model: Any) -> dict[str, Any]:
+    """Per-model memo, reset when the model was re-patched (decisions depend on the patch's options)."""
+    state = getattr(model, "__dict__", {}).get("_merge_info")
+    slot = _per_model.get(model)
+    if slot is None or slot["state"] is not state:
+        slot = {"memo": {}, "last": slot["last"] if slot else None, "state": state}
+        _per_model[model] = slot
+    return slot
+
+
+def _fast_key(x: torch.Tensor, r_list: Sequence[int]) -> tuple:
+    """The in-process memo key: O(1) hashing of the shape, dtype, device, schedule and kernel mode (no strings)."""
+    return (x.shape, x.dtype, x.device, tuple(r_list), get_mode())
+
+
+def set_decision(model: Any, x: torch.Tensor, r_list: Sequence[int], merge: bool) -> dict[str, Any]:
+    """Pin the decision for ``model`` on inputs shaped like ``x`` with schedule ``r_list`` (this process only).
+
+    Applies on any device under the ``auto`` policy (CPU included, where nothing is calibrated): a deployment
+    that knows its small batches should run unmerged, and tests and benchmarks of the r = 0 path on CPU.
+    """
+    entry = {"key": "set_decision", "merge": bool(merge), "ms_merged": None, "ms_plain": None, "how": "set_decision"}
+    _slot(model)["memo"][_fast_key(x, r_list)] = entry
+    return entry
 
 
 def time_pair(run_merged: Callable[[], Any], run_plain: Callable[[], Any], warmup: int, iters: int, device=None):
@@ -205,6 +245,8 @@ def resolve_r(model: Any, x: torch.Tensor, r_list: list[int], run: Callable[[], 
 
     ``run()`` must execute the model's merging forward on ``x`` (it is called under ``override`` while
     calibrating; the adapter's forward re-enters this function and gets the overridden schedule).
+    A known shape costs one dict lookup on a tuple key; only a new CUDA shape builds the string key, reads the
+    disk cache or calibrates. CPU inputs are never calibrated: only decisions pinned by ``set_decision`` apply.
     """
     if torch.compiler.is_compiling():  # first: dynamo cannot trace ContextVar.get (fullgraph would break)
         return r_list
@@ -213,15 +255,17 @@ def resolve_r(model: Any, x: torch.Tensor, r_list: list[int], run: Callable[[], 
         return [0] * len(r_list)
     if kind == "force" or not any(r_list):
         return r_list
-    if get_policy(model) == "force" or _dispatch_mode_active() or not _calibratable(model, x):
+    if get_policy(model) == "force" or _dispatch_mode_active():
         return r_list
-    from . import get_mode
-
-    slot = _per_model.setdefault(model, {"memo": {}, "last": None})
-    fast_key = (tuple(x.shape), x.dtype, x.device, tuple(r_list), get_mode())
-    fast_key += (_state_field(model, "prop_attn"), _state_field(model, "attn_backend"))
+    slot = _slot(model)
+    fast_key = _fast_key(x, r_list)
     entry = slot["memo"].get(fast_key)
-    if entry is None:
+    if entry is not None:
+        if not _applies(model, x):
+            return r_list
+    elif not _calibratable(model, x):
+        return r_list
+    else:
         key = policy_key(model, x, r_list)
         entry = cached_decision(key)
         if entry is None:
@@ -254,5 +298,6 @@ __all__ = [
     "policy_key",
     "record",
     "resolve_r",
+    "set_decision",
     "time_pair",
 ]

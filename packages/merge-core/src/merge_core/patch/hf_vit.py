@@ -4,7 +4,8 @@
 registers, which stay protected like the class token),
 ``CLIPVisionModel(WithProjection)``, ``CLIPModel`` (its vision tower), ``SiglipVisionModel``, ``SiglipModel``
 (vision tower) or the bare vision transformers; then ``model.r = ...``. Every encoder layer merges between
-attention and MLP; at r=0 the layers run transformers' own forward (bit-exact). Outputs keep their types;
+attention and MLP; at r=0 the layers run transformers' own forward with no adapter frame inside (the adapter
+kit's zero-cost path, ``MergeState.run_plain``), bit-exact. Outputs keep their types;
 ``last_hidden_state`` (and ``hidden_states``) hold the merged tokens (N' instead of N). The SigLIP
 attention-pool head weights merged tokens by size; CLS pooling needs nothing. Heads that average patch
 tokens without sizes (``Dinov2ForImageClassification``, ``SiglipForImageClassification``) are rejected.
@@ -156,14 +157,23 @@ class _MergeTower:
     """The vision tower: resets the merge state at every forward (``r`` is read from the patched model)."""
 
     def forward(self, *args, **kwargs):
-        owner = self.__dict__["_merge_owner"]
+        owner, state, depth = self.__dict__["_merge_owner"], self._merge_info, self._merge_num_layers
+        if not any(state.schedule(depth, owner.r)):  # the zero-cost path: transformers' own layers
+            state.begin(depth, owner.r)
+            out = state.run_plain(super().forward, *args, **kwargs)
+            hidden = getattr(out, "last_hidden_state", None)
+            if hidden is None and isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):
+                hidden = out[0]
+            if hidden is not None:
+                state.fill_tokens(depth, hidden.shape[-2])
+            return out
         flag = "is_activation_checkpointing" if hasattr(type(owner), "is_activation_checkpointing") else None
         flag = flag or "is_gradient_checkpointing"
         checkpointing = torch.is_grad_enabled() and bool(getattr(owner, flag, False))
-        self._merge_info.begin(self._merge_num_layers, owner.r, checkpointing=checkpointing)
+        state.begin(depth, owner.r, checkpointing=checkpointing)
         pos = self._merge_mask_pos
         user_mask = kwargs.get("attention_mask") is not None or (0 <= pos < len(args) and args[pos] is not None)
-        self._merge_info.extra["user_attention_mask"] = user_mask
+        state.extra["user_attention_mask"] = user_mask
         return super().forward(*args, **kwargs)
 
 
@@ -249,7 +259,7 @@ class HFAdapter(MergeAdapter):
         self.attach_attr(tower, "_merge_info", state, state)
         for i, layer in enumerate(layers):
             kind = _class_name(layer, LAYERS)
-            self.swap(layer, _MergeLayer, state)
+            self.swap(layer, _MergeLayer, state, steps_out=True)
             self.attach_attr(layer, "_merge_info", state, state)
             self.attach_attr(layer, "_merge_layer", i, state)
             self.attach_attr(layer, "_merge_kind", kind, state)

@@ -5,7 +5,10 @@ Built on ``merge_core.adapter``. What differs from ToMe's timm 0.4.12 patch, and
 - Every prefix token (CLS, distillation, registers: ``num_prefix_tokens``) is protected.
 - Pooling heads: ``avg``/``avgmax`` average weighted by token size, ``map`` (attention pool) adds log(size) to
   its keys, so merged tokens count for the patches they hold.
-- At r=0 every block runs timm's own ``Block.forward`` (bit-exact, masks included).
+- At r=0 (``model.r == 0``, an all-zero schedule, or the merge policy choosing r = 0) timm's
+  ``forward_features``, ``Block.forward`` and fused SDPA ``Attention.forward`` run with no adapter frame inside
+  the blocks (``merge_core.adapter.MergeState.run_plain``), bit-exact and at the unpatched model's host cost.
+  Under ``torch.compile`` the merging classes' own r = 0 branch calls the same timm forwards.
 - timm's API stays: ``forward_features``/``forward_head``/``forward``, ``forward_intermediates`` and
   ``features_only=True`` models (intermediates are unmerged back onto the patch grid, so dense users get a
   full-size map; the final features stay merged), ``attn_mask``/``is_causal`` (merged with the tokens, see
@@ -29,7 +32,6 @@ from ..attention import proportional_attention
 from ..kernels.policy import resolve_r
 from ..kernels.prop_attn import qkv_channel_attention, qkv_channel_supported
 from ..merge import unmerge_to_source
-from ..schedule import parse_r
 
 
 def _mask_kwargs(attn_mask: torch.Tensor | None, is_causal: bool) -> dict[str, Any]:
@@ -132,6 +134,7 @@ class _MergeVisionTransformer:
 
     r: Any
     _merge_info: MergeState
+    _merge_num_layers: int
 
     def _begin(self, need_index: bool = False, r: Any = None) -> MergeState:
         """Reset the per-forward state with ``self.r`` (or an already resolved ``r`` list)."""
@@ -141,10 +144,17 @@ class _MergeVisionTransformer:
         return state
 
     def forward_features(self, x: torch.Tensor, *args, **kwargs):
-        # never slower than no merging: the policy may run this shape at r = 0 (measured once per device)
-        r = resolve_r(self, x, parse_r(len(self.blocks), self.r), lambda: self.forward_features(x, *args, **kwargs))
-        self._begin(r=r)
-        return super().forward_features(x, *args, **kwargs)
+        state, depth = self._merge_info, self._merge_num_layers
+        r = state.schedule(depth, self.r)
+        if any(r):  # never slower than no merging: the policy may run this shape at r = 0 (measured per device)
+            r = resolve_r(self, x, r, lambda: self.forward_features(x, *args, **kwargs))
+        if any(r):
+            self._begin(r=r)
+            return super().forward_features(x, *args, **kwargs)
+        state.begin(depth, r)  # the zero-cost path: timm's forward_features, Block and Attention forwards
+        x = state.run_plain(super().forward_features, x, *args, **kwargs)
+        state.fill_tokens(depth, x.shape[-2])
+        return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
         size = self._merge_info.size
@@ -288,9 +298,10 @@ class TimmAdapter(MergeAdapter):
     def attach(self, model: torch.nn.Module, state: MergeState) -> None:
         vit = self._vit(model)
         self.swap(vit, _MergeVisionTransformer, state)
+        self.attach_attr(vit, "_merge_num_layers", len(vit.blocks), state)
         for i, block in enumerate(vit.blocks):
-            self.swap(block, MergeBlock, state)
-            self.swap(block.attn, MergeAttention, state)
+            self.swap(block, MergeBlock, state, steps_out=True)
+            self.swap(block.attn, MergeAttention, state, steps_out=True)
             self.attach_attr(block, "_merge_info", state, state)
             self.attach_attr(block, "_merge_layer", i, state)
         if vit is not model:

@@ -2,7 +2,8 @@
 
 Like ToMe's SWAG patch: merging between attention and MLP of every ``EncoderBlock``, proportional attention
 on by default, the class token protected. Unlike it, torchvision's encoder is already batch-first, so no
-transposes are patched in, and at r=0 every block runs torchvision's own forward (bit-exact). torchvision is
+transposes are patched in, and at r=0 the blocks run torchvision's own ``EncoderBlock.forward`` with no adapter
+frame inside (the adapter kit's zero-cost path, ``MergeState.run_plain``), bit-exact. torchvision is
 not imported: classes are recognised by name and module, so ``import merge_core`` never needs it.
 """
 
@@ -56,9 +57,17 @@ class _MergeEncoderBlock:
 class _MergeTorchvisionViT:
     """Resets the merge state at every forward."""
 
+    _merge_info: MergeState
+    _merge_num_layers: int
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._merge_info.begin(len(self.encoder.layers), self.r)
-        return super().forward(x)
+        state, depth = self._merge_info, self._merge_num_layers
+        state.begin(depth, self.r)
+        if state.merging:
+            return super().forward(x)
+        out = state.run_plain(super().forward, x)  # the zero-cost path: torchvision's own blocks
+        state.fill_tokens(depth, self.seq_length)
+        return out
 
 
 class TorchvisionAdapter(MergeAdapter):
@@ -83,8 +92,9 @@ class TorchvisionAdapter(MergeAdapter):
 
     def attach(self, model: nn.Module, state: MergeState) -> None:
         self.swap(model, _MergeTorchvisionViT, state)
+        self.attach_attr(model, "_merge_num_layers", len(model.encoder.layers), state)
         for i, block in enumerate(model.encoder.layers):
-            self.swap(block, _MergeEncoderBlock, state)
+            self.swap(block, _MergeEncoderBlock, state, steps_out=True)
             self.attach_attr(block, "_merge_info", state, state)
             self.attach_attr(block, "_merge_layer", i, state)
 
