@@ -36,8 +36,6 @@ except Exception as exc:  # pragma: no cover - depends on the environment
     _TRITON_ERROR = f"triton unavailable: {type(exc).__name__}: {exc}"
 
 CPU_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# padded tail keys load size 0 and take log2(0) = -inf on purpose (numpy warns under the interpreter)
-pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")
 needs_interpreter = pytest.mark.skipif(
     _TRITON_ERROR is not None or not CPU_INTERPRET,
     reason=_TRITON_ERROR or "CPU kernel tests need TRITON_INTERPRET=1 (set automatically when no CUDA)",

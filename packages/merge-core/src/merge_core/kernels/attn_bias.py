@@ -11,7 +11,7 @@ so proportional attention costs about what plain flash attention costs.
 - The output is written as (B, N, H, D) and returned as a (B, H, N, D) view, so the caller's
   ``transpose(1, 2).reshape(B, N, C)`` is free.
 - Bias per (batch, key) broadcast over heads (stride 0), or per (batch, head, key) (GitMerge3D's sizes).
-  Tail keys beyond N load size 0 / bias -inf, i.e. weight 0.
+  Tail keys beyond N get bias -inf, i.e. weight 0.
 - Forward only: no autograd. ``merge_core.attention`` dispatches here for inference (see ``use_bias_kernel``);
   training keeps the exact differentiable paths.
 - Block sizes: the first call of a shape class on CUDA times 8 configurations (BLOCK_M 64/128, BLOCK_N
@@ -92,8 +92,8 @@ def _attn_bias_fwd(
     v_base = v_ptr + b * stride_vb + h * stride_vh
     bias_base = bias_ptr + b * stride_bb + h * stride_bh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
     for n0 in range(0, NK, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         cmask = cols < NK
@@ -103,8 +103,9 @@ def _attn_bias_fwd(
             kvmask = cmask[:, None] & dmask[None, :]
         k = tl.load(k_base + cols[:, None] * stride_kn + dims[None, :], mask=kvmask, other=0.0)
         v = tl.load(v_base + cols[:, None] * stride_vn + dims[None, :], mask=kvmask, other=0.0)
-        if BIAS_IS_SIZE:  # log2(size); padded keys load size 0 -> -inf
-            bias2 = tl.log2(tl.load(bias_base + cols * stride_bn, mask=cmask, other=0.0).to(tl.float32))
+        if BIAS_IS_SIZE:  # log2(size); padded keys get -inf (weight 0)
+            sizes = tl.load(bias_base + cols * stride_bn, mask=cmask, other=1.0).to(tl.float32)
+            bias2 = tl.where(cmask, tl.log2(sizes), float("-inf"))
         elif HAS_BIAS:
             bias2 = (
                 tl.load(bias_base + cols * stride_bn, mask=cmask, other=float("-inf")).to(tl.float32)
@@ -117,11 +118,11 @@ def _attn_bias_fwd(
         else:
             s = tl.dot(q, tl.trans(k))
         s = s * qk_scale + bias2[None, :]
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, tl.standard._elementwise_max))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row whose keys so far all weigh 0
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.reduce(p, 1, tl.standard._sum_combine)
         if DOT_F32:
             acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
         else:
