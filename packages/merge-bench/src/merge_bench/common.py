@@ -46,6 +46,13 @@ def environment(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def model_name(args) -> str:
+    """``--model``, else the suite's default (ViT-B for the compile suite, ViT-S otherwise)."""
+    if getattr(args, "model", None):
+        return args.model
+    return "vit_base_patch16_224" if getattr(args, "suite", None) == "compile" else "vit_small_patch16_224"
+
+
 def build_model(name: str, device: torch.device, dtype: torch.dtype, **kwargs):
     """timm model with random weights (no download), seeded, in eval mode."""
     import timm

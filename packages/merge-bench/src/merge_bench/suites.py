@@ -1,5 +1,6 @@
-"""The GPU suites: ``gpu`` (issue 3: bounds, ToMe-style, micro, attention), ``sweep`` (issue 9: batch sweep with
-forced vs automatic merging, eager vs CUDA graphs, ToMe's ViT-L/16@512 flagship), ``micro`` and ``profile``."""
+"""The suites: ``gpu`` (issue 3: bounds, ToMe-style, micro, attention), ``sweep`` (issue 9: batch sweep with
+forced vs automatic merging, eager vs CUDA graphs, ToMe's ViT-L/16@512 flagship), ``micro``, ``profile``,
+``compile`` (issue 9 target 6: compile time and compiled vs eager latency) and ``overhead`` (host cost at r = 0)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from collections.abc import Callable
 from typing import Any
 
 from .common import environment
+from .compile_time import run_compile
 from .micro import run_attention, run_micro
 from .models import bench_model
-from .profile import run_profile
+from .profile import run_overhead, run_profile
 
 # (model, batch, r) of issue 3's targets
 GPU_SUITE = (("vit_small_patch16_224", 512, 16), ("vit_base_patch16_224", 256, 16), ("vit_large_patch16_224", 128, 8))
@@ -33,6 +35,10 @@ def run_suite(args, log=print, checkpoint: Callable[[dict[str, Any]], None] | No
     log(f"device: {payload['environment']['device_name']} | {payload['environment']}")
     if args.suite == "profile":
         return run_profile(device, dtype, args, log, checkpoint, payload)
+    if args.suite == "overhead":
+        return run_overhead(device, dtype, args, log, checkpoint, payload)
+    if args.suite == "compile":
+        return run_compile(device, dtype, args, log, checkpoint, payload)
     if args.suite == "sweep":
         return _sweep(args, payload, log, checkpoint)
     args.compile_micro = args.compile_micro or args.mode == "compile"

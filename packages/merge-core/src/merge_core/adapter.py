@@ -256,14 +256,16 @@ class MergeState:
         return iter(self.keys())
 
 
+_PLAIN_NUMBERS = frozenset((int, float))
+
+
 def _schedule_key(num_layers: int, r: Any) -> tuple | None:
     """A hashable value-copy of ``r`` for the schedule cache; None for forms that are not cached (tensors...)."""
     kind = type(r)
     if kind is int:
         return (num_layers, r)
-    if kind is list or kind is tuple:
-        if all(type(v) is int or type(v) is float for v in r):
-            return (num_layers, kind, *r)
+    if (kind is list or kind is tuple) and set(map(type, r)) <= _PLAIN_NUMBERS:  # C-level: O(1) Python frames
+        return (num_layers, kind, *r)
     return None
 
 
