@@ -138,7 +138,8 @@ class MergeState:
         attribute for this call (two writes for a ViT, whatever its depth) and loses it afterwards, even on an
         exception, so the layers' ``__call__`` (hooks included) dispatches straight to the library's code. Not
         under ``torch.compile`` (dynamo cannot trace a class write): there the merging classes' own r = 0 branch
-        runs the same library forwards, exactly.
+        runs the same library forwards, exactly. Like the rest of the per-forward state this is not thread-safe,
+        and ``copy.deepcopy`` copies share the per-patch classes: do not run copies concurrently in threads.
         """
         if not self.stepping or _compiling():
             return forward(*args, **kwargs)
