@@ -423,9 +423,13 @@ def _e2e_summary(rows) -> list[str]:
 
 
 def run_prop_attn(device, dtype, args, log=print, checkpoint=None) -> dict[str, Any]:
-    """The prop-attn section: attention rows per shape, layer rows, the flex probe, end-to-end rows."""
+    """The prop-attn section: attention rows per shape, layer rows, the flex probe, end-to-end rows.
+
+    ``checkpoint(payload)`` runs after each part (partial results survive a time limit), as in ``suites``.
+    """
     checkpoint = checkpoint or (lambda payload: None)
-    tiny = getattr(args, "tiny", False)
+    # getattr defaults: merge-bench's suite runner can call this with its own argparse namespace
+    tiny, flex, e2e = getattr(args, "tiny", False), getattr(args, "flex", True), getattr(args, "e2e", True)
     shapes = TINY_PROP_ATTN_SHAPES if tiny else PROP_ATTN_SHAPES
     payload: dict[str, Any] = {"suite": "prop-attn", "environment": environment(device), "dtype": str(dtype)}
     payload.update(warmup=args.warmup, iters=args.iters, attention=[], layer=[], flex_probe=[], e2e=[])
@@ -452,7 +456,7 @@ def run_prop_attn(device, dtype, args, log=print, checkpoint=None) -> dict[str, 
         for row in rows:
             log(f"{b}x{h}x{n}x{d:<8} {row['path']:<34} {row.get('ms_median', float('nan')):10.3f}")
         checkpoint(payload)
-    if args.flex:
+    if flex:
         compiled = device.type == "cuda"
         main = ("once-no_grad", "once-inference_mode", "repo") if compiled else ("eager",)
         probes = [(shapes[0], main + (("once-grad_enabled", "fresh-closure", "dynamic", "eager") if compiled else ()))]
@@ -470,7 +474,7 @@ def run_prop_attn(device, dtype, args, log=print, checkpoint=None) -> dict[str, 
                 )
                 log(f"{b}x{h}x{n}x{d:<8} flex {row['variant']:<29} {text}")
             checkpoint(payload)
-    if args.e2e:
+    if e2e:
         for label, name, img, batch, r in TINY_PROP_ATTN_E2E if tiny else PROP_ATTN_E2E:
             try:
                 payload["e2e"] += prop_attn_e2e(label, name, img, batch, r, device, dtype, args, log)
