@@ -1,4 +1,9 @@
-"""Micro rows: one layer's matching + size-weighted merge, and proportional-attention backends."""
+"""Micro rows: one layer's matching + size-weighted merge, and proportional-attention backends.
+
+The prop-attn section (issue 9, target 4) runs as one command with a table and a JSON file::
+
+    PYTHONPATH=packages/merge-core/src:packages/merge-bench/src python3 -m merge_bench.micro --section prop-attn
+"""
 
 from __future__ import annotations
 
