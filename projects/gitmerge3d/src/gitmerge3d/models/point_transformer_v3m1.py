@@ -21,7 +21,7 @@ from torch import nn
 from .modules import PointModule, PointSequential
 from .point_transformer_v3m2 import Block
 from .pooling import GridUnpooling, segment_reduce
-from .ptv3_common import build_decoder, build_encoder, check_orders, check_stages
+from .ptv3_common import block_kwargs, build_decoder, build_encoder, check_orders, check_stages
 from .sparse_conv import SubMConv3d
 from .structure import Point
 
@@ -147,6 +147,7 @@ class PointTransformerV3M1(PointModule):
         pdnorm_conditions=("ScanNet", "S3DIS", "Structured3D"),
     ):
         super().__init__()
+        block_kw = block_kwargs(locals())
         if pdnorm_bn or pdnorm_ln:
             raise ValueError("pdnorm_bn / pdnorm_ln (PDNorm, multi-dataset training) are not implemented")
         self.order = check_orders(order)
@@ -157,21 +158,7 @@ class PointTransformerV3M1(PointModule):
         self.num_stages = check_stages(stride, enc, None if cls_mode else dec)
         self.cls_mode, self.shuffle_orders = cls_mode, shuffle_orders
         bn = partial(nn.BatchNorm1d, eps=1e-3, momentum=0.01)
-        ln, act = nn.LayerNorm, nn.GELU
-        block_kw = dict(
-            mlp_ratio=mlp_ratio,
-            qkv_bias=qkv_bias,
-            qk_scale=qk_scale,
-            attn_drop=attn_drop,
-            proj_drop=proj_drop,
-            norm_layer=ln,
-            act_layer=act,
-            pre_norm=pre_norm,
-            enable_rpe=enable_rpe,
-            enable_flash=enable_flash,
-            upcast_attention=upcast_attention,
-            upcast_softmax=upcast_softmax,
-        )
+        act = nn.GELU
         self.embedding = Embedding(in_channels, enc_channels[0], bn, act)
 
         def down(cin: int, cout: int, s: int) -> nn.Module:

@@ -19,7 +19,7 @@ from torch.nn.init import trunc_normal_
 
 from .modules import PointModule, PointSequential
 from .pooling import GridPooling, GridUnpooling
-from .ptv3_common import build_decoder, build_encoder, check_orders, check_stages
+from .ptv3_common import block_kwargs, build_decoder, build_encoder, check_orders, check_stages
 from .sparse_conv import SubMConv3d
 from .structure import Point, offset2bincount
 
@@ -303,6 +303,7 @@ class PointTransformerV3(PointModule):
         freeze_encoder=False,
     ):
         super().__init__()
+        block_kw = block_kwargs(locals())
         self.order = check_orders(order)
         enc = dict(enc_depths=enc_depths, enc_channels=enc_channels, enc_num_head=enc_num_head,
                    enc_patch_size=enc_patch_size)  # fmt: skip
@@ -311,21 +312,6 @@ class PointTransformerV3(PointModule):
         self.num_stages = check_stages(stride, enc, None if enc_mode else dec)
         self.shuffle_orders, self.enc_mode, self.freeze_encoder = shuffle_orders, enc_mode, freeze_encoder
         ln, act = nn.LayerNorm, nn.GELU
-        block_kw = dict(
-            mlp_ratio=mlp_ratio,
-            qkv_bias=qkv_bias,
-            qk_scale=qk_scale,
-            attn_drop=attn_drop,
-            proj_drop=proj_drop,
-            layer_scale=layer_scale,
-            norm_layer=ln,
-            act_layer=act,
-            pre_norm=pre_norm,
-            enable_rpe=enable_rpe,
-            enable_flash=enable_flash,
-            upcast_attention=upcast_attention,
-            upcast_softmax=upcast_softmax,
-        )
         self.embedding = Embedding(in_channels, enc_channels[0], ln, act, mask_token)
 
         def down(cin: int, cout: int, s: int) -> nn.Module:

@@ -7,12 +7,21 @@ over all blocks, decoder rates reversed) are built here once, so both keep Point
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
 from .modules import PointSequential
+
+# the constructor arguments both backbones pass through to every Block
+BLOCK_ARGS = ("mlp_ratio", "qkv_bias", "qk_scale", "attn_drop", "proj_drop", "layer_scale", "pre_norm", "enable_rpe",
+              "enable_flash", "upcast_attention", "upcast_softmax")  # fmt: skip
+
+
+def block_kwargs(args: Mapping[str, Any]) -> dict[str, Any]:
+    """The Block keywords among a backbone's constructor arguments (``locals()``), plus LayerNorm and GELU."""
+    return {**{k: args[k] for k in BLOCK_ARGS if k in args}, "norm_layer": nn.LayerNorm, "act_layer": nn.GELU}
 
 
 def linspace(end: float, n: int) -> list[float]:
