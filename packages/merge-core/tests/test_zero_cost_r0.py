@@ -298,3 +298,16 @@ def test_hf_r0_runs_transformers_layers(monkeypatch):
         assert _frames(adapter_code, run) == 2
     assert outs[-1].last_hidden_state.shape[1] == 17 - 6
     assert all(type(m).forward is not layer_cls.forward for m in model.modules() if isinstance(m, layer_cls))
+
+
+def test_r0_intermediates_run_timms_code(counts):
+    model, x = _tiny(), _images()
+    with torch.no_grad():
+        expected = model.forward_intermediates(x, intermediates_only=True)
+    mc.patch.timm(model)
+    model.r = 0
+    _reset(counts)
+    with torch.no_grad():
+        got = model.forward_intermediates(x, intermediates_only=True)
+    assert counts["merge_block"] == [] and len(counts["block"]) == 3
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))

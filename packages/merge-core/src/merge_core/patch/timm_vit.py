@@ -211,8 +211,8 @@ class _MergeVisionTransformer:
             output_dict=output_dict,
             **_mask_kwargs(attn_mask, is_causal),
         )
-        if not state.merging:
-            return super().forward_intermediates(x, **options)
+        if not state.merging:  # timm's own code, blocks included (the zero-cost path; ``tokens`` stays empty)
+            return state.run_plain(super().forward_intermediates, x, **options)
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
