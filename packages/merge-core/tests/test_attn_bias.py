@@ -27,6 +27,13 @@ from merge_core import kernels  # noqa: E402
 from merge_core.kernels import prop_attn  # noqa: E402
 from merge_core.patch_attention import patch_attention  # noqa: E402
 
+
+@pytest.fixture(autouse=True)
+def _kernel_on(monkeypatch):
+    """The kernel is off by default (slower than the channel path on an H200); these tests switch it on."""
+    monkeypatch.setenv("MERGE_CORE_ATTN_KERNEL", "always")
+
+
 try:
     from merge_core.kernels import attn_bias  # noqa: E402
 
@@ -275,3 +282,14 @@ def test_tuning_picks_a_candidate_once_and_stays_exact(monkeypatch):
     monkeypatch.setenv("MERGE_CORE_ATTN_CONFIG", "64,64")
     with pytest.raises(ValueError, match="MERGE_CORE_ATTN_CONFIG must be"):
         attn_bias.bias_attention(q, k, v, size=size)
+
+
+def test_kernel_is_off_by_default(monkeypatch):
+    """Measured slower than the padded-qkv channel path on an H200, so nothing picks it unless asked."""
+    monkeypatch.delenv("MERGE_CORE_ATTN_KERNEL", raising=False)
+    q = torch.randn(1, 2, 5, 32, dtype=torch.float16)
+    with kernels.kernel_mode("always"), torch.no_grad():
+        assert prop_attn.attn_kernel_mode_now() == "never"
+        assert not prop_attn.use_bias_kernel((q, q, q, None), 32)
+        with prop_attn.attn_kernel_mode("always"):
+            assert prop_attn.use_bias_kernel((q, q, q, None), 32) == (attn_bias is not None)

@@ -373,7 +373,7 @@ def bench_prop_attn_layer(batch, heads, tokens, head_dim, device, dtype, args) -
         ),
     ]
     if _kernel_ok(device):
-        cases.append(("layer: key-bias kernel", lambda: finish(qkv_channel_attention(attn, x, size)[0])))
+        cases.append(("layer: key-bias kernel", lambda: finish(_with_kernel(qkv_channel_attention, attn, x, size)[0])))
     shape = {"shape": [batch, heads, tokens, head_dim], "dtype": str(dtype).replace("torch.", "")}
     rows: list[dict[str, Any]] = []
     for label, fn in cases:
@@ -386,6 +386,12 @@ def bench_prop_attn_layer(batch, heads, tokens, head_dim, device, dtype, args) -
     return rows
 
 
+def _with_kernel(fn, *args):
+    """``fn(*args)`` with the key-bias kernel switched on (it is off by default: see prop_attn)."""
+    with attn_kernel_mode("always"):
+        return fn(*args)
+
+
 def prop_attn_e2e(label, name, img, batch, r, device, dtype, args, log=print) -> list[dict[str, Any]]:
     """timm vs merge-core prop_attn off / on (kernel) interleaved, then prop_attn on with the kernel off
     (the padded-qkv channel path, last round's default) against its own timm row."""
@@ -394,8 +400,9 @@ def prop_attn_e2e(label, name, img, batch, r, device, dtype, args, log=print) ->
     run_args.auto = run_args.bounds = run_args.tome = run_args.torch_path = False
     run_args.mode, run_args.interleave = "eager", True
     rows: list[dict[str, Any]] = []
-    _, found = bench_model(name, batch, run_args, device, dtype, log, img_size=img)
-    rows += [{**row, "label": label, "attn_kernel": "auto"} for row in found]
+    with attn_kernel_mode("always"):
+        _, found = bench_model(name, batch, run_args, device, dtype, log, img_size=img)
+    rows += [{**row, "label": label, "attn_kernel": "always"} for row in found]
     run_args.prop_attn = "on"
     with attn_kernel_mode("never"):
         _, found = bench_model(name, batch, run_args, device, dtype, log, img_size=img)
@@ -417,7 +424,7 @@ def _e2e_summary(rows) -> list[str]:
             ]
             return hits[0] if hits else float("nan")
 
-        timm, off, on = ms("timm", None, "auto"), ms("merge", False, "auto"), ms("merge", True, "auto")
+        timm, off, on = ms("timm", None, "always"), ms("merge", False, "always"), ms("merge", True, "always")
         timm2, channel = ms("timm", None, "never"), ms("merge", True, "never")
         lines.append(
             f"  {label:<26} timm {timm:8.3f} ms | prop off {off:8.3f} ms ({timm / off:.2f}x) | prop on (kernel) "

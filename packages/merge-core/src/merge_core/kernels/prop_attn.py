@@ -24,7 +24,11 @@ import torch
 import torch.nn.functional as F
 
 PAD = 8
-ATTN_KERNEL_MODES = ("auto", "never")
+ATTN_KERNEL_MODES = ("never", "always")
+# Default off: on an H200 (torch 2.11, triton 3.6, 2026-12-02, results/merge-bench-prop-attn-NVIDIA-H200.*) the
+# key-bias kernel ran at 0.41-0.77x of SDPA without a mask where the padded-qkv channel path ran at 0.70-0.87x,
+# at every ViT-B/ViT-L@512 shape measured; the channel path stays the default until the kernel beats it.
+DEFAULT_ATTN_KERNEL_MODE = "never"
 # head dims the bias kernel compiles for (kernels.attn_bias.SUPPORTED_HEAD_DIMS, kept here so that the
 # dispatch rule never imports Triton)
 KERNEL_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
@@ -32,10 +36,11 @@ _attn_mode_stack: list[str] = []
 
 
 def attn_kernel_mode_now() -> str:
-    """``auto`` (the bias kernel where ``use_bias_kernel`` allows) or ``never`` (``MERGE_CORE_ATTN_KERNEL``)."""
+    """``always`` (the bias kernel where ``use_bias_kernel`` allows) or ``never`` (the default;
+    ``MERGE_CORE_ATTN_KERNEL`` or ``attn_kernel_mode`` change it)."""
     if _attn_mode_stack:
         return _attn_mode_stack[-1]
-    mode = os.environ.get("MERGE_CORE_ATTN_KERNEL", "auto")
+    mode = os.environ.get("MERGE_CORE_ATTN_KERNEL", DEFAULT_ATTN_KERNEL_MODE)
     if mode not in ATTN_KERNEL_MODES:
         raise ValueError(f"MERGE_CORE_ATTN_KERNEL must be one of {ATTN_KERNEL_MODES}, got {mode!r}")
     return mode
@@ -43,7 +48,7 @@ def attn_kernel_mode_now() -> str:
 
 @contextlib.contextmanager
 def attn_kernel_mode(mode: str) -> Iterator[None]:
-    """Turn the key-bias kernel off (``"never"``) or back on (``"auto"``) inside the block, e.g. for A/B timing.
+    """Turn the key-bias kernel on (``"always"``) or off (``"never"``) inside the block, e.g. for A/B timing.
 
     ``merge_core.kernels.kernel_mode`` still decides devices: ``auto`` runs it on CUDA only, ``always`` on CPU
     too (under ``TRITON_INTERPRET=1``: how the CPU tests exercise it), ``never`` nowhere.
