@@ -126,3 +126,14 @@ def test_equals_pypi_sam3_vitdet():
     x = torch.randn(2, 3, c.img_size, c.img_size)
     with torch.no_grad():
         torch.testing.assert_close(mine(x), ref(x)[-1], atol=1e-6, rtol=1e-5)
+
+
+def test_missing_checkpoint_is_reported_before_the_trunk_is_built(monkeypatch, tmp_path):
+    import efficientsam3.model.teacher as teacher_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("the 446M trunk must not be built for a checkpoint that does not exist")
+
+    monkeypatch.setattr(teacher_module, "SAM3ViT", never)
+    with pytest.raises(FileNotFoundError, match="TEACHER.CHECKPOINT: file not found"):
+        teacher_module.build_teacher("sam3", str(tmp_path / "sam3.pt"))

@@ -80,6 +80,8 @@ def build_teacher(
 ) -> nn.Module:
     """sam3 / sam3_tiny / standin, in eval mode with frozen parameters. The stand-in's sizes come from
     the arguments (the config's DISTILL.EMBED_DIM/EMBED_SIZE, DATA.IMG_SIZE)."""
+    if checkpoint and not os.path.isfile(checkpoint):  # before building a 446M trunk that could not be loaded
+        raise FileNotFoundError(f"TEACHER.CHECKPOINT: file not found: {checkpoint}")
     if kind == "sam3":
         model = SAM3ViT(SAM3_VIT)
     elif kind == "sam3_tiny":
