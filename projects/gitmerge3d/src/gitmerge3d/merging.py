@@ -25,7 +25,8 @@ from torch import nn
 
 from merge_core.adapter import MergeAdapter, MergeState, state_of
 from merge_core.adapter import remove_patch as kit_remove_patch
-from merge_core.binned import PatchMatch, patch_match
+from merge_core.binned import PatchMatch, official_head_offsets, patch_match
+from merge_core.matching import best_destinations
 from merge_core.patch_attention import PROP_ATTN, patch_attention
 from merge_core.patch_energy import RULES, weighted_patch_groups
 from merge_core.schedule import parse_r
@@ -139,6 +140,73 @@ def parse_merge_config(info: Mapping | None) -> MergeConfig | None:
     )
 
 
+_LAYOUTS: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _spread_layout(heads: int, n: int, stride: int, device: torch.device):
+    """Token layout of the ``no_rand`` matcher, shared by every patch (it depends on the head only).
+
+    Returns (both (H, N): source positions then destination positions, inverse (H, N): the position of
+    each token in ``both``, dst_slot (H, n_bins): the destinations' output slots minus the unmerged count).
+    Cached per (H, N, stride, device): a forward reuses a handful of layouts in all 32 blocks.
+    """
+    key = (heads, n, stride, torch.device(device))
+    if key not in _LAYOUTS:
+        n_bins = n // stride
+        offsets = torch.tensor(official_head_offsets(heads, stride), dtype=torch.long)
+        dst = torch.arange(n_bins) * stride + offsets[:, None]  # (H, n_bins)
+        is_dst = torch.zeros(heads, n, dtype=torch.bool).scatter_(1, dst, True)
+        src = torch.sort(is_dst.to(torch.uint8), dim=1, stable=True).indices[:, : n - n_bins]
+        both = torch.cat([src, dst], 1)
+        inverse = torch.empty_like(both).scatter_(1, both, torch.arange(n).expand(heads, n))
+        dst_slot = torch.arange(n_bins).expand(heads, n_bins).contiguous()
+        _LAYOUTS[key] = tuple(t.to(device) for t in (both, inverse, dst_slot))
+    return _LAYOUTS[key]
+
+
+def spread_patch_match(metric: torch.Tensor, r: int, stride: int, mean_head: bool = False) -> PatchMatch | None:
+    """``merge_core.binned.patch_match(metric, r, stride, "spread", mean_head=mean_head)`` with fewer kernels.
+
+    Same matching, same slots (tested equal): the source/destination layout comes from a cache instead of
+    being rebuilt per call, and the slots are written by one gather instead of three scatters.
+    ``metric`` is (B, H, N, C).
+    """
+    if metric.dim() != 4:
+        raise ValueError(f"metric must be (patches, heads, tokens, channels), got shape {tuple(metric.shape)}")
+    b, h, n, c = metric.shape
+    n_bins = n // stride
+    r_eff = min(n - n_bins, r)
+    if r_eff <= 0 or n_bins == 0:
+        return None
+    n_src, n_unm = n - n_bins, n - n_bins - r_eff
+    both_idx, inverse, dst_slot = _spread_layout(h, n, stride, metric.device)
+    with torch.no_grad():
+        if mean_head:
+            metric = metric.mean(dim=-3, keepdim=True).expand(metric.shape)
+        both = metric.gather(2, both_idx[None, :, :, None].expand(b, h, n, c)).reshape(b * h, n, c)
+        best, match = best_destinations(both[:, :n_src], both[:, n_src:])
+        rank = torch.sort(best, dim=-1, descending=True, stable=True).indices  # sources by score
+        # slot of each source in rank order: merged ones share their destination's, the rest count up
+        ranked = torch.cat(
+            [match.gather(1, rank[:, :r_eff]), _neg_arange(n_unm, metric.device).expand(b * h, n_unm)], 1
+        )
+        src_slot = torch.empty_like(ranked).scatter_(1, rank, ranked)
+        slots = torch.cat([src_slot.view(b, h, n_src), dst_slot.expand(b, h, n_bins)], 2) + n_unm
+        slot = slots.gather(2, inverse.expand(b, h, n)).view(b * h, n)
+    return PatchMatch(slot, n_unm + n_bins, metric.shape[:-2])
+
+
+_ARANGES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _neg_arange(n: int, device: torch.device) -> torch.Tensor:
+    """(1, n) tensor -n .. -1 (unmerged slots before the ``+ n_unm`` shift), cached per device."""
+    key = (n, torch.device(device))
+    if key not in _ARANGES:
+        _ARANGES[key] = torch.arange(-n, 0, device=device)[None]
+    return _ARANGES[key]
+
+
 @dataclass
 class LayerRecord:
     name: str
@@ -228,7 +296,10 @@ class MergedSerializedAttention(SerializedAttention):
         n = q.shape[-2]
         if q.shape[0] == 0:
             return v, n
-        m = patch_match(v, r, stride, "spread" if cfg.no_rand else "random", mean_head=cfg.mean_head)
+        if cfg.no_rand and v.dim() == 4:
+            m = spread_patch_match(v, r, stride, mean_head=cfg.mean_head)
+        else:
+            m = patch_match(v, r, stride, "spread" if cfg.no_rand else "random", mean_head=cfg.mean_head)
         if m is None:
             return SerializedAttention.attend(self, q, k, v, bias, None), n
         d = q.shape[-1]

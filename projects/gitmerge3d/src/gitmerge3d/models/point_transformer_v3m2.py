@@ -21,7 +21,7 @@ from .modules import PointModule, PointSequential
 from .pooling import GridPooling, GridUnpooling
 from .ptv3_common import block_kwargs, build_decoder, build_encoder, check_orders, check_stages
 from .sparse_conv import SubMConv3d
-from .structure import Point, offset2bincount
+from .structure import PATCH_ORDER_PREFIX, Point, offset2bincount
 
 
 class DropPath(nn.Module):
@@ -125,9 +125,15 @@ class SerializedAttention(PointModule):
         key = f"pad_unpad_{k}"
         if key not in point.keys():
             point[key] = patch_padding(point["offset"], k)
-        pad, unpad = point[key]
-        order = point["serialized_order"][self.order_index][pad]
-        inverse = unpad[point["serialized_inverse"][self.order_index]]
+        # every block of a stage with the same order index reuses the same padded order (cached per
+        # Point; ``Point.serialization`` drops these entries when it re-serializes)
+        cache_key = f"{PATCH_ORDER_PREFIX}{self.order_index}_{k}"
+        if cache_key not in point.keys():
+            pad, unpad = point[key]
+            order = point["serialized_order"][self.order_index][pad]
+            inverse = unpad[point["serialized_inverse"][self.order_index]]
+            point[cache_key] = (order, inverse)
+        order, inverse = point[cache_key]
         return order, inverse, k
 
     def rel_pos_bias(self, point: Point, order: torch.Tensor, k: int) -> torch.Tensor | None:

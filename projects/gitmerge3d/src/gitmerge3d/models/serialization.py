@@ -87,23 +87,50 @@ def _hilbert_tables() -> tuple[torch.Tensor, torch.Tensor]:
     return digit, nxt_state
 
 
-_HILBERT: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_HILBERT: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
+_LEVELS_PER_STEP = 4  # Hilbert levels resolved per table lookup (tables of 8**4 entries per state)
+
+
+def _hilbert_step_tables(levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_hilbert_tables`` composed over ``levels`` consecutive levels: (digits, next state), each
+    (states, 8**levels), indexed by the levels' octants packed top level first (3 bits per level)."""
+    digit1, next1 = (t.view(-1, 8) for t in _hilbert_tables())
+    digit, nxt = digit1, next1
+    for m in range(1, levels):
+        # first level by the 1-level table, the remaining m levels by the m-level table of the next state
+        digit = ((digit1 << (3 * m))[:, :, None] | digit[next1]).reshape(digit1.shape[0], -1)
+        nxt = nxt[next1].reshape(digit1.shape[0], -1)
+    return digit, nxt
 
 
 def hilbert_encode(grid_coord: torch.Tensor, depth: int = 16) -> torch.Tensor:
-    """Hilbert index on a (2**depth)^3 cube (Skilling 2004, as a per-level state machine, top bit first)."""
+    """Hilbert index on a (2**depth)^3 cube (Skilling 2004, as a per-level state machine, top bit first).
+
+    Levels are walked ``_LEVELS_PER_STEP`` at a time through composed tables (the top step takes the
+    remainder), so a depth-16 code costs 4 lookups instead of 16 (fewer kernel launches on a GPU).
+    """
     g = _check_coord(grid_coord, depth)
-    if g.device not in _HILBERT:
-        _HILBERT[g.device] = tuple(t.to(g.device) for t in _hilbert_tables())
-    digit_table, next_table = _HILBERT[g.device]
-    shifts = torch.arange(depth - 1, -1, -1, device=g.device)
+    device = g.device
+    steps, first = -(-depth // _LEVELS_PER_STEP), depth % _LEVELS_PER_STEP or _LEVELS_PER_STEP
+    sizes = [first] + [_LEVELS_PER_STEP] * (steps - 1)
+    tables = {}
+    for m in set(sizes):
+        if (device, m) not in _HILBERT:
+            _HILBERT[(device, m)] = tuple(t.reshape(-1).to(device) for t in _hilbert_step_tables(m))
+        tables[m] = _HILBERT[(device, m)]
+    shifts = torch.arange(depth - 1, -1, -1, device=device)
     bits = (g[:, :, None] >> shifts) & 1  # (N, 3, depth), top level first
     octants = (bits[:, 0] << 2) | (bits[:, 1] << 1) | bits[:, 2]
-    state = torch.zeros_like(g[:, 0])
-    gray = torch.zeros_like(g[:, 0])
-    for level in range(depth):
-        idx = state * 8 + octants[:, level]
-        gray = (gray << 3) | digit_table[idx]
+    # packed octants of each step: level l of a step of m levels lands at bits 3*(m-1-j)
+    level_shift = torch.tensor([3 * (s - 1 - j) for s in sizes for j in range(s)], device=device)
+    packed = (octants << level_shift).split(sizes, dim=1)
+    state = None
+    gray = None
+    for m, part in zip(sizes, packed, strict=True):
+        digit_table, next_table = tables[m]
+        idx = part.sum(1) if state is None else state * (8**m) + part.sum(1)
+        digits = digit_table[idx]
+        gray = digits if gray is None else (gray << (3 * m)) | digits
         state = next_table[idx]
     code = gray
     shift = 1

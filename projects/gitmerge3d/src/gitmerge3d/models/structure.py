@@ -12,6 +12,9 @@ from addict import Dict
 from .serialization import serialize
 from .sparse_conv import SparseTensor
 
+# Point keys caching per-serialization data (attention's padded patch orders); dropped on re-serialization
+PATCH_ORDER_PREFIX = "patch_order_"
+
 
 def offset2bincount(offset: torch.Tensor) -> torch.Tensor:
     return torch.diff(offset, prepend=offset.new_zeros(1))
@@ -58,6 +61,8 @@ class Point(Dict):
         self["serialized_code"] = code
         self["serialized_order"] = idx
         self["serialized_inverse"] = inverse
+        for key in [k for k in self.keys() if isinstance(k, str) and k.startswith(PATCH_ORDER_PREFIX)]:
+            del self[key]
 
     def sparsify(self, pad: int = 96) -> None:
         grid_coord = self.ensure_grid_coord()

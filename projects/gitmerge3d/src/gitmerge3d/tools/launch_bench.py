@@ -1,0 +1,214 @@
+"""``python -m gitmerge3d.tools.launch_bench``: latency, peak memory and launches per forward, per sparse-conv backend.
+
+Why: the Sonata forward is host-bound on an H200 (thousands of kernel launches), so every row reports,
+next to the median latency and peak memory, the GPU kernels of one forward (torch.profiler, device-side
+kernel/memcpy/memset events), the aten ops that launch them and the host syncs (``gitmerge3d.opcount``).
+Rows r0-flash and patch@0.9 (issue 11's target pair) on the real scene and on 4 tiled copies, with the
+pure-torch sparse conv and with ``auto`` (spconv-triton on CUDA) when spconv-triton imports; the auto
+rows also report the largest deviation of the model output from the torch backend's.
+
+    python -m gitmerge3d.tools.launch_bench --scene projects/gitmerge3d/scene0000_00.bin --out-dir /tmp/o
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from merge_core.bench import time_calls
+
+from .. import merging
+from ..models import PointTransformerV3, sonata_config
+from ..models import sparse_conv as sc
+from ..models.presets import reduced_config
+from ..opcount import count_ops
+from .bench import load_inputs
+
+ROWS = {"r0-flash": None, "patch@0.9": ("patch", 0.9)}
+
+
+def gpu_kernels(fn) -> int:
+    """Device-side events (kernels, memcpy, memset) of one call of ``fn`` under torch.profiler (CUDA only)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def run_case(model, inputs, row: str, backend: str, args, device, reference: dict) -> dict:
+    sc.set_backend(backend)
+    merging.remove_patch(model)
+    if ROWS[row] is not None:
+        mode, r = ROWS[row]
+        merging.patch(model, {"tome": mode, "r": r, "no_rand": True})
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+
+    def forward():
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp):
+            return model(dict(inputs))["feat"]
+
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    out = forward().float()  # first call: spconv-triton autotunes / compiles here
+    first_s = time.perf_counter() - t0
+    key = row
+    max_diff = None
+    if key in reference:
+        max_diff = float((out - reference[key]).abs().max())
+    else:
+        reference[key] = out
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    times = time_calls(forward, device, args.warmup, args.iters)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    kernels = gpu_kernels(forward) if device.type == "cuda" else None
+    counts, _ = count_ops(forward)
+    return {
+        "row": row,
+        "spconv": backend,
+        "latency_ms": sorted(times)[len(times) // 2],
+        "peak_mem_gib": peak,
+        "gpu_kernels": kernels,
+        "aten_launch_ops": counts.total_launches,
+        "host_syncs": counts.total_syncs,
+        "by_category": dict(counts.by_category()),
+        "first_call_s": first_s,
+        "max_abs_diff_vs_torch": max_diff,
+    }
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"device: {result['device']}, torch {result['torch']}, {result['date']}, AMP={result['amp']}, "
+        f"spconv-triton: {result['spconv_triton']}",
+        "",
+        "| scene | row | spconv | latency ms | peak GiB | GPU kernels | aten launch ops | host syncs | "
+        "vs r0 (same backend) | max abs diff vs torch |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        base = next(
+            (
+                b
+                for b in result["rows"]
+                if b["scene"] == r["scene"] and b["spconv"] == r["spconv"] and b["row"] == "r0-flash"
+            ),
+            None,
+        )
+        ratio = f"{r['latency_ms'] / base['latency_ms']:.2f}x" if base else "n/a"
+        peak = "n/a" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}"
+        kern = "n/a" if r["gpu_kernels"] is None else str(r["gpu_kernels"])
+        diff = "-" if r["max_abs_diff_vs_torch"] is None else f"{r['max_abs_diff_vs_torch']:.3g}"
+        lines.append(
+            f"| {r['scene']} ({r['points']} pts) | {r['row']} | {r['spconv']} | {r['latency_ms']:.1f} | {peak} | "
+            f"{kern} | {r['aten_launch_ops']} | {r['host_syncs']} | {ratio} | {diff} |"
+        )
+    for note in result["notes"]:
+        lines.append(f"\nnote: {note}")
+    return "\n".join(lines)
+
+
+def spconv_triton_status() -> str:
+    try:
+        import spconv_triton  # noqa: F401
+
+        return f"importable ({getattr(spconv_triton, '__version__', '?')})"
+    except Exception as exc:  # noqa: BLE001 - report why, run the torch rows anyway
+        return f"not importable ({type(exc).__name__}: {exc})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="gitmerge3d-launch-bench", description=__doc__.split("\n")[0])
+    p.add_argument("--scene", required=True, help="Pointcept scene folder, or a raw .bin/.ply (converted)")
+    p.add_argument("--tiles", default="1,4", help="comma list: 1 = the real scene, 4 = 4 tiled copies")
+    p.add_argument("--normals", default="estimate", choices=("estimate", "zero"))
+    p.add_argument("--rows", default="r0-flash,patch@0.9")
+    p.add_argument("--backends", default="torch,auto", help="comma list of torch/auto/spconv")
+    p.add_argument("--reduced", action="store_true", help="toy-width model (CPU check)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-amp", dest="amp", action="store_false")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--time-budget", type=float, default=270.0, help="seconds; later cases are skipped after it")
+    p.add_argument("--out-dir", default=os.environ.get("OUT_DIR", "/tmp/o"))
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+        bad = [r for r in rows if r not in ROWS]
+        if bad:
+            raise ValueError(f"--rows entry {bad[0]!r}: expected one of {', '.join(ROWS)}")
+        backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+        bad = [b for b in backends if b not in sc.BACKENDS]
+        if bad:
+            raise ValueError(f"--backends entry {bad[0]!r}: expected one of {sc.BACKENDS}")
+        tiles = [int(t) for t in args.tiles.split(",")]
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda but no CUDA device is available")
+        out_dir = Path(args.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
+        status = spconv_triton_status()
+        notes = []
+        if "auto" in backends and (device.type != "cuda" or not status.startswith("importable")):
+            notes.append(f"auto rows skipped: device {device.type}, spconv-triton {status}")
+            backends = [b for b in backends if b != "auto"]
+        torch.manual_seed(0)
+        cfg = reduced_config("0c") if args.reduced else sonata_config("0c")
+        model = PointTransformerV3(**cfg).to(device).eval()
+        scenes = {}
+        for t in tiles:
+            inputs, _ = load_inputs(args.scene, t, 0.02, device, out_dir / ".scene", args.normals)
+            scenes["real" if t == 1 else f"tiled{t}"] = inputs
+        results: list[dict] = []
+        references: dict = {name: {} for name in scenes}
+        meta = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+                    torch=torch.__version__, amp=args.amp, spconv_triton=status,
+                    model="sonata-0c" + (" reduced" if args.reduced else ""))  # fmt: skip
+        # torch rows of every scene first: spconv-triton's first calls autotune, which may eat the budget
+        for backend in backends:
+            for scene, inputs in scenes.items():
+                for row in rows:
+                    if time.perf_counter() - start > args.time_budget:
+                        notes.append(f"skipped {scene} {row} {backend}: time budget {args.time_budget:.0f} s spent")
+                        continue
+                    res = run_case(model, inputs, row, backend, args, device, references[scene])
+                    res.update(scene=scene, points=int(inputs["coord"].shape[0]))
+                    results.append(res)
+                    print(
+                        f"{scene} {row} {backend}: {res['latency_ms']:.1f} ms, kernels {res['gpu_kernels']}, "
+                        f"aten ops {res['aten_launch_ops']}, syncs {res['host_syncs']}, first call "
+                        f"{res['first_call_s']:.1f} s",
+                        flush=True,
+                    )
+                    write(out_dir, meta, notes, results, start)  # partial results survive a timeout
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"gitmerge3d-launch-bench: error: {exc}", file=sys.stderr)
+        return 2
+    print(write(out_dir, meta, notes, results, start))
+    return 0
+
+
+def write(out_dir: Path, meta: dict, notes: list[str], results: list[dict], start: float) -> str:
+    """Write launch-bench.{json,md} (rewritten after every case); returns the markdown table."""
+    result = dict(meta, date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                  wall_s=time.perf_counter() - start, notes=notes, rows=results)  # fmt: skip
+    table = markdown(result)
+    (out_dir / "launch-bench.json").write_text(json.dumps(result, indent=2))
+    (out_dir / "launch-bench.md").write_text(table + "\n")
+    return table
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,197 @@
+"""Launch-light code paths equal their naive references, and the op counter counts what it claims.
+
+References are independent re-implementations: a dict-based neighbour table, merge-core's own
+``patch_match``, the level-by-level Hilbert state machine, the per-block patch-order computation.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from gitmerge3d import merging
+from gitmerge3d.models import PointTransformerV3, point_transformer_v3m2, serialization
+from gitmerge3d.models import sparse_conv as sc
+from gitmerge3d.models.presets import reduced_config
+from gitmerge3d.opcount import OpCounter, category, count_ops
+from gitmerge3d.tools import count_ops as count_ops_tool
+from merge_core.binned import patch_match
+
+
+def random_indices(n: int, size: int, batch: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    cells = torch.randperm(batch * size**3, generator=g)[:n]
+    rest = cells % size**3
+    return torch.stack([cells // size**3, rest // size**2, (rest // size) % size, rest % size], 1).int()
+
+
+@pytest.mark.parametrize(("n", "size", "batch", "k"), [(300, 8, 2, 3), (900, 12, 3, 3), (400, 9, 1, 5), (1, 4, 1, 3)])
+def test_neighbors_equal_dict_reference(n, size, batch, k):
+    idx = random_indices(n, size, batch)
+    got = sc.submanifold_neighbors(idx, k)
+    assert torch.equal(got, sc.submanifold_neighbors_reference(idx, k))
+    # centre offset is the voxel itself
+    assert torch.equal(got[:, k**3 // 2], torch.arange(n))
+
+
+def hilbert_level_by_level(grid: torch.Tensor, depth: int) -> torch.Tensor:
+    """The one-level-per-step walk of Skilling's state machine (the pre-batching implementation)."""
+    digit, nxt = serialization._hilbert_tables()
+    g = grid.long()
+    state = torch.zeros_like(g[:, 0])
+    gray = torch.zeros_like(g[:, 0])
+    for level in range(depth - 1, -1, -1):
+        octant = (((g[:, 0] >> level) & 1) << 2) | (((g[:, 1] >> level) & 1) << 1) | ((g[:, 2] >> level) & 1)
+        gray = (gray << 3) | digit[state * 8 + octant]
+        state = nxt[state * 8 + octant]
+    code, shift = gray, 1
+    while shift < 3 * depth:
+        code, shift = code ^ (code >> shift), shift << 1
+    return code
+
+
+@pytest.mark.parametrize("depth", [1, 3, 4, 5, 8, 9, 13, 16])
+def test_hilbert_steps_equal_level_by_level(depth):
+    grid = torch.randint(0, 2**depth, (2000, 3), generator=torch.Generator().manual_seed(depth))
+    assert torch.equal(serialization.hilbert_encode(grid, depth), hilbert_level_by_level(grid, depth))
+
+
+@pytest.mark.parametrize(
+    ("b", "h", "n", "c", "r", "stride", "mean_head", "ties"),
+    [
+        (3, 4, 64, 8, 57, 10, False, False),
+        (2, 3, 50, 5, 30, 3, False, True),
+        (1, 6, 256, 16, 230, 10, True, False),
+        (2, 32, 100, 16, 90, 10, False, False),
+        (2, 4, 64, 8, 5, 2, False, True),
+        (2, 2, 7, 4, 6, 20, False, False),  # no bins: nothing merges
+    ],
+)
+def test_spread_patch_match_equals_merge_core(b, h, n, c, r, stride, mean_head, ties):
+    v = torch.randn(b, h, n, c, generator=torch.Generator().manual_seed(n + r))
+    if ties:
+        v = v.round()
+    ref = patch_match(v, r, stride, "spread", mean_head=mean_head)
+    got = merging.spread_patch_match(v, r, stride, mean_head=mean_head)
+    if ref is None:
+        assert got is None
+        return
+    assert got.num_out == ref.num_out and got.lead == ref.lead
+    assert torch.equal(got.slot, ref.slot) and torch.equal(got.size, ref.size)
+
+
+def _old_patches(self, point):
+    """SerializedAttention.patches before the per-Point cache of the padded order (the reference)."""
+    if "min_bincount" not in point.keys():
+        point["min_bincount"] = int(point_transformer_v3m2.offset2bincount(point["offset"]).min().item())
+    k = min(point["min_bincount"], self.patch_size_max)
+    self.patch_size = k
+    pad, unpad = point_transformer_v3m2.patch_padding(point["offset"], k)
+    order = point["serialized_order"][self.order_index][pad]
+    inverse = unpad[point["serialized_inverse"][self.order_index]]
+    return order, inverse, k
+
+
+@pytest.mark.parametrize("mode", [None, "patch"])
+def test_model_output_equals_naive_paths(make_points, monkeypatch, mode):
+    torch.manual_seed(0)
+    model = PointTransformerV3(**reduced_config("0c", patch=64)).eval()
+    if mode:
+        merging.patch(model, {"tome": mode, "r": 0.9})
+    pts = make_points(1200, samples=2, extent=1.5)
+
+    def run():
+        torch.manual_seed(1)  # shuffle_orders draws from the global generator
+        with torch.no_grad():
+            return model(dict(pts))["feat"]
+
+    fast = run()
+    monkeypatch.setattr(sc, "submanifold_neighbors", sc.submanifold_neighbors_reference)
+    monkeypatch.setattr(serialization, "hilbert_encode", hilbert_level_by_level)
+    monkeypatch.setattr(
+        merging,
+        "spread_patch_match",
+        lambda v, r, s, mean_head=False: patch_match(v, r, s, "spread", mean_head=mean_head),
+    )
+    monkeypatch.setattr(point_transformer_v3m2.SerializedAttention, "patches", _old_patches)
+    assert torch.equal(fast, run())
+
+
+class _FakeSpconv:
+    """spconv-like API: pairs of a new key go into a *copy* of the input's indice_dict (as spconv does)."""
+
+    builds = 0
+
+    class SparseConvTensor:
+        def __init__(self, features, indices, spatial_shape, batch_size):
+            self.features, self.indices, self.indice_dict = features, indices, {}
+
+    class SubMConv3d(torch.nn.Module):
+        def __init__(self, cin, cout, k, bias=False, indice_key=None):
+            super().__init__()
+            self.k, self.indice_key = k, indice_key
+            self.weight = torch.nn.Parameter(torch.empty(cout, k, k, k, cin))
+
+        def forward(self, t):
+            pairs = dict(t.indice_dict)
+            if self.indice_key not in pairs:
+                _FakeSpconv.builds += 1
+                pairs[self.indice_key] = sc.submanifold_neighbors_reference(t.indices, self.k)
+            out = _FakeSpconv.SparseConvTensor(
+                sc.gather_conv(t.features, pairs[self.indice_key], self.weight), t.indices, None, 1
+            )
+            out.indice_dict = pairs
+            return out
+
+
+def test_spconv_path_keeps_indice_pairs_and_matches_torch(monkeypatch):
+    fake = types.SimpleNamespace(
+        __name__="fakespconv", SparseConvTensor=_FakeSpconv.SparseConvTensor, SubMConv3d=_FakeSpconv.SubMConv3d
+    )
+    _FakeSpconv.SubMConv3d.__module__ = "fakespconv.conv"
+    x = sc.SparseTensor(torch.randn(200, 4), random_indices(200, 8, 2), [8, 8, 8], 2)
+    convs = [sc.SubMConv3d(4, 4, 3, indice_key="k") for _ in range(2)]
+    for c in convs:
+        torch.nn.init.normal_(c.bias)
+    ref = convs[1](convs[0](x))
+    monkeypatch.setattr(sc, "spconv_api", lambda cuda=True: fake)
+    sc.set_backend("spconv")
+    try:
+        y = sc.SparseTensor(x.features, x.indices, x.spatial_shape, 2)
+        got = convs[1](convs[0](y))
+    finally:
+        sc.set_backend("auto")
+    assert _FakeSpconv.builds == 1  # the second conv of the key reused the first one's pairs
+    torch.testing.assert_close(got.features, ref.features)
+
+
+def test_op_counter_counts_launches_views_and_syncs():
+    a, b = torch.randn(4, 3), torch.randn(4, 3)
+    counts, _ = count_ops(lambda: ((a + b).view(-1).sum(), torch.nonzero(a > 0), (a * 2).sum().item()))
+    assert counts.total_launches == 7  # add, sum, gt, nonzero, mul, sum, _local_scalar_dense
+    assert counts.total_syncs == 2 and counts.views >= 1
+    assert category("models/sparse_conv.py:submanifold_neighbors") == "sparse conv: neighbour search"
+    assert category("merge_core/binned.py:patch_match").startswith("merging")
+    assert isinstance(OpCounter().count.launches, dict)
+
+
+def test_neighbour_search_is_a_few_launches_per_key(make_points):
+    model = PointTransformerV3(**reduced_config("0c", patch=64)).eval()
+    pts = make_points(800)
+    with torch.no_grad():
+        counts, _ = count_ops(lambda: model(dict(pts)))
+    calls = 5  # one neighbour table per stage (the decoder reuses the encoder's)
+    assert counts.by_category()["sparse conv: neighbour search"] <= 20 * calls
+    assert counts.launches["models/sparse_conv.py:submanifold_neighbors"] > 0
+
+
+def test_count_ops_cli(tmp_path, capsys):
+    out = tmp_path / "ops.json"
+    rc = count_ops_tool.main(["--synthetic", "3000", "--reduced", "--rows", "r0,patch@0.9", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "sparse conv: neighbour search" in text and "**total**" in text
+    assert out.with_suffix(".md").exists()
+    assert count_ops_tool.main(["--synthetic", "3000", "--rows", "patch@2"]) == 2
