@@ -71,3 +71,37 @@ def test_benchmark_tiny_cuda(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert all(r["peak_mem_mib"] > 0 and r["videos_per_s"] > 0 for r in rows)
     assert any(r["policy_merged"] is not None for r in rows if r["r"] > 0)
+
+
+@pytest.mark.parametrize("mode", ["channels_last", "padded", "fold2d", "auto"])
+def test_prompter_conv_paths_match_native_cuda(mode):
+    """fp32 without TF32: every --prompter_conv path equals cuDNN's native Conv3d, outputs and gradients."""
+    from stop_tome.fastconv import clear_auto_cache, prompter_conv
+    from stop_tome.prompts import TemporalPrompt
+
+    torch.manual_seed(0)
+    tp = TemporalPrompt(64, 2, 7, 8, 4).cuda()
+    video = torch.randn(2, 4, 3, 56, 56, device="cuda")
+    frames = torch.randn(2, 4, 50, 64, device="cuda")
+    results = []
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        for m in ("native", mode):
+            clear_auto_cache()
+            tp.zero_grad(set_to_none=True)
+            with prompter_conv(m):
+                out, mask = tp(video)
+                inter = tp.inter_frame_prompt(frames, mask)
+                (out.square().mean() + inter.square().mean()).backward()
+            grads = (tp.Conv[0].weight.grad.clone(), tp.InterConv[0].weight.grad.clone())
+            results.append((out.detach(), inter.detach(), *grads))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_prompter_bench_tiny_cuda(tmp_path):
+    from stop_tome.prompter_bench import main as pb_main
+
+    argv = ["--device", "cuda", "--tiny", "--out_dir", str(tmp_path), "--warmup", "1", "--iters", "2"]
+    assert pb_main(argv) == 0
+    result = json.loads((tmp_path / "prompter_bench.json").read_text())
+    assert all("fwd_ms" in r for r in result["whole_prompter"]) and result["stop_tome_benchmark"]

@@ -26,6 +26,8 @@ from merge_core.kernels.policy import last_decision
 from run_kit import OneLineArgumentParser, write_json_atomic
 
 from .clip_model import CLIP, ClipSpec
+from .fastconv import MODES as CONV_MODES
+from .fastconv import auto_choices, get_prompter_conv, prompter_conv, set_prompter_conv
 from .merging import apply_tome_patch, merge_state
 from .model import CLIP4Clip, task_config
 from .testing import TINY
@@ -70,6 +72,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="keep cuDNN's default algorithm choice (STOP's 11x11 / 15x25 Conv3d prompters are ~97%% of its GPU time)",
     )
     p.add_argument(
+        "--prompter_conv",
+        default="native",
+        choices=list(CONV_MODES),
+        help="execution of STOP's prompter Conv3d layers (exact; stop_tome.fastconv); FLOPs are always counted native",
+    )
+    p.add_argument(
         "--cuda_graph",
         action="store_true",
         help="time the forward replayed as a CUDA graph (merge_core.kernels.graph.cuda_graph; no host cost)",
@@ -100,7 +108,8 @@ def _device(name: str) -> torch.device:
 
 
 def _flops(fn) -> int:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    # native convolutions: padded / folded paths would count their zero channels
+    with torch.no_grad(), prompter_conv("native"), FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
 
@@ -181,9 +190,19 @@ def bench_row(model, spec_name, mode, r, video, local, args, device) -> dict[str
 
 
 def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
+    """All rows of ``args``; the process-wide ``--prompter_conv`` mode is restored afterwards."""
+    old = get_prompter_conv()
+    try:
+        return _run(args, log)
+    finally:
+        set_prompter_conv(old)
+
+
+def _run(args: argparse.Namespace, log=print) -> dict[str, Any]:
     device, dtype = _device(args.device), DTYPES[args.dtype]
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark  # fixed shapes: let cuDNN pick the Conv3d kernel
+    set_prompter_conv(args.prompter_conv)
     if device.type in ("cpu", "meta") and dtype == torch.float16:
         dtype = torch.float32  # fp16 matmuls on CPU are not what anyone deploys; say so in the output
         log("note: fp16 on CPU replaced by fp32")
@@ -198,6 +217,7 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
         "policy": args.policy,
         "cuda_graph": bool(args.cuda_graph),
         "cudnn_benchmark": device.type == "cuda" and not args.no_cudnn_benchmark,
+        "prompter_conv": args.prompter_conv,
     }
     rows: list[dict[str, Any]] = []
     out = Path(args.out) if args.out else Path("results") / f"stop-tome-benchmark-{_slug(env['device'])}.json"
@@ -243,6 +263,8 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    if args.prompter_conv == "auto":
+        env["prompter_conv_auto_choices"] = auto_choices()
     payload = {"environment": env, "rows": rows}
     write_json_atomic(out, payload)
     log(f"wrote {out}")

@@ -35,6 +35,7 @@ from run_kit import (
 )
 
 from .data import collate_skip_bad, msrvtt_test, msrvtt_train
+from .fastconv import get_prompter_conv, set_prompter_conv
 from .merging import save_merge_visualization
 from .metrics import retrieval_metrics
 from .model import CLIP4Clip
@@ -102,11 +103,39 @@ def _dataset_kwargs(args: argparse.Namespace, tokenizer: ClipTokenizer, image_si
     }
 
 
-def _gather_cat(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    """All-gather with gradients (each rank's own slice keeps its graph)."""
+def _gather_cat(t: torch.Tensor, env: DistEnv, counts: list[int] | None = None) -> torch.Tensor:
+    """All-gather with gradients (each rank's own slice keeps its graph). ``counts`` (rows per rank, the same list on
+    every rank) allows ranks that lost different numbers of bad videos: rows are zero-padded to the largest count
+    for the collective (which needs equal shapes) and the padding is dropped again."""
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(t), 0)
+    if counts is None or len(set(counts)) == 1:
+        return torch.cat(all_gather(t), 0)
+    top = max(counts)
+    padded = torch.nn.functional.pad(t, (0, 0, 0, top - t.shape[0]))
+    return torch.cat([part[:n] for part, n in zip(all_gather(padded), counts, strict=True)], 0)
+
+
+def _all_gather_counts(n: int, env: DistEnv) -> list[int]:
+    """Every rank's number of good samples in this step (one small all-gather; gloo or NCCL)."""
+    mine = torch.tensor([n], dtype=torch.long, device=env.device)
+    parts = [torch.zeros_like(mine) for _ in range(env.world_size)]
+    dist.all_gather(parts, mine)
+    return [int(p.item()) for p in parts]
+
+
+def step_counts(n_good: int, env: DistEnv, gather_counts=_all_gather_counts) -> list[int] | None:
+    """Good samples of every rank for this training step, or None when the step must be skipped.
+
+    The decision is collective so that all ranks skip together: a rank whose whole batch failed to decode cannot
+    run the forward (nothing to stack) and the others would then wait forever in DDP's gradient all-reduce and the
+    feature all-gather. Skipped when any rank has no sample, or when fewer than 2 pairs exist in all (a contrastive
+    batch needs two). ``gather_counts(n, env)`` is the collective (swappable for tests).
+    """
+    counts = gather_counts(n_good, env) if env.distributed else [n_good]
+    if min(counts) < 1 or sum(counts) < 2:
+        return None
+    return counts
 
 
 def _autocast(args: argparse.Namespace, env: DistEnv):
@@ -191,15 +220,19 @@ def run(args: argparse.Namespace, explicit: set[str]) -> dict[str, Any]:
         resume_ckpt = load_checkpoint(resume_path)
         if "config" not in resume_ckpt:
             raise CheckpointError(f"{resume_path}: not a training checkpoint of this project (no 'config')")
-        keep = {"resume", "output_dir", "device", "local_rank", "num_thread_reader"}  # never taken from the checkpoint
+        # never taken from the checkpoint: where and how this run executes
+        keep = {"resume", "output_dir", "device", "local_rank", "num_thread_reader", "prompter_conv"}
         merged = reconcile_config(resume_ckpt["config"], vars(args), explicit - keep)
         merged.update({k: getattr(args, k) for k in keep})  # where this run writes and runs, silently
         args = argparse.Namespace(**merged)
     _default_csv(args)
     env = setup_distributed(args.device)
+    old_conv = get_prompter_conv()
+    set_prompter_conv(getattr(args, "prompter_conv", "native"))
     try:
         return _run(args, env, resume_ckpt)
     finally:
+        set_prompter_conv(old_conv)
         cleanup_distributed()
 
 
@@ -251,8 +284,7 @@ def _run(args: argparse.Namespace, env: DistEnv, resume_ckpt: dict | None) -> di
         start_epoch, step = info.epoch, info.step
         best = float(info.extra.get("best_r1", -1.0))
         logger.info(f"resumed from {args.resume}: epoch {start_epoch}, step {step}")
-    gather = (lambda t: _gather_cat(t, env)) if env.distributed else None
-    bad_total = 0
+    bad_total, skipped = 0, 0
     for epoch in range(start_epoch, args.epochs):
         ddp.train()
         set_sampler_epoch(train_loader, epoch)
@@ -264,8 +296,12 @@ def _run(args: argparse.Namespace, env: DistEnv, resume_ckpt: dict | None) -> di
             for vid, err in batch["bad"]:
                 logger.info(f"warning: skipped video {vid}: {err}")
             bad_total += len(batch["bad"])
-            if len(batch["video_id"]) < 2 and not env.distributed:
-                continue  # a contrastive batch needs two pairs
+            counts = step_counts(len(batch["video_id"]), env)
+            if counts is None:  # all ranks agree: an empty rank, or < 2 pairs in all
+                skipped += 1
+                logger.info(f"warning: skipped a training step ({len(batch['video_id'])} good pairs on this rank)")
+                continue
+            gather = (lambda t, c=counts: _gather_cat(t, env, c)) if env.distributed else None
             ids, video = batch["input_ids"].to(env.device), batch["video"].to(env.device)
             with _autocast(args, env):
                 outputs = ddp(
@@ -298,6 +334,7 @@ def _run(args: argparse.Namespace, env: DistEnv, resume_ckpt: dict | None) -> di
                     lr=scheduler.get_last_lr()[0],
                     logit_scale=float(model.clip.logit_scale.detach().exp()),
                     bad_videos=bad_total,
+                    skipped_steps=skipped,
                 )
                 logger.info(f"epoch {epoch + 1} step {step}/{total} loss {float(loss.detach()):.4f}")
             if done >= steps_per_epoch:

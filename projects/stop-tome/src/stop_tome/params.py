@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 from run_kit import OneLineArgumentParser, parse_args_explicit
 
+from .fastconv import MODES as CONV_MODES
+
 _TRUE = {"1", "true", "yes", "on", "y", "t"}
 _FALSE = {"0", "false", "no", "off", "n", "f"}
 
@@ -136,6 +138,13 @@ def build_parser(prog: str = "stop-tome-main") -> argparse.ArgumentParser:
         default="patch",
         choices=["patch", "stop"],
         help="STOP's region mask pooled per patch (paper) or with STOP's code's strided reshape",
+    )
+    a(
+        "--prompter_conv",
+        default="native",
+        choices=list(CONV_MODES),
+        help="execution of STOP's prompter Conv3d layers (same weights and result; fastconv.py): "
+        "native, channels_last, padded, fold2d, or auto (fastest per layer shape on CUDA)",
     )
     # merging
     a("--tome_r", type=_nonneg_int, default=0, help="tokens merged per frame per layer (0: off)")

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .clip_model import LayerNorm, QuickGELU
+from .fastconv import PrompterConv3d
 
 
 class PromptBlock(nn.Module):
@@ -117,7 +118,8 @@ class TemporalPrompt(nn.Module):
     over the patch axis give P prompts per frame, weighted by frame variation; they are added to the local prompts.
     STOP hard-codes 224 px, 32-px patches and width 768; here grid, patch size and width come from the model, so
     ViT-B/16 works too. The min-max normalisation of the frame weights gets an epsilon (STOP divides by zero when all
-    weights are equal, e.g. a batch of one static frame).
+    weights are equal, e.g. a batch of one static frame). Its Conv3d layers are ``PrompterConv3d``: plain
+    ``nn.Conv3d`` parameters and keys, with the faster exact GPU paths of ``--prompter_conv`` (``fastconv``).
     """
 
     def __init__(
@@ -136,24 +138,24 @@ class TemporalPrompt(nn.Module):
         k, kc = (3, 11, 11), (5, 11, 11)
         self.grid, self.patch_size, self.eta, self.region_pooling = grid, patch_size, eta, region_pooling
         self.Conv = nn.Sequential(
-            nn.Conv3d(3, 9, k, padding=_pad(k)),
-            nn.Conv3d(9, 9, k, padding=_pad(k)),
+            PrompterConv3d(3, 9, k, padding=_pad(k)),
+            PrompterConv3d(9, 9, k, padding=_pad(k)),
             nn.PReLU(),
-            nn.Conv3d(9, 9, k, padding=_pad(k)),
+            PrompterConv3d(9, 9, k, padding=_pad(k)),
             nn.PReLU(),
-            nn.Conv3d(9, 16, k, padding=_pad(k)),
+            PrompterConv3d(9, 16, k, padding=_pad(k)),
         )
         self.MLP = nn.Sequential(nn.Linear(16, 16), nn.PReLU(), nn.Linear(16, 3))
         self.dropout1 = nn.Dropout()
         self.dropout2 = nn.Dropout()
-        self.Cal_Net = nn.Conv3d(3, 1, kc, padding=_pad(kc))
+        self.Cal_Net = PrompterConv3d(3, 1, kc, padding=_pad(kc))
         self.Attention = nn.MultiheadAttention(width, heads, batch_first=True)
         ki = (3, 15, 25)
         self.InterConv = nn.Sequential(
-            nn.Conv3d(1, 9, ki, padding=_pad(ki)), nn.PReLU(), nn.Conv3d(9, 1, ki, padding=_pad(ki))
+            PrompterConv3d(1, 9, ki, padding=_pad(ki)), nn.PReLU(), PrompterConv3d(9, 1, ki, padding=_pad(ki))
         )
         self.InterMLP = nn.Sequential(nn.Linear(grid * grid, 16), nn.PReLU(), nn.Linear(16, local_prompts))
-        self.Cal_Net_Inter = nn.Conv3d(1, 1, kc, padding=_pad(kc))
+        self.Cal_Net_Inter = PrompterConv3d(1, 1, kc, padding=_pad(kc))
 
     def region_mask(self, video: torch.Tensor) -> torch.Tensor:
         """(B, T, 3, H, W) -> bool (B, T, grid, grid): the top-eta patches of the temporal dynamics map."""

@@ -1,0 +1,118 @@
+"""Every ``--prompter_conv`` path equals ``nn.Conv3d`` (outputs and gradients), keys are unchanged, flags parse."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from stop_tome import fastconv
+from stop_tome.fastconv import FIXED_MODES, PrompterConv3d, conv3d, prompter_conv, set_prompter_conv
+from stop_tome.prompts import TemporalPrompt
+
+# STOP's layer shapes (channels, kernels, paddings) on small frames
+LAYERS = [
+    (3, 9, (3, 11, 11)),  # Conv[0]
+    (9, 16, (3, 11, 11)),  # Conv[5]
+    (3, 1, (5, 11, 11)),  # Cal_Net
+    (1, 9, (3, 15, 25)),  # InterConv[0]
+    (9, 1, (3, 15, 25)),  # InterConv[2]
+    (1, 1, (5, 11, 11)),  # Cal_Net_Inter
+]
+
+
+def _reference(x, conv: nn.Conv3d):
+    return nn.functional.conv3d(x, conv.weight, conv.bias, padding=conv.padding)
+
+
+@pytest.mark.parametrize("mode", FIXED_MODES)
+@pytest.mark.parametrize(("cin", "cout", "k"), LAYERS)
+def test_every_mode_equals_native_forward_and_backward(mode, cin, cout, k):
+    torch.manual_seed(0)
+    pad = tuple((v - 1) // 2 for v in k)
+    ref = nn.Conv3d(cin, cout, k, padding=pad).double()
+    fast = PrompterConv3d(cin, cout, k, padding=pad).double()
+    fast.load_state_dict(ref.state_dict())
+    fast.conv_mode = mode
+    x = torch.randn(2, cin, 4, 7, 9, dtype=torch.float64)  # T=4 < 5 and H, W < kernel: all padding is exercised
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yr, yf = ref(xr), fast(xf)
+    assert yf.shape == yr.shape
+    torch.testing.assert_close(yf, yr, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(yr)
+    yr.backward(g)
+    yf.backward(g)
+    torch.testing.assert_close(xf.grad, xr.grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(fast.weight.grad, ref.weight.grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(fast.bias.grad, ref.bias.grad, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", FIXED_MODES)
+def test_fp32_close_to_native(mode):
+    torch.manual_seed(1)
+    conv = nn.Conv3d(9, 9, (3, 11, 11), padding=(1, 5, 5))
+    x = torch.randn(1, 9, 3, 12, 12)
+    torch.testing.assert_close(conv3d(x, conv.weight, conv.bias, conv.padding, mode), _reference(x, conv))
+
+
+def test_fold2d_matches_hand_written_temporal_sum():
+    """Independent of both conv paths: out[t] = sum_dt conv2d(x[t + dt - pt], W[:, :, dt]) with zero frames."""
+    torch.manual_seed(2)
+    w, b = torch.randn(2, 3, 3, 5, 5, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
+    x = torch.randn(1, 3, 4, 9, 9, dtype=torch.float64)
+    expect = torch.zeros(1, 2, 4, 9, 9, dtype=torch.float64)
+    for t in range(4):
+        expect[:, :, t] = b[None, :, None, None]
+        for dt in range(3):
+            src = t + dt - 1
+            if 0 <= src < 4:
+                expect[:, :, t] += nn.functional.conv2d(x[:, :, src], w[:, :, dt], padding=2)
+    torch.testing.assert_close(conv3d(x, w, b, (1, 2, 2), "fold2d"), expect, rtol=1e-10, atol=1e-10)
+
+
+def test_state_dict_keys_unchanged_and_plain_conv3d_checkpoint_loads():
+    tp = TemporalPrompt(width=8, heads=1, grid=4, patch_size=4, local_prompts=2)
+    convs = {n: m for n, m in tp.named_modules() if isinstance(m, nn.Conv3d)}
+    assert len(convs) == 8 and all(type(m) is PrompterConv3d for m in convs.values())
+    plain = {}
+    for name, m in convs.items():  # a checkpoint written by plain nn.Conv3d layers of the same shapes
+        ref = nn.Conv3d(m.in_channels, m.out_channels, m.kernel_size, padding=m.padding)
+        plain.update({f"{name}.{k}": v for k, v in ref.state_dict().items()})
+    own = {k for k in tp.state_dict() if k.rsplit(".", 1)[0] in convs}
+    assert set(own) == set(plain)
+    missing, unexpected = tp.load_state_dict(plain, strict=False)
+    assert not unexpected and not any(k in plain for k in missing)
+    assert torch.equal(tp.Conv[0].weight, plain["Conv.0.weight"])
+
+
+@pytest.mark.parametrize("mode", [*FIXED_MODES, "auto"])
+def test_prompter_forward_identical_under_every_mode(mode):
+    torch.manual_seed(3)
+    tp = TemporalPrompt(width=8, heads=1, grid=4, patch_size=4, local_prompts=2).double().eval()
+    video = torch.randn(1, 3, 3, 16, 16, dtype=torch.float64)
+    frames = torch.randn(1, 3, 17, 8, dtype=torch.float64)
+    with prompter_conv("native"):
+        ref, mask = tp(video)
+        ref_inter = tp.inter_frame_prompt(frames, mask)
+    with prompter_conv(mode):  # auto on CPU = native
+        out, mask2 = tp(video)
+        inter = tp.inter_frame_prompt(frames, mask2)
+    assert torch.equal(mask, mask2)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(inter, ref_inter, rtol=1e-10, atol=1e-10)
+    assert fastconv.get_prompter_conv() == "native"
+
+
+def test_bad_mode_one_line_error():
+    with pytest.raises(ValueError, match="--prompter_conv must be one of"):
+        set_prompter_conv("winograd")
+
+
+def test_flags_parse():
+    from stop_tome.benchmark import parse_args as bench_args
+    from stop_tome.params import parse_args
+
+    args, _ = parse_args(["--do_eval", "--output_dir", "o", "--prompter_conv", "fold2d"])
+    assert args.prompter_conv == "fold2d"
+    assert parse_args(["--do_eval", "--output_dir", "o"])[0].prompter_conv == "native"
+    assert bench_args(["--prompter_conv", "auto"]).prompter_conv == "auto"
