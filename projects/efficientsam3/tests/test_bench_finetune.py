@@ -23,6 +23,7 @@ def test_bench_finetune_tiny_cpu(tmp_path):
             assert row["ms"] > 0 and row["frozen_dtype"] == "fp32"  # CPU: no autocast
         assert rows[("ft_step_uncached", level)]["frozen_calls"] == 2
         assert rows[("ft_step_cached", level)]["frozen_calls"] == 1
+        assert rows[("frozen_student_allq", level)]["ms"] > 0  # the former all-query masks, for comparison
     # two decode iterations with a refinement point: teacher + student, twice
     assert rows[("ft_step_edgesam", 72)]["frozen_calls"] == 4
     stage1 = rows[("stage1_step", None)]

@@ -10,8 +10,12 @@ from merge_core.testing.conformance import AdapterCase, AdapterConformance
 
 
 def _build() -> SAM3ViT:
+    """The reference path: a merged trunk always runs it, so r = 0 must equal it bit for bit (the fast
+    path equals it to rounding, tested in test_teacher.py)."""
     torch.manual_seed(0)
-    return SAM3ViT(TINY_VIT).eval()
+    m = SAM3ViT(TINY_VIT).eval()
+    m.fast = False
+    return m
 
 
 def _inputs() -> torch.Tensor:

@@ -61,3 +61,30 @@ def test_load_from_sam3_checkpoint_and_refusals(tmp_path):
         build_frozen_sam3(str(tmp_path / "none.pt"), TINY_DIMS)
     with pytest.raises(ValueError, match="MODEL.FEATURE_SIZE: expected 72 or 36"):
         FrozenSAM3(TINY_DIMS, 48)
+
+
+@pytest.mark.parametrize("size", [72, 36])
+def test_mask_query_equals_picking_from_all_masks(size):
+    """One query's mask (what the FT needs) equals that query picked from all Q masks, forward and gradient."""
+    torch.manual_seed(0)
+    m = build_frozen_sam3(dims=TINY_DIMS, feature_size=size)
+    embed, pts, ppad, boxes, bpad = _inputs()
+    full = m(embed, pts, ppad, boxes, bpad)
+    idx = torch.tensor([3, 5])
+    rows = torch.arange(2)
+    one = m(embed, pts, ppad, boxes, bpad, mask_query=idx)
+    assert one["pred_masks"].shape == (2, 1, 32, 32) and one["query"] is idx
+    torch.testing.assert_close(one["pred_masks"][:, 0], full["pred_masks"][rows, idx], atol=1e-5, rtol=1e-5)
+    best = m(embed, pts, ppad, boxes, bpad, mask_query="best")
+    want = full["pred_logits"].argmax(1)
+    assert torch.equal(best["query"], want)
+    torch.testing.assert_close(best["pred_masks"][:, 0], full["pred_masks"][rows, want], atol=1e-5, rtol=1e-5)
+    grads = []
+    for q in (None, idx):
+        e = embed.clone().requires_grad_(True)
+        out = m(e, pts, ppad, boxes, bpad, mask_query=q)["pred_masks"]
+        (out[rows, idx] if q is None else out[:, 0]).square().mean().backward()
+        grads.append(e.grad)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-4)
+    with pytest.raises(ValueError, match="mask_query"):
+        m(embed, pts, ppad, boxes, bpad, mask_query="all")

@@ -6,7 +6,18 @@ import types
 import pytest
 import torch
 
-from efficientsam3.model.sam3_vit import SAM3_VIT, TINY_VIT, SAM3ViT, axial_rope, rotate
+from efficientsam3.model.sam3_vit import (
+    SAM3_VIT,
+    TINY_VIT,
+    SAM3ViT,
+    axial_rope,
+    from_window_major,
+    rope_tables,
+    rotate,
+    rotate_fast,
+    to_window_major,
+    window_major_order,
+)
 from efficientsam3.model.teacher import CheckpointKeyError, StandInTeacher, build_teacher, load_trunk
 
 PREFIX = "detector.backbone.vision_backbone.trunk."
@@ -125,7 +136,11 @@ def test_equals_pypi_sam3_vitdet():
     mine.load_state_dict(ref.state_dict())
     x = torch.randn(2, 3, c.img_size, c.img_size)
     with torch.no_grad():
-        torch.testing.assert_close(mine(x), ref(x)[-1], atol=1e-6, rtol=1e-5)
+        want = ref(x)[-1]
+        mine.fast = False
+        torch.testing.assert_close(mine(x), want, atol=1e-6, rtol=1e-5)
+        mine.fast = True
+        torch.testing.assert_close(mine(x), want, atol=1e-5, rtol=1e-5)
 
 
 def test_missing_checkpoint_is_reported_before_the_trunk_is_built(monkeypatch, tmp_path):
@@ -137,3 +152,96 @@ def test_missing_checkpoint_is_reported_before_the_trunk_is_built(monkeypatch, t
     monkeypatch.setattr(teacher_module, "SAM3ViT", never)
     with pytest.raises(FileNotFoundError, match="TEACHER.CHECKPOINT: file not found"):
         teacher_module.build_teacher("sam3", str(tmp_path / "sam3.pt"))
+
+
+def _tiny(seed=0):
+    torch.manual_seed(seed)
+    return SAM3ViT(TINY_VIT).eval()
+
+
+def test_fast_rope_equals_complex_rope():
+    f = axial_rope(8, 3, 0.5, 10000.0)
+    x = torch.randn(2, 9, 8)
+    cos, sin = rope_tables(f)
+    torch.testing.assert_close(rotate_fast(x, cos, sin), rotate(x, f))
+    xb = x.bfloat16()
+    got = rotate_fast(xb, cos.bfloat16(), sin.bfloat16())
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), rotate(xb, f).float(), atol=3e-2, rtol=2e-2)
+
+
+def test_window_major_order_round_trip():
+    x = torch.arange(2 * 8 * 8 * 3, dtype=torch.float32).view(2, 8, 8, 3)
+    t = to_window_major(x, 4)
+    order = window_major_order(8, 4)
+    torch.testing.assert_close(t, x.reshape(2, 64, 3)[:, order])  # raster index of each window-major slot
+    assert order[:5].tolist() == [0, 1, 2, 3, 8]  # first window's first row, then its second row
+    torch.testing.assert_close(from_window_major(t, 4, 8, 8), x.permute(0, 3, 1, 2))
+
+
+def test_fast_path_equals_reference_path_fp32():
+    m = _tiny()
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        assert m.uses_fast_path()
+        fast = m(x)
+        m.fast = False
+        ref = m(x)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # and the reference path against the naive per-window loop (independent code)
+        m.fast = True
+        y = m.ln_pre(m.patch_embed(x) + m.abs_pos(8, 8))
+        for blk in m.blocks:
+            y = _naive_block(blk, y) if blk.window_size else blk(y)
+        torch.testing.assert_close(fast, y.permute(0, 3, 1, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_fast_path_bf16_within_rounding_of_fp32_reference():
+    m = _tiny()
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        m.fast = False
+        ref = m(x)
+        m.fast = True
+        got = m.to(torch.bfloat16)(x.bfloat16()).float()
+    assert m.blocks[1].attn.rope_cos.dtype == torch.bfloat16  # RoPE in the compute dtype
+    assert m.blocks[1].attn.freqs_cis.dtype == torch.complex64  # the checkpoint table stays complex
+    cos = torch.nn.functional.cosine_similarity(got.flatten(1), ref.flatten(1))
+    assert cos.min() > 0.9999
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_fast_tables_not_in_state_dict_and_refreshed_on_load():
+    m = _tiny()
+    sd = m.state_dict()
+    assert len(sd) == len([k for k in sd if "rope_" not in k and not k.endswith(".order")])
+    blk = m.blocks[1].attn  # a global block: its tables are in window-major order
+    sd["blocks.1.attn.freqs_cis"] = torch.ones_like(sd["blocks.1.attn.freqs_cis"])  # angle 0 everywhere
+    m.load_state_dict(sd)
+    torch.testing.assert_close(blk.rope_cos, torch.ones_like(blk.rope_cos))
+    torch.testing.assert_close(blk.rope_sin, torch.zeros_like(blk.rope_sin))
+
+
+def test_merged_or_padded_trunk_takes_the_reference_path():
+    from efficientsam3.model.merged_teacher import apply_merging, remove_merging
+
+    m = _tiny()
+    apply_merging(m, 0, 0)
+    assert not m.uses_fast_path()
+    remove_merging(m)
+    assert m.uses_fast_path()
+    cfg = TINY_VIT.__class__(**{**TINY_VIT.__dict__, "img_size": 84, "pretrain_img_size": 42})  # 6x6 grid
+    padded = SAM3ViT(cfg).eval()
+    assert not padded.uses_fast_path()
+    assert padded(torch.randn(1, 3, 84, 84)).shape == (1, 32, 6, 6)
+
+
+def test_fast_path_traces_as_one_graph():
+    """fullgraph tracing (what `compile_trunk` asks inductor for) without inductor's slow CPU codegen."""
+    m = _tiny()
+    x = torch.randn(2, 3, 112, 112)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(m, fullgraph=True, dynamic=False, backend="aot_eager")(x)
+        torch.testing.assert_close(got, m(x), atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()

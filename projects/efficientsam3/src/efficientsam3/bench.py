@@ -40,7 +40,7 @@ from .finetune.losses import LossWeights, embedding_mse, mask_terms, pick
 from .finetune.step import DecodeSettings, ft_loss, teacher_targets
 from .model.merged_teacher import apply_merging, attended_tokens
 from .model.sam3_frozen import SAM3_DIMS, TINY_DIMS, build_frozen_sam3
-from .model.sam3_vit import SAM3_VIT, TINY_VIT, SAM3ViT
+from .model.sam3_vit import SAM3_VIT, TINY_VIT, SAM3ViT, compile_trunk
 from .model.students import STUDENTS, build_student
 from .model.teacher import load_trunk
 from .store import EmbeddingStore, StoreWriter
@@ -98,9 +98,11 @@ def bench_students(args, device, dtype) -> list[dict]:
 def _teacher(args, device, dtype) -> SAM3ViT:
     """Random weights (sam3.pt is gated), or --sam3-checkpoint. --weight-scale multiplies every Linear weight:
     at SAM3's init scale (std 0.02) attention barely moves the residual stream, so merging looks free;
-    a larger scale makes attention dominate (a harsher, still synthetic, fidelity test)."""
+    a larger scale makes attention dominate (a harsher, still synthetic, fidelity test). Random weights are
+    drawn on the target device (446M on the CPU takes long)."""
     torch.manual_seed(0)
-    model = SAM3ViT(TINY_VIT if args.tiny else SAM3_VIT).eval()
+    with torch.device("cpu" if args.sam3_checkpoint else device):
+        model = SAM3ViT(TINY_VIT if args.tiny else SAM3_VIT).eval()
     if args.sam3_checkpoint:
         load_trunk(model, args.sam3_checkpoint)
     elif args.weight_scale != 1.0:
@@ -111,43 +113,99 @@ def _teacher(args, device, dtype) -> SAM3ViT:
     return model.to(device=device, dtype=dtype)
 
 
-def bench_teacher(args, device, dtype) -> list[dict]:
+def _compiled(model, device, x) -> tuple[object, float]:
+    """A fresh fullgraph compile of `model` and the seconds its first call took (compile + one run)."""
+    torch._dynamo.reset()
+    run = compile_trunk(model)
+    t0 = time.perf_counter()
+    run(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return run, time.perf_counter() - t0
+
+
+def bench_teacher(args, device, dtype, save=lambda rows: None) -> list[dict]:
+    """Exact trunk: reference path eager ("exact-ref": SAM3's op order, fp32 RoPE), fast path eager
+    ("exact-fast") and, with --compile, the fast path under torch.compile ("exact-fast-compiled"); then the
+    merged rows (compiled with --compile), their speed-up against the fastest exact row of the same mode. MFU =
+    img/s x counted FLOPs (FlopCounterMode: 2 per MAC, matmuls + attention) / --peak-tflops. --time-budget
+    skips merged rows that would not finish in time (estimated from the exact compile)."""
+    t_start = time.perf_counter()
     model = _teacher(args, device, dtype)
     size = model.cfg.img_size
     b = args.teacher_batch
     x = sample_images(b, size).to(device=device, dtype=dtype)
-    rows = []
-    run = torch.compile(model) if args.compile else model
+    rows: list[dict] = []
     with torch.no_grad():
         flops = _flops(lambda: model(x[:1]))
-        exact = run(x).float()
-        t = measure(lambda: run(x), device, args.warmup, args.iters)
-        base = b / t["ms_median"] * 1e3
-        row = {"teacher": "exact", "window_r": 0, "global_r": 0, "batch": b, "img_per_s": base, "speedup": 1.0,
-               "tflop_per_img": flops / 1e12, "cos_mean": 1.0, "rel_mse": 0.0}  # fmt: skip
-        if args.peak_tflops:
-            row["mfu"] = base * flops / (args.peak_tflops * 1e12)
-        rows.append(row)
-        print(json.dumps(row))
+        model.fast = False
+        ref = model(x).float()
+        meter_base = {"tflop_per_img": flops / 1e12, "tmac_per_img": flops / 2e12, "batch": b}
+
+        def add(name: str, run, y: torch.Tensor, wr: int = 0, gr: int = 0, **extra) -> dict:
+            t = measure(lambda: run(x), device, args.warmup, args.iters)
+            ips = b / t["ms_median"] * 1e3
+            meter = ErrorMeter()
+            meter.add(ref, y)
+            e = meter.summary()
+            row = {"teacher": name, "window_r": wr, "global_r": gr, **meter_base, "ms": t["ms_median"],
+                   "img_per_s": ips, "cos_mean": e["cos_mean"], "cos_min": e["cos_min"], "rel_mse": e["rel_mse"],
+                   "elapsed_s": time.perf_counter() - t_start, **extra}  # fmt: skip
+            if args.peak_tflops and not wr and not gr:
+                row["mfu"] = ips * flops / (args.peak_tflops * 1e12)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            save(rows)
+            return row
+
+        add("exact-ref", model, ref)
+        model.fast = True
+        base = add("exact-fast", model, model(x).float())["img_per_s"]
+        compile_s = 0.0
+        if args.compile:
+            run, compile_s = _compiled(model, device, x)
+            base = add("exact-fast-compiled", run, run(x).float(), compile_s=compile_s)["img_per_s"]
+        for row in rows:
+            row["speedup"] = row["img_per_s"] / base
         for spec, mode in [(sp, md) for md in args.merge_modes for sp in args.merge]:
             wr, gr = (int(v) for v in spec.split(":"))
+            name = f"merged-{mode}" + ("-compiled" if args.compile else "")
+            left = args.time_budget - (time.perf_counter() - t_start) if args.time_budget else float("inf")
+            if left < 1.3 * compile_s + 5:
+                print(json.dumps({"skipped": name, "merge": spec, "seconds_left": left}), flush=True)
+                rows.append({"teacher": name, "window_r": wr, "global_r": gr, "skipped": "time budget"})
+                continue
             apply_merging(model, wr, gr, mode=mode)
+            extra = {"attended": attended_tokens(model, model.r)[:8]}
+            run = model
             if args.compile:
-                torch._dynamo.reset()
-                run = torch.compile(model)
-            y = run(x).float()
-            meter = ErrorMeter()
-            meter.add(exact, y)
-            e = meter.summary()
-            t = measure(lambda run=run: run(x), device, args.warmup, args.iters)
-            ips = b / t["ms_median"] * 1e3
-            row = {"teacher": f"merged-{mode}", "window_r": wr, "global_r": gr, "batch": b, "img_per_s": ips,
-                   "speedup": ips / base, "cos_mean": e["cos_mean"], "cos_min": e["cos_min"], "mse": e["mse"],
-                   "rel_mse": e["rel_mse"], "attended": attended_tokens(model, model.r)[:8]}  # fmt: skip
-            rows.append(row)
-            print(json.dumps(row))
+                run, extra["compile_s"] = _compiled(model, device, x)
+            row = add(name, run, run(x).float(), wr, gr, **extra)
+            row["speedup"] = row["img_per_s"] / base
+            row["tflop_per_img"] = _flops(lambda: model(x[:1])) / 1e12
             remove_patch(model)
+    print_teacher_table(rows, args.peak_tflops)
     return rows
+
+
+def print_teacher_table(rows: list[dict], peak: float | None) -> None:
+    """MFU = img/s x FLOP/img (2 FLOPs per MAC) / peak; the merged rows' MFU is left out (fewer FLOPs)."""
+    print(f"{'teacher':<24} {'r w:g':>9} {'img/s':>7} {'ms':>8} {'x exact':>7} {'TFLOP/img':>9} {'MFU':>6} "
+          f"{'cos mean':>8} {'cos min':>7} {'compile s':>9}")  # fmt: skip
+    for r in rows:
+        if "skipped" in r:
+            print(f"{r['teacher']:<24} {r['window_r']}:{r['global_r']:<5} skipped ({r['skipped']})")
+            continue
+        mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
+        cs = f"{r['compile_s']:.0f}" if "compile_s" in r else "-"
+        print(f"{r['teacher']:<24} {r['window_r']:>4}:{r['global_r']:<4} {r['img_per_s']:7.1f} {r['ms']:8.2f} "
+              f"{r['speedup']:7.2f} {r['tflop_per_img']:9.3f} {mfu:>6} {r['cos_mean']:8.5f} {r['cos_min']:7.4f} "
+              f"{cs:>9}")  # fmt: skip
+    if peak:
+        print(
+            f"MFU against a dense peak of {peak:g} TFLOPS (bf16 H100/H200 SXM: 989); FLOPs = 2 x MACs, counted by "
+            "torch's FlopCounterMode on one image (matmuls, convolutions, attention). cos: vs the exact-ref output."
+        )
 
 
 def bench_distill(args, device, dtype) -> list[dict]:
@@ -314,15 +372,20 @@ class FTBench:
         return p["points"], p["point_pad"], p["boxes"], p["box_pad"]
 
     def frozen_teacher(self) -> None:
+        """The teacher pass as the step runs it: scores of all queries, the best query's mask only."""
         with torch.no_grad(), self.amp(self.frozen_dtype):
-            self.frozen(self.target, *self._args())
+            self.frozen(self.target, *self._args(), mask_query="best")
 
-    def frozen_student(self) -> None:
-        """Frozen path forward on an embedding that needs a gradient, mask loss, backward to the embedding."""
+    def frozen_student(self, all_queries: bool = False) -> None:
+        """Frozen path forward on an embedding that needs a gradient, mask loss, backward to the embedding.
+        all_queries: the former way (all Q masks computed, then one picked) for comparison."""
         emb = self.target.detach().requires_grad_(True)
         idx = torch.zeros(len(self.keys), dtype=torch.long, device=self.device)
         with self.amp(self.frozen_dtype):
-            s_mask = pick(self.frozen(emb, *self._args())["pred_masks"], idx)
+            if all_queries:
+                s_mask = pick(self.frozen(emb, *self._args())["pred_masks"], idx)
+            else:
+                s_mask = self.frozen(emb, *self._args(), mask_query=idx)["pred_masks"][:, 0]
         bce, dice = mask_terms(s_mask, torch.zeros_like(s_mask, dtype=torch.float32), self.mask_valid)
         self.scaler.scale(bce + dice).backward()
 
@@ -365,23 +428,26 @@ def bench_finetune(args, device) -> dict:
     rows = [fb.timed("stage1_step", fb.stage1_step), fb.timed("student_fwd_bwd", fb.student_fwd_bwd)]
     dtypes = args.ft_frozen_dtypes if fb.gpu else ["fp32"]
     for name in dtypes:
-        for level in (72, 36):
+        for level in args.ft_levels:
             fb.set_frozen(level, DTYPES[name])
             info = {"frozen_dtype": name, "level": level}
             fb.ft_step(True)  # fills the cache (the first epoch of a run with DISTILL.CACHE_TEACHER)
             rows.append(fb.timed("frozen_teacher", fb.frozen_teacher, **info))
             rows.append(fb.timed("frozen_student", fb.frozen_student, **info))
+            if name == dtypes[0]:
+                rows.append(fb.timed("frozen_student_allq", lambda: fb.frozen_student(True), **info))
             rows.append(fb.timed("ft_step_uncached", lambda: fb.ft_step(False), True, **info))
             rows.append(fb.timed("ft_step_cached", lambda: fb.ft_step(True), True, **info))
-            if level == 72 and name == dtypes[0]:
+            if level == args.ft_levels[0] and name == dtypes[0]:
                 rows.append(fb.timed("ft_step_edgesam", lambda: fb.ft_step(False, True), True, **info))
     stage1_ms = rows[0]["ms"]
     for row in rows:
         row["x_stage1"] = row["ms"] / stage1_ms
     summary: dict = {"stage1_ms": stage1_ms}
     for row in rows:
-        if row["part"].startswith("ft_step_") and row.get("level") == 72 and row.get("frozen_dtype") == dtypes[0]:
-            summary[f"{row['part']}_x_stage1"] = row["x_stage1"]
+        if row["part"].startswith("ft_step_") and row.get("level") == args.ft_levels[0]:
+            key = f"{row['part']}_x_stage1" + ("" if row["frozen_dtype"] == dtypes[0] else f"_{row['frozen_dtype']}")
+            summary[key] = row["x_stage1"]
     summary["target_met"] = summary["ft_step_cached_x_stage1"] <= 1.5
     summary["target_met_uncached"] = summary["ft_step_uncached_x_stage1"] <= 1.5
     summary["seconds"] = time.perf_counter() - t_start
@@ -419,6 +485,7 @@ def build_parser():
     p.add_argument("--merge", nargs="+", default=None, metavar="W:G", help="window r : global r pairs")
     p.add_argument("--merge-modes", nargs="+", default=["attn", "block"], choices=("attn", "block"))
     p.add_argument("--compile", action="store_true", help="torch.compile the teacher (exact and merged)")
+    p.add_argument("--time-budget", type=float, default=0.0, help="teacher suite: skip merged rows past this (s)")
     p.add_argument("--peak-tflops", type=float, default=None, help="dense peak of the GPU, for MFU (H200 bf16: 989)")
     p.add_argument("--sam3-checkpoint", default="", help="local sam3.pt (real teacher weights) for fidelity")
     p.add_argument("--weight-scale", type=float, default=1.0, help="scale random Linear weights (see _teacher)")
@@ -436,6 +503,8 @@ def build_parser():
     p.add_argument("--ft-prompts", type=int, default=16, help="finetune suite: boxes and points per image")
     p.add_argument("--ft-frozen-dtypes", nargs="+", default=["bf16", "fp16"], choices=("bf16", "fp16"),
                    help="finetune suite: autocast dtypes of the frozen SAM3 path (GPU)")  # fmt: skip
+    p.add_argument("--ft-levels", type=int, nargs="+", default=[72, 36], choices=(72, 36),
+                   help="finetune suite: FPN levels fed to the frozen path (the first is the summary's)")  # fmt: skip
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--out", default=None, help="results JSON")
@@ -484,7 +553,12 @@ def main(argv=None) -> dict:
     if "students" in suites:
         result["students"] = bench_students(args, device, dtype)
     if "teacher" in suites:
-        result["teacher"] = bench_teacher(args, device, tdtype)
+
+        def save(rows: list[dict]) -> None:  # partial results survive a killed run
+            if args.out:
+                write_json_atomic(args.out, {**result, "teacher": rows})
+
+        result["teacher"] = bench_teacher(args, device, tdtype, save)
     if "distill" in suites:
         result["distill"] = bench_distill(args, device, dtype)
     if "train" in suites:

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Subset
 from run_kit import RunLogger, barrier, cleanup_distributed, progress, setup_distributed
 
 from ..data.sa1b import SA1BDataset, collate
+from ..model.sam3_vit import compile_trunk
 from ..store import EmbeddingStore, StoreWriter, read_keys
 from ..store.compact import ErrorMeter
 from .common import base_parser, config_from_args, run_cli, run_teacher, teacher_on
@@ -30,7 +31,7 @@ def build_parser():
         "--check", type=int, default=0, metavar="N", help="re-run the teacher on N stored keys, report error"
     )
     p.add_argument("--max-images", type=int, default=0, help="export at most this many new images (0: all)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the teacher (GPU; exact or merged)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the teacher (fullgraph, static)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (DATA.NUM_WORKERS)")
     return p
 
@@ -50,7 +51,7 @@ def export(argv=None) -> dict:
     try:
         teacher = teacher_on(cfg, env.device)
         if args.compile:
-            teacher = torch.compile(teacher)
+            teacher = compile_trunk(teacher)
         split = args.split or cfg.DATA.SPLIT
         workers = cfg.DATA.NUM_WORKERS if args.workers is None else args.workers
         if args.check:

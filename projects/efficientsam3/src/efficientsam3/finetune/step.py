@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .losses import LossWeights, best_query, embedding_mse, mask_terms, pick
+from .losses import LossWeights, embedding_mse, mask_terms
 from .refine import append_points, sample_refinement_points
 
 PromptArgs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # points, point_pad, boxes, box_pad
@@ -29,10 +29,10 @@ class DecodeSettings:
 
 @torch.no_grad()
 def teacher_pass(frozen, target: torch.Tensor, args: PromptArgs, labels: torch.Tensor | None):
-    """(best query (B,), its mask logits (B, H, W)) of the teacher embedding."""
-    out = frozen(target, *args, point_labels=labels)
-    idx = best_query(out["pred_logits"])
-    return idx, pick(out["pred_masks"], idx)
+    """(best query (B,), its mask logits (B, H, W)) of the teacher embedding; only that query's mask is
+    computed (equal to picking it from all masks)."""
+    out = frozen(target, *args, point_labels=labels, mask_query="best")
+    return out["query"], out["pred_masks"][:, 0]
 
 
 def teacher_targets(frozen, target, args_p, keys, cache):
@@ -82,7 +82,7 @@ def ft_loss(
                 idx, t_mask = first_teacher(args)
             else:
                 idx, t_mask = teacher_pass(frozen, target, args, labels)
-            s_mask = pick(frozen(pred, *args, point_labels=labels)["pred_masks"], idx)
+            s_mask = frozen(pred, *args, point_labels=labels, mask_query=idx)["pred_masks"][:, 0]
         bce, dice = mask_terms(s_mask, t_mask, mask_valid, w.temperature)
         bces.append(bce)
         dices.append(dice)

@@ -38,6 +38,8 @@ class _MergedViT:
 class _MergedAttention:
     """Attention mixin: merge q/k/v after RoPE, attend on the merged set, unmerge the output."""
 
+    fast_ok = False  # the merged trunk runs SAM3ViT's reference path (its hooks live there)
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         state: MergeState = self._merge_state
         layer: int = self._merge_layer
@@ -68,6 +70,8 @@ def _match(attn: Attention, state: MergeState, layer: int, k: torch.Tensor, v: t
 
 class _MergedBlock:
     """Block mixin for mode="block": attention, projection and MLP on the merged tokens of each window."""
+
+    fast_ok = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state: MergeState = self._merge_state

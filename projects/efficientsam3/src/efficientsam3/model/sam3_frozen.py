@@ -76,23 +76,29 @@ class FrozenSAM3(nn.Module):
         boxes: torch.Tensor,
         box_pad,
         point_labels: torch.Tensor | None = None,
+        mask_query: torch.Tensor | str | None = None,
     ) -> dict[str, torch.Tensor]:
         """embed (B, C, S, S); points (B, Np, 2) / boxes (B, Nb, 4) normalised xy / cxcywh, pads True = padding;
         point_labels (B, Np) 1 = positive, 0 = negative (default all positive; refinement points need 0).
-        -> pred_logits (B, Q) (last decoder layer's scores), pred_masks (B, Q, 4S, 4S), presence_logit (B,)."""
+        -> pred_logits (B, Q) (last decoder layer's scores), pred_masks (B, Q, 4S, 4S), presence_logit (B,).
+        mask_query: None = all Q masks; a (B,) index tensor = that query's mask only; "best" = the top-scoring
+        query's mask only (argmax of pred_logits, returned as "query"); pred_masks is then (B, 1, 4S, 4S)."""
         feats, pos = self.neck(embed)
         level = 2 if self.feature_size == 72 else 3  # scale 1 (the embedding's own grid) or scale 0.5
         img, img_pos = feats[level], pos[level]
         prompt, prompt_pad = self.geometry_encoder(points, point_pad, boxes, box_pad, img, img_pos, point_labels)
         memory, memory_pos = self.encoder(img, img_pos, prompt, prompt_pad)
         dec = self.decoder(memory, memory_pos, tuple(img.shape[-2:]), prompt, prompt_pad)
-        scores = self.scoring(dec["hs"], prompt, prompt_pad)
-        seg = self.segmentation_head(feats[: level + 1], dec["hs"][-1], memory, prompt, prompt_pad)
-        return {
-            "pred_logits": scores[-1, ..., 0],
-            "pred_masks": seg["pred_masks"],
-            "presence_logit": dec["presence_logits"][-1],
-        }
+        logits = self.scoring(dec["hs"], prompt, prompt_pad)[-1, ..., 0]
+        if isinstance(mask_query, str):
+            if mask_query != "best":
+                raise ValueError(f"mask_query: expected None, an index tensor or 'best', got {mask_query!r}")
+            mask_query = logits.argmax(dim=1)
+        seg = self.segmentation_head(feats[: level + 1], dec["hs"][-1], memory, prompt, prompt_pad, mask_query)
+        out = {"pred_logits": logits, "pred_masks": seg["pred_masks"], "presence_logit": dec["presence_logits"][-1]}
+        if mask_query is not None:
+            out["query"] = mask_query
+        return out
 
 
 def load_frozen_sam3(model: FrozenSAM3, path: str, flag: str = "MODEL.SAM3_CHECKPOINT") -> None:

@@ -5,7 +5,17 @@ position embedding), written for this project in the exact state-dict layout of
 Why our own module and not PyPI `sam3`: the wheel does not import on CPU without four patches and
 drags in the whole detector; the trunk is ~300 lines of plain torch. The layout (420 keys for the
 full size, including the complex `freqs_cis` buffers) is tested, and the forward is tested against
-`sam3.model.vitdet.ViT` when that package is importable."""
+`sam3.model.vitdet.ViT` when that package is importable.
+
+Two forwards of the same weights. The reference path (`model.fast = False`, and whenever a block is
+patched, e.g. by the merged teacher) is SAM3's: RoPE in fp32 from the complex table, windows cut out
+and pasted back around every windowed attention. The fast path (default) computes the same function
+with fewer memory passes: the residual stream is kept in window-major token order for the whole trunk
+(windows are then a free view as the batch axis; the global blocks attend over all tokens in that order
+with a RoPE table permuted to match, so there is one reorder in and one out instead of two copies per
+windowed block), RoPE runs in the compute dtype from precomputed real cos/sin tables on q and k
+together, and q/k/v reach SDPA as strided views (head dim 64, no mask: the flash kernel is eligible).
+It equals the reference to rounding (fp32: 1e-5; bf16: RoPE rounding) and compiles with fullgraph."""
 
 from __future__ import annotations
 
@@ -65,6 +75,38 @@ def rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return out.flatten(-2).to(x.dtype)
 
 
+def rope_tables(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real (L, D) tables for `rotate_fast`: cos repeated per channel pair, sin with the pair's sign
+    (-sin on the even channel, +sin on the odd one)."""
+    cos, sin = freqs.real.float(), freqs.imag.float()
+    return cos.repeat_interleave(2, dim=-1), torch.stack([-sin, sin], dim=-1).flatten(-2)
+
+
+def rotate_fast(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`rotate` as x*cos + pair_swap(x)*sin in the tables' dtype (the compute dtype after `.to(dtype)`);
+    cos / sin broadcast against x. Result in x's dtype."""
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return (x * cos + swapped * sin).to(x.dtype)
+
+
+def window_major_order(side: int, ws: int) -> torch.Tensor:
+    """Raster index of each position of the window-major order (window row, window col, row, col)."""
+    n = side // ws
+    return torch.arange(side * side).view(n, ws, n, ws).permute(0, 2, 1, 3).flatten()
+
+
+def to_window_major(x: torch.Tensor, ws: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B, H*W, C) in window-major order (H, W multiples of ws)."""
+    b, h, w, c = x.shape
+    return x.view(b, h // ws, ws, w // ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h * w, c)
+
+
+def from_window_major(x: torch.Tensor, ws: int, h: int, w: int) -> torch.Tensor:
+    """(B, H*W, C) in window-major order -> (B, C, H, W) (the trunk's output layout)."""
+    b, _, c = x.shape
+    return x.view(b, h // ws, w // ws, ws, ws, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
+
+
 class PatchEmbed(nn.Module):
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
@@ -78,17 +120,38 @@ class PatchEmbed(nn.Module):
 class Attention(nn.Module):
     """qkv -> RoPE on q, k -> SDPA -> proj. `attend` is the one hook the merged teacher replaces."""
 
-    def __init__(self, cfg: ViTConfig, side: int, rope_scale: float) -> None:
+    fast_ok = True  # False on patched subclasses (the merged teacher): the model then takes the reference path
+
+    def __init__(self, cfg: ViTConfig, side: int, rope_scale: float, order: torch.Tensor | None = None) -> None:
         super().__init__()
         self.num_heads = cfg.num_heads
         self.head_dim = cfg.embed_dim // cfg.num_heads
         self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim)
         self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
         self.register_buffer("freqs_cis", axial_rope(self.head_dim, side, rope_scale, cfg.rope_theta))
+        # fast path: real tables in the token order the fast path uses (window-major for global blocks);
+        # not in the state dict (420 keys kept), rebuilt from freqs_cis after load_state_dict
+        self.register_buffer("order", order, persistent=False)
+        cos, sin = self._tables()
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, _: module.refresh_rope())
+
+    def _tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = self.freqs_cis if self.order is None else self.freqs_cis[self.order.to(self.freqs_cis.device)]
+        return rope_tables(freqs)
+
+    @torch.no_grad()
+    def refresh_rope(self) -> None:
+        """Rebuild the fast path's cos/sin from `freqs_cis` (keeping their dtype and device)."""
+        cos, sin = self._tables()
+        self.rope_cos = cos.to(self.rope_cos)
+        self.rope_sin = sin.to(self.rope_sin)
 
     def _apply(self, fn, recurse=True):
         """Keep the RoPE table complex64 under `.to(dtype)` / `.half()` (which would drop its imaginary
-        part); it follows the weights' device only. RoPE itself runs in fp32, as in SAM3."""
+        part); it follows the weights' device only. The reference path's RoPE runs in fp32, as in SAM3; the
+        fast path's real cos/sin tables follow `.to(dtype)` like the weights (RoPE in the compute dtype)."""
         freqs = self._buffers.pop("freqs_cis")
         try:
             super()._apply(fn, recurse)
@@ -110,6 +173,17 @@ class Attention(nn.Module):
         q, k, v = self.qkv_rope(x)
         out = self.attend(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, h, w, c))
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Fast path: (b, n, C) tokens (a window or a whole image in the table's order) -> (b, n, C)."""
+        b, n, c = x.shape
+        qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim)
+        cos = self.rope_cos.view(n, 1, 1, self.head_dim)
+        sin = self.rope_sin.view(n, 1, 1, self.head_dim)
+        qk = rotate_fast(qkv[:, :, :2], cos, sin)  # q and k in one pass, (b, n, 2, heads, d)
+        q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v)  # (b, heads, n, d); flash writes it as (b, n, heads, d)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
 class Mlp(nn.Module):
@@ -141,15 +215,23 @@ def window_unpartition(x: torch.Tensor, ws: int, padded: tuple[int, int], hw: tu
     return x[:, : hw[0], : hw[1]]
 
 
+def fast_layout_ok(cfg: ViTConfig) -> bool:
+    """The fast path needs whole windows (no padding)."""
+    return cfg.window_size > 0 and cfg.grid % cfg.window_size == 0
+
+
 class Block(nn.Module):
+    fast_ok = True  # see Attention.fast_ok
+
     def __init__(self, cfg: ViTConfig, window_size: int) -> None:
         super().__init__()
         self.window_size = window_size
         side = window_size if window_size else cfg.grid
         # SAM3 builds RoPE for the window size (scale 1) and interpolates it to the global grid.
         scale = cfg.window_size / side
+        order = window_major_order(side, cfg.window_size) if not window_size and fast_layout_ok(cfg) else None
         self.norm1 = nn.LayerNorm(cfg.embed_dim, eps=1e-5)
-        self.attn = Attention(cfg, side, scale)
+        self.attn = Attention(cfg, side, scale, order)
         self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=1e-5)
         self.mlp = Mlp(cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio))
 
@@ -163,6 +245,16 @@ class Block(nn.Module):
         else:
             x = self.attn(x)
         x = shortcut + x
+        return x + self.mlp(self.norm2(x))
+
+    def forward_tokens(self, x: torch.Tensor, windows: int) -> torch.Tensor:
+        """Fast path: (B, N, C) in window-major order; `windows` per image (a windowed block attends per
+        window: a free view as (B*windows, ws*ws, C))."""
+        b, n, c = x.shape
+        y = self.norm1(x)
+        if self.window_size:
+            y = y.view(b * windows, n // windows, c)
+        x = x + self.attn.forward_tokens(y).view(b, n, c)
         return x + self.mlp(self.norm2(x))
 
 
@@ -181,7 +273,14 @@ class SAM3ViT(nn.Module):
         self.blocks = nn.ModuleList(
             Block(cfg, 0 if i in cfg.global_att_blocks else cfg.window_size) for i in range(cfg.depth)
         )
+        self.fast = True  # False: always the reference path (SAM3's op order, fp32 RoPE)
         self.reset_parameters()
+
+    def uses_fast_path(self) -> bool:
+        """Fast path when switched on, the windows tile the grid and no block is patched."""
+        return (
+            self.fast and fast_layout_ok(self.cfg) and all(blk.fast_ok and blk.attn.fast_ok for blk in self.blocks)  # type: ignore[union-attr]
+        )
 
     def reset_parameters(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -214,6 +313,17 @@ class SAM3ViT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
         x = self.ln_pre(x + self.abs_pos(x.shape[1], x.shape[2]))
+        if self.uses_fast_path():
+            ws, h, w = self.cfg.window_size, x.shape[1], x.shape[2]
+            t = to_window_major(x, ws)
+            for blk in self.blocks:
+                t = blk.forward_tokens(t, (h // ws) * (w // ws))
+            return from_window_major(t, ws, h, w)
         for blk in self.blocks:
             x = blk(x)
         return x.permute(0, 3, 1, 2)
+
+
+def compile_trunk(model: nn.Module, fullgraph: bool = True) -> nn.Module:
+    """torch.compile for export / benchmarks: static shapes, one graph for the whole trunk."""
+    return torch.compile(model, fullgraph=fullgraph, dynamic=False)
