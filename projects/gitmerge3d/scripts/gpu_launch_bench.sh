@@ -1,8 +1,9 @@
 #!/bin/sh
 # Launch-count benchmark (issue 11, host-bound forward): Sonata 0c, rows r0-flash and patch@0.9, on the real
-# ScanNet scene and on 4 tiled copies (~161k points), fp16 autocast, with the pure-torch sparse conv and with
-# SPCONV=auto (spconv-triton) when it imports. Prints ms, peak GiB, GPU kernels / aten ops / host syncs per
-# forward; writes $OUT_DIR/launch-bench.{json,md}. Run from the repository root with plain python (no uv).
+# ScanNet scene and on 4 tiled copies (~161k points), fp16 autocast; backends: the pure-torch sparse conv, the
+# former launch-heavy paths (gitmerge3d.legacy, torch conv) and SPCONV=auto (spconv-triton) when it imports.
+# Prints ms, peak GiB, GPU kernels / aten ops / host syncs per forward; writes $OUT_DIR/launch-bench.{json,md}.
+# Run from the repository root with plain python (no uv).
 # spconv-triton: importable already, or unpacked from .whl/spconv_triton-*.whl (pure python over triton).
 # Env: OUT_DIR (default /tmp/o), SCENE, TILES (default 1,4), BACKENDS (default torch,auto), BUDGET (s, 270),
 #      REDUCED=1 (toy model, 1 timed run, zero normals: a CPU check).
@@ -35,5 +36,5 @@ EXTRA=""
 NORMALS=estimate
 if [ "${REDUCED:-0}" = 1 ]; then EXTRA="--reduced --warmup 0 --iters 1 --device cpu"; NORMALS=zero; fi
 python -m gitmerge3d.tools.launch_bench --scene "$SCENE" --tiles "${TILES:-1,4}" --backends "${BACKENDS:-torch,auto}" \
-  --time-budget "${BUDGET:-270}" --normals "$NORMALS" --out-dir "$OUT_DIR" $EXTRA
+  --time-budget "${BUDGET:-270}" --legacy --normals "$NORMALS" --out-dir "$OUT_DIR" $EXTRA
 rm -rf "$OUT_DIR/.scene" "$OUT_DIR/.spconv_triton" "$OUT_DIR/.triton"

@@ -11,8 +11,8 @@ import types
 import pytest
 import torch
 
-from gitmerge3d import merging
-from gitmerge3d.models import PointTransformerV3, point_transformer_v3m2, serialization
+from gitmerge3d import legacy, merging
+from gitmerge3d.models import PointTransformerV3, serialization
 from gitmerge3d.models import sparse_conv as sc
 from gitmerge3d.models.presets import reduced_config
 from gitmerge3d.opcount import OpCounter, category, count_ops
@@ -36,26 +36,10 @@ def test_neighbors_equal_dict_reference(n, size, batch, k):
     assert torch.equal(got[:, k**3 // 2], torch.arange(n))
 
 
-def hilbert_level_by_level(grid: torch.Tensor, depth: int) -> torch.Tensor:
-    """The one-level-per-step walk of Skilling's state machine (the pre-batching implementation)."""
-    digit, nxt = serialization._hilbert_tables()
-    g = grid.long()
-    state = torch.zeros_like(g[:, 0])
-    gray = torch.zeros_like(g[:, 0])
-    for level in range(depth - 1, -1, -1):
-        octant = (((g[:, 0] >> level) & 1) << 2) | (((g[:, 1] >> level) & 1) << 1) | ((g[:, 2] >> level) & 1)
-        gray = (gray << 3) | digit[state * 8 + octant]
-        state = nxt[state * 8 + octant]
-    code, shift = gray, 1
-    while shift < 3 * depth:
-        code, shift = code ^ (code >> shift), shift << 1
-    return code
-
-
 @pytest.mark.parametrize("depth", [1, 3, 4, 5, 8, 9, 13, 16])
 def test_hilbert_steps_equal_level_by_level(depth):
     grid = torch.randint(0, 2**depth, (2000, 3), generator=torch.Generator().manual_seed(depth))
-    assert torch.equal(serialization.hilbert_encode(grid, depth), hilbert_level_by_level(grid, depth))
+    assert torch.equal(serialization.hilbert_encode(grid, depth), legacy.hilbert_level_by_level(grid, depth))
 
 
 @pytest.mark.parametrize(
@@ -82,18 +66,6 @@ def test_spread_patch_match_equals_merge_core(b, h, n, c, r, stride, mean_head, 
     assert torch.equal(got.slot, ref.slot) and torch.equal(got.size, ref.size)
 
 
-def _old_patches(self, point):
-    """SerializedAttention.patches before the per-Point cache of the padded order (the reference)."""
-    if "min_bincount" not in point.keys():
-        point["min_bincount"] = int(point_transformer_v3m2.offset2bincount(point["offset"]).min().item())
-    k = min(point["min_bincount"], self.patch_size_max)
-    self.patch_size = k
-    pad, unpad = point_transformer_v3m2.patch_padding(point["offset"], k)
-    order = point["serialized_order"][self.order_index][pad]
-    inverse = unpad[point["serialized_inverse"][self.order_index]]
-    return order, inverse, k
-
-
 @pytest.mark.parametrize("mode", [None, "patch"])
 def test_model_output_equals_naive_paths(make_points, monkeypatch, mode):
     torch.manual_seed(0)
@@ -108,14 +80,10 @@ def test_model_output_equals_naive_paths(make_points, monkeypatch, mode):
             return model(dict(pts))["feat"]
 
     fast = run()
+    with legacy.legacy_paths():  # per-offset search, level-by-level Hilbert, per-block order, merge-core matcher
+        assert torch.equal(fast, run())
+    assert sc.submanifold_neighbors is not legacy.neighbors_per_offset  # restored
     monkeypatch.setattr(sc, "submanifold_neighbors", sc.submanifold_neighbors_reference)
-    monkeypatch.setattr(serialization, "hilbert_encode", hilbert_level_by_level)
-    monkeypatch.setattr(
-        merging,
-        "spread_patch_match",
-        lambda v, r, s, mean_head=False: patch_match(v, r, s, "spread", mean_head=mean_head),
-    )
-    monkeypatch.setattr(point_transformer_v3m2.SerializedAttention, "patches", _old_patches)
     assert torch.equal(fast, run())
 
 

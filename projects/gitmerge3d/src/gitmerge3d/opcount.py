@@ -42,7 +42,11 @@ _ROOTS = ("gitmerge3d", "merge_core")
 # (file, function) prefix -> category; first match wins, "" matches any function of the file
 CATEGORIES: list[tuple[str, str, str]] = [
     ("models/sparse_conv.py", "submanifold_neighbors", "sparse conv: neighbour search"),
-    ("models/sparse_conv.py", "_neighbor", "sparse conv: neighbour search"),
+    ("models/sparse_conv.py", "_keys", "sparse conv: neighbour search"),
+    ("legacy.py", "neighbors_per_offset", "sparse conv: neighbour search"),
+    ("legacy.py", "hilbert", "serialization (codes, argsort)"),
+    ("legacy.py", "patches_per_block", "attention: patch order / padding"),
+    ("legacy.py", "merge_core_match", "merging (adapter, match, merge, unmerge)"),
     ("models/sparse_conv.py", "gather_conv", "sparse conv: gather + GEMM"),
     ("models/sparse_conv.py", "", "sparse conv: other (bias, strided)"),
     ("models/serialization.py", "", "serialization (codes, argsort)"),

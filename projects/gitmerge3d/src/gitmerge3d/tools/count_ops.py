@@ -12,6 +12,7 @@ sparse conv's gather is chunked by a memory budget (N x Cin), so narrow widths g
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .. import merging
+from ..legacy import legacy_paths
 from ..models import PointTransformerV3, sonata_config
 from ..models import sparse_conv as sc
 from ..models.presets import reduced_config
@@ -113,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--amp", action="store_true", help="autocast (fp16 CUDA / bf16 CPU): adds cast ops")
     p.add_argument("--device", default="cpu")
     p.add_argument("--spconv", default="torch", choices=sc.BACKENDS)
+    p.add_argument("--legacy", action="store_true", help="count the former launch-heavy paths (gitmerge3d.legacy)")
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--out", help="write per-source counts as JSON here (and the tables as .md)")
     args = p.parse_args(argv)
@@ -131,13 +134,14 @@ def main(argv: list[str] | None = None) -> int:
             inputs = synthetic_scene(args.synthetic, device=device)
         cfg = reduced_config(args.variant) if args.reduced else narrow_config(args.variant, args.width_div)
         model = PointTransformerV3(**cfg).to(device).eval()
-        counts = {name: count_row(model, inputs, mode, r, args.amp, device) for name, mode, r in rows}
+        with legacy_paths() if args.legacy else contextlib.nullcontext():
+            counts = {name: count_row(model, inputs, mode, r, args.amp, device) for name, mode, r in rows}
     except (OSError, ValueError) as exc:
         print(f"gitmerge3d-count-ops: error: {exc}", file=sys.stderr)
         return 2
     n = int(inputs["coord"].shape[0])
     head = f"{n} grid points, sonata-{args.variant}{' reduced' if args.reduced else ''}, width/{args.width_div}, "
-    head += f"spconv={args.spconv}, amp={args.amp}, device={device}"
+    head += f"spconv={args.spconv}, amp={args.amp}, device={device}, paths={'legacy' if args.legacy else 'current'}"
     table = head + "\n\n" + format_counts(counts, args.top)
     print(table)
     if args.out:

@@ -5,7 +5,8 @@ next to the median latency and peak memory, the GPU kernels of one forward (torc
 kernel/memcpy/memset events), the aten ops that launch them and the host syncs (``gitmerge3d.opcount``).
 Rows r0-flash and patch@0.9 (issue 11's target pair) on the real scene and on 4 tiled copies, with the
 pure-torch sparse conv and with ``auto`` (spconv-triton on CUDA) when spconv-triton imports; the auto
-rows also report the largest deviation of the model output from the torch backend's.
+rows (and, with ``--legacy``, the former launch-heavy paths of ``gitmerge3d.legacy``) also report the
+largest deviation of the model output from the torch backend's.
 
     python -m gitmerge3d.tools.launch_bench --scene projects/gitmerge3d/scene0000_00.bin --out-dir /tmp/o
 """
@@ -13,6 +14,7 @@ rows also report the largest deviation of the model output from the torch backen
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -25,6 +27,7 @@ import torch
 from merge_core.bench import time_calls
 
 from .. import merging
+from ..legacy import legacy_paths
 from ..models import PointTransformerV3, sonata_config
 from ..models import sparse_conv as sc
 from ..models.presets import reduced_config
@@ -134,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--normals", default="estimate", choices=("estimate", "zero"))
     p.add_argument("--rows", default="r0-flash,patch@0.9")
     p.add_argument("--backends", default="torch,auto", help="comma list of torch/auto/spconv")
+    p.add_argument("--legacy", action="store_true", help="also the former launch-heavy paths (torch backend)")
     p.add_argument("--reduced", action="store_true", help="toy-width model (CPU check)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-amp", dest="amp", action="store_false")
@@ -176,15 +180,21 @@ def main(argv: list[str] | None = None) -> int:
         meta = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
                     torch=torch.__version__, amp=args.amp, spconv_triton=status,
                     model="sonata-0c" + (" reduced" if args.reduced else ""))  # fmt: skip
-        # torch rows of every scene first: spconv-triton's first calls autotune, which may eat the budget
-        for backend in backends:
+        # torch rows of every scene first (then the legacy paths): spconv-triton's first calls autotune,
+        # which may eat the budget
+        cases = [(b, False) for b in backends if b == "torch"]
+        cases += [("torch", True)] if args.legacy else []
+        cases += [(b, False) for b in backends if b != "torch"]
+        for backend, old in cases:
             for scene, inputs in scenes.items():
                 for row in rows:
+                    label = f"{backend}{' legacy' if old else ''}"
                     if time.perf_counter() - start > args.time_budget:
-                        notes.append(f"skipped {scene} {row} {backend}: time budget {args.time_budget:.0f} s spent")
+                        notes.append(f"skipped {scene} {row} {label}: time budget {args.time_budget:.0f} s spent")
                         continue
-                    res = run_case(model, inputs, row, backend, args, device, references[scene])
-                    res.update(scene=scene, points=int(inputs["coord"].shape[0]))
+                    with legacy_paths() if old else contextlib.nullcontext():
+                        res = run_case(model, inputs, row, backend, args, device, references[scene])
+                    res.update(scene=scene, points=int(inputs["coord"].shape[0]), spconv=label)
                     results.append(res)
                     print(
                         f"{scene} {row} {backend}: {res['latency_ms']:.1f} ms, kernels {res['gpu_kernels']}, "
