@@ -67,3 +67,23 @@ def test_entry_points_fail_in_one_line(tiny_cfg, sa1b, tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and ": error: " in err, err
+
+
+def test_teacher_suite_survives_a_failed_compile_and_keeps_the_time_budget(monkeypatch, tmp_path):
+    """A compile that raises leaves a one-line 'skipped' row (the eager rows and the JSON stay); merged rows
+    that would overrun --time-budget are skipped, not started."""
+    import efficientsam3.bench as bench
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("no inductor here\nsecond line")
+
+    monkeypatch.setattr(bench, "_compiled", boom)
+    out = tmp_path / "t.json"
+    common = ["--tiny", "--device", "cpu", "--suite", "teacher", "--compile", "--merge", "2:8", "--merge-modes",
+              "attn", "--warmup", "0", "--iters", "1", "--peak-tflops", "989", "--out", str(out)]  # fmt: skip
+    rows = bench_main(common)["teacher"]
+    assert [r["teacher"] for r in rows] == ["exact-ref", "exact-fast", "exact-fast-compiled", "merged-attn-compiled"]
+    assert rows[2]["skipped"] == rows[3]["skipped"] == "error: RuntimeError: no inductor here"
+    assert rows[1]["mfu"] > 0 and json.loads(out.read_text())["teacher"][1]["teacher"] == "exact-fast"
+    rows = bench_main([*common, "--time-budget", "1"])["teacher"]
+    assert rows[-1]["skipped"] == "time budget"

@@ -124,6 +124,12 @@ def _compiled(model, device, x) -> tuple[object, float]:
     return run, time.perf_counter() - t0
 
 
+def _why(e: Exception) -> str:
+    """One line naming a failed row's exception."""
+    msg = str(e).strip().splitlines()
+    return f"error: {type(e).__name__}: {msg[0][:200] if msg else ''}"
+
+
 def bench_teacher(args, device, dtype, save=lambda rows: None) -> list[dict]:
     """Exact trunk: reference path eager ("exact-ref": SAM3's op order, fp32 RoPE), fast path eager
     ("exact-fast") and, with --compile, the fast path under torch.compile ("exact-fast-compiled"); then the
@@ -163,10 +169,15 @@ def bench_teacher(args, device, dtype, save=lambda rows: None) -> list[dict]:
         base = add("exact-fast", model, model(x).float())["img_per_s"]
         compile_s = 0.0
         if args.compile:
-            run, compile_s = _compiled(model, device, x)
-            base = add("exact-fast-compiled", run, run(x).float(), compile_s=compile_s)["img_per_s"]
+            try:
+                run, compile_s = _compiled(model, device, x)
+                base = add("exact-fast-compiled", run, run(x).float(), compile_s=compile_s)["img_per_s"]
+            except Exception as e:  # noqa: BLE001  (report and go on with the eager rows)
+                rows.append({"teacher": "exact-fast-compiled", "window_r": 0, "global_r": 0, "skipped": _why(e)})
+                print(json.dumps(rows[-1]), flush=True)
         for row in rows:
-            row["speedup"] = row["img_per_s"] / base
+            if "img_per_s" in row:
+                row["speedup"] = row["img_per_s"] / base
         for spec, mode in [(sp, md) for md in args.merge_modes for sp in args.merge]:
             wr, gr = (int(v) for v in spec.split(":"))
             name = f"merged-{mode}" + ("-compiled" if args.compile else "")
@@ -177,12 +188,16 @@ def bench_teacher(args, device, dtype, save=lambda rows: None) -> list[dict]:
                 continue
             apply_merging(model, wr, gr, mode=mode)
             extra = {"attended": attended_tokens(model, model.r)[:8]}
-            run = model
-            if args.compile:
-                run, extra["compile_s"] = _compiled(model, device, x)
-            row = add(name, run, run(x).float(), wr, gr, **extra)
-            row["speedup"] = row["img_per_s"] / base
-            row["tflop_per_img"] = _flops(lambda: model(x[:1])) / 1e12
+            try:
+                run = model
+                if args.compile:
+                    run, extra["compile_s"] = _compiled(model, device, x)
+                row = add(name, run, run(x).float(), wr, gr, **extra)
+                row["speedup"] = row["img_per_s"] / base
+                row["tflop_per_img"] = _flops(lambda: model(x[:1])) / 1e12
+            except Exception as e:  # noqa: BLE001  (one failed variant must not lose the others)
+                rows.append({"teacher": name, "window_r": wr, "global_r": gr, "skipped": _why(e)})
+                print(json.dumps(rows[-1]), flush=True)
             remove_patch(model)
     print_teacher_table(rows, args.peak_tflops)
     return rows
@@ -194,7 +209,7 @@ def print_teacher_table(rows: list[dict], peak: float | None) -> None:
           f"{'cos mean':>8} {'cos min':>7} {'compile s':>9}")  # fmt: skip
     for r in rows:
         if "skipped" in r:
-            print(f"{r['teacher']:<24} {r['window_r']}:{r['global_r']:<5} skipped ({r['skipped']})")
+            print(f"{r['teacher']:<24} {r['window_r']:>4}:{r['global_r']:<4} skipped ({r['skipped']})")
             continue
         mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
         cs = f"{r['compile_s']:.0f}" if "compile_s" in r else "-"
