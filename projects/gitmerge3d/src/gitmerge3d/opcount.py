@@ -9,8 +9,8 @@ several launches (sort, unique, SDPA) or library-internal copies.
 - ``launch`` ops: every aten op that is not a view/alias (``OpOverload.is_view``) and not a bare
   allocation (``empty*``); each is at least one kernel on a GPU.
 - ``sync`` ops: ops whose output shape depends on data (``nonzero``, ``unique``, ``masked_select``, ...)
-  or that read a value back (``_local_scalar_dense`` = ``.item()``); each stalls the host on a GPU.
-  ``tensor.tolist()`` on a CPU tensor does not dispatch and is not seen.
+  or that read a value back (``_local_scalar_dense`` = ``.item()``, device-to-host copies); each stalls the
+  host on a GPU. ``tensor.tolist()`` on a CPU tensor does not dispatch and is not seen on a CPU.
 
 Attribution: the innermost Python frame inside ``gitmerge3d`` or ``merge_core`` (this module excluded),
 reported as ``file:function`` and rolled up into coarse categories (``CATEGORIES``).
@@ -22,6 +22,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
+import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 _ALLOC = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "detach"}
@@ -77,6 +78,17 @@ def is_launch(func) -> bool:
 def is_sync(func) -> bool:
     """True for ops that need the data on the host (data-dependent shapes, value reads)."""
     return _op_name(func) in _SYNC
+
+
+def is_device_to_host(func, args, kwargs) -> bool:
+    """A copy from an accelerator to the CPU (``.cpu()``, ``.tolist()`` on CUDA): also a host sync."""
+    name = _op_name(func)
+    if name == "_to_copy" and args and isinstance(args[0], torch.Tensor):
+        dev = kwargs.get("device")
+        return args[0].device.type != "cpu" and dev is not None and torch.device(dev).type == "cpu"
+    if name == "copy_" and len(args) > 1 and all(isinstance(a, torch.Tensor) for a in args[:2]):
+        return args[0].device.type == "cpu" and args[1].device.type != "cpu"
+    return False
 
 
 def _source(skip: str) -> str:
@@ -145,7 +157,7 @@ class OpCounter(TorchDispatchMode):
             src = _source(self._self_file)
             self.count.launches[src] += 1
             self.count.ops[_op_name(func)] += 1
-            if is_sync(func):
+            if is_sync(func) or is_device_to_host(func, args, kwargs or {}):
                 self.count.syncs[src] += 1
         else:
             self.count.views += 1

@@ -178,9 +178,15 @@ def serialization_depth(grid_coord: torch.Tensor) -> int:
 
 def serialize(grid_coord: torch.Tensor, batch: torch.Tensor, orders, depth: int | None = None):
     """Codes, orders (argsort) and inverse permutations for each order, stacked as (k, N)."""
-    if depth is None:
-        depth = serialization_depth(grid_coord)
-    n_samples = int(batch.max().item()) + 1 if batch.numel() else 1
+    if batch.numel():  # one host sync for both values (a GPU forward serializes 5 Points)
+        grid_max, batch_max = torch.stack([grid_coord.max().long(), batch.max().long()]).tolist()
+        n_samples = batch_max + 1
+        if depth is None:
+            depth = int(grid_max + 1).bit_length()
+    else:
+        n_samples = 1
+        if depth is None:
+            depth = serialization_depth(grid_coord)
     if depth * 3 + n_samples.bit_length() > 63:
         raise ValueError(f"serialization needs depth*3 + batch bits <= 63, got depth={depth}, batch={n_samples}")
     code = torch.stack(encode_many(grid_coord, batch, depth, orders))

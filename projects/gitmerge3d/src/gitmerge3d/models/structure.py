@@ -66,7 +66,8 @@ class Point(Dict):
 
     def sparsify(self, pad: int = 96) -> None:
         grid_coord = self.ensure_grid_coord()
-        shape = (grid_coord.max(0).values + pad).tolist()
+        # spatial shape and batch size in one host sync
+        *shape, batch_size = torch.cat([grid_coord.max(0).values.long() + pad, self["batch"][-1:].long() + 1]).tolist()
         indices = torch.cat([self["batch"].unsqueeze(-1).int(), grid_coord.int()], dim=1).contiguous()
         self["sparse_shape"] = shape
-        self["sparse_conv_feat"] = SparseTensor(self["feat"], indices, shape, int(self["batch"][-1].item()) + 1)
+        self["sparse_conv_feat"] = SparseTensor(self["feat"], indices, shape, batch_size)
