@@ -99,8 +99,12 @@ class MergeState:
         """``parse_r(num_layers, r)``, cached by ``r``'s value (an O(1) check for an int); do not mutate the list.
 
         Why: the r = 0 path must cost the unpatched model nothing measurable, and ``parse_r`` validates
-        every entry with ABC checks (microseconds per call, twice per forward before the cache).
+        every entry with ABC checks (microseconds per call, twice per forward before the cache). Under
+        ``torch.compile`` the cache is bypassed: dynamo guards on the dict it reads, so a miss filled during the
+        first trace made the second call recompile the whole model.
         """
+        if _compiling():  # traced: no cache (a dict read is a guard, the first trace's write a recompile)
+            return parse_r(num_layers, r)
         key = _schedule_key(num_layers, r)
         schedule = self._schedules.get(key) if key is not None else None
         if schedule is None:

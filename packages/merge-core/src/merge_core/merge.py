@@ -32,6 +32,12 @@ def merge_wavg(merge: MergeFn, x: torch.Tensor, size: torch.Tensor | None = None
             return kernels.fused_merge_wavg(plan, x, size)
     if size is None:
         size = torch.ones_like(x[..., 0, None])
+    if torch.compiler.is_compiling():
+        # traced: one gather/scatter over [x * size, size] instead of two, so Inductor emits half the merge
+        # kernels per layer (each layer has its own token count, hence its own kernels: compile time)
+        merged = merge(torch.cat([x * size, size], dim=-1), mode="sum")
+        x, size = merged[..., :-1], merged[..., -1:]
+        return x / size, size
     x = merge(x * size, mode="sum")
     size = merge(size, mode="sum")
     return x / size, size
