@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from merge_bench import cli
+from merge_bench import cli, micro
+from merge_bench.compile_time import run_compile
 
 TINY = ["--device", "cpu", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--warmup", "1"]
 
@@ -51,7 +52,39 @@ def test_compile_and_overhead_suites_in_one_invocation(tmp_path):
         assert "error" not in row
         assert row["time_to_first_output_s"] > 0 and row["eager_ms"] > 0 and row["compiled_ms"] > 0
         assert row["max_abs_diff_vs_eager"] < 1e-4  # the compiled forward computes what eager computes
+        # one graph, no break, and the second call and the timed calls reuse it (the patched model is
+        # compiled before any eager forward, as a user would)
+        counts = (row["graphs"], row["graph_breaks"], row["graphs_second_call"], row["graphs_timed_calls"])
+        assert counts == (1, 0, 0, 0)
+        assert row["compile_mode"] == "default" and row["dynamic"] is None
     assert rows["merge", False]["r"] == 4 and rows["timm", None]["speedup_compiled"] == 1.0
+
+
+def test_compile_mode_options_are_checked():
+    args = cli.parse_args([*TINY, "--suite", "compile", "--compile-mode", "reduce-overhead"])
+    assert args.compile_mode == "reduce-overhead" and args.compile_dynamic == "auto"
+    with pytest.raises(ValueError, match="reduce-overhead needs a CUDA device"):
+        run_compile(args.device, args.dtype, args, log=lambda *a: None)
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--suite", "compile", "--compile-mode", "fast"])
+
+
+def test_prop_attn_parts_are_parsed():
+    assert micro.parse_parts(None) == list(micro.PARTS) and micro.parse_parts("all") == list(micro.PARTS)
+    assert micro.parse_parts("e2e, flex") == ["e2e", "flex"]
+    for bad in ("e2e,fast", ","):
+        with pytest.raises(ValueError, match="--parts must be"):
+            micro.parse_parts(bad)
+    with pytest.raises(SystemExit):
+        micro.main(["--parts", "nope", "--device", "cpu"])
+
+
+def test_prop_attn_layer_part_alone_writes_only_its_rows(tmp_path):
+    argv = ["--tiny", "--device", "cpu", "--parts", "layer", "--iters", "1", "--warmup", "0", "--out", str(tmp_path)]
+    assert micro.main(argv) == 0
+    data = json.loads((tmp_path / "merge-bench-prop-attn-cpu.json").read_text())
+    assert data["parts"] == ["layer"] and data["layer"]
+    assert data["attention"] == [] and data["flex_probe"] == [] and data["e2e"] == []
 
 
 def test_suite_lists_are_checked():

@@ -98,6 +98,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--img-size", type=int, default=None, help="overhead/compile: image size (default: the model's)")
     p.add_argument("--compile-backend", default="inductor", help="compile: torch.compile backend (tests: aot_eager)")
     p.add_argument(
+        "--compile-mode",
+        choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+        default="default",
+        help="compile: torch.compile mode (reduce-overhead: CUDA graphs, the small-batch mode; CUDA only)",
+    )
+    p.add_argument(
+        "--compile-dynamic",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="compile: torch.compile(dynamic=None|True|False) (default auto = None)",
+    )
+    p.add_argument("--compile-skip-timm", action="store_true", help="compile: only the merge-core rows")
+    p.add_argument(
         "--compile-cache",
         action="store_true",
         help="compile: keep Inductor's on-disk caches (default: off, so time to first output is a cold compile)",

@@ -39,30 +39,64 @@ def _compiler_startup(device: torch.device, backend: str) -> float:
     return time.perf_counter() - start
 
 
+def _dynamo_counts() -> dict[str, int]:
+    """Dynamo's process-wide counters that tell whether a compiled model is one graph and stays compiled."""
+    from torch._dynamo.utils import counters
+
+    return {
+        "graphs": int(counters["stats"].get("unique_graphs", 0)),
+        "graph_breaks": int(sum(counters["graph_break"].values())),
+        "frames": int(counters["frames"].get("ok", 0)),
+    }
+
+
+def _counts_since(before: dict[str, int]) -> dict[str, int]:
+    now = _dynamo_counts()
+    return {key: now[key] - before[key] for key in now}
+
+
 def compile_row(model, x, backend: str, args, device) -> dict[str, Any]:
-    """Eager median, time to first compiled output, compiled median and the compiled-vs-eager output gap."""
-    run_eager = lambda: model(x)  # noqa: E731
+    """Time to first compiled output, graph / recompile counts, compiled and eager medians, output gap.
+
+    Compiled first, on a model that has not run eagerly yet (what a user does: patch, set r, compile, call),
+    so state an eager forward would leave behind cannot hide a recompile. ``graphs_second_call`` counts the
+    graphs dynamo compiled during the second and third calls (0: no recompile); any recompile during the
+    timed calls would show up in ``graphs_timed_calls``.
+    """
+    mode = getattr(args, "compile_mode", "default")
+    dynamic = {"auto": None, "on": True, "off": False}[getattr(args, "compile_dynamic", "auto")]
+    row: dict[str, Any] = {"compile_mode": mode, "dynamic": dynamic}
     with torch.inference_mode():
-        eager = measure(run_eager, device, args.warmup, args.iters)
-        expected = model(x)
         torch._dynamo.reset()
-        compiled = torch.compile(model, backend=backend)
+        before = _dynamo_counts()
+        compiled = torch.compile(model, backend=backend, mode=None if mode == "default" else mode, dynamic=dynamic)
         start = time.perf_counter()
-        out = compiled(x)
+        out = compiled(x).clone()  # reduce-overhead: later replays overwrite the graph's output buffer
         _sync(device)
-        first = time.perf_counter() - start
+        row["time_to_first_output_s"] = time.perf_counter() - start
+        first = _counts_since(before)
+        row.update(graphs=first["graphs"], graph_breaks=first["graph_breaks"])
+        start = time.perf_counter()
+        compiled(x)
+        compiled(x)
+        _sync(device)
+        row["second_call_s"] = time.perf_counter() - start
+        row["graphs_second_call"] = _counts_since(before)["graphs"] - first["graphs"]
+        middle = _dynamo_counts()
         steady = measure(lambda fn=compiled: fn(x), device, args.warmup, args.iters)
-        diff = _max_diff(out, expected)
+        row["graphs_timed_calls"] = _counts_since(middle)["graphs"]
+        eager = measure(lambda: model(x), device, args.warmup, args.iters)
+        expected = model(x)
+        row["max_abs_diff_vs_eager"] = _max_diff(out, expected)
     del compiled
     torch._dynamo.reset()
-    return {
-        "eager_ms": eager["ms_median"],
-        "compiled_ms": steady["ms_median"],
-        "compiled_ms_min": steady["ms_min"],
-        "time_to_first_output_s": first,
-        "compiled_vs_eager": eager["ms_median"] / steady["ms_median"],
-        "max_abs_diff_vs_eager": diff,
-    }
+    row.update(
+        eager_ms=eager["ms_median"],
+        compiled_ms=steady["ms_median"],
+        compiled_ms_min=steady["ms_min"],
+        compiled_vs_eager=eager["ms_median"] / steady["ms_median"],
+    )
+    return row
 
 
 def run_compile(device, dtype, args, log=print, checkpoint=lambda payload: None, payload=None) -> dict[str, Any]:
@@ -70,6 +104,8 @@ def run_compile(device, dtype, args, log=print, checkpoint=lambda payload: None,
     import torch._inductor.config as inductor_config
 
     payload = payload if payload is not None else {}
+    if getattr(args, "compile_mode", "default") == "reduce-overhead" and device.type != "cuda":
+        raise ValueError("--compile-mode reduce-overhead needs a CUDA device (it captures CUDA graphs)")
     kwargs: dict[str, Any] = {}
     if args.depth:
         kwargs["depth"] = args.depth
@@ -88,7 +124,8 @@ def run_compile(device, dtype, args, log=print, checkpoint=lambda payload: None,
         "batch": args.batch_size,
         "r": r,
         "backend": backend,
-        "mode": "default",
+        "mode": getattr(args, "compile_mode", "default"),
+        "dynamic": getattr(args, "compile_dynamic", "auto"),
         "inductor_caches": bool(args.compile_cache),
         "rows": [],
     }
@@ -98,10 +135,13 @@ def run_compile(device, dtype, args, log=print, checkpoint=lambda payload: None,
         info["compiler_startup_s"] = _compiler_startup(device, backend)
         log(
             f"compile: {name} depth {info['depth']} @{info['img_size'][0]}, batch {args.batch_size}, r={r}, "
-            f"backend {backend}, caches {'on' if args.compile_cache else 'off'}; compiler start-up "
+            f"backend {backend}, mode {info['mode']}, dynamic {info['dynamic']}, "
+            f"caches {'on' if args.compile_cache else 'off'}; compiler start-up "
             f"{info['compiler_startup_s']:.1f} s"
         )
-        variants = [("timm", None)] + [("merge", prop) for prop in props]
+        variants = ([] if getattr(args, "compile_skip_timm", False) else [("timm", None)]) + [
+            ("merge", prop) for prop in props
+        ]
         for kind, prop in variants:
             model = copy.deepcopy(base)
             if kind == "merge":
@@ -139,8 +179,9 @@ def _speedups(rows: list[dict[str, Any]]) -> None:
 def row_text(row: dict[str, Any]) -> str:
     label = row["kind"] + ("" if row["prop_attn"] is None else f" prop_attn={'on' if row['prop_attn'] else 'off'}")
     return (
-        f"{label:<24} r={row['r']:<3} first output {row['time_to_first_output_s']:7.1f} s | eager "
-        f"{row['eager_ms']:8.3f} ms | compiled {row['compiled_ms']:8.3f} ms ({row['compiled_vs_eager']:.2f}x eager) "
-        f"| vs timm: eager {row.get('speedup_eager', float('nan')):.2f}x, compiled "
-        f"{row.get('speedup_compiled', float('nan')):.2f}x | max |diff| {row['max_abs_diff_vs_eager']:.2e}"
+        f"{label:<24} r={row['r']:<3} first output {row['time_to_first_output_s']:7.1f} s "
+        f"({row['graphs']} graph(s), {row['graph_breaks']} breaks, recompiles on 2nd call {row['graphs_second_call']}) "
+        f"| eager {row['eager_ms']:8.3f} ms | compiled {row['compiled_ms']:8.3f} ms "
+        f"({row['compiled_vs_eager']:.2f}x eager) | vs timm: eager {row.get('speedup_eager', float('nan')):.2f}x, "
+        f"compiled {row.get('speedup_compiled', float('nan')):.2f}x | max |diff| {row['max_abs_diff_vs_eager']:.2e}"
     )

@@ -3,6 +3,9 @@
 The prop-attn section (issue 9, target 4) runs as one command with a table and a JSON file::
 
     PYTHONPATH=packages/merge-core/src:packages/merge-bench/src python3 -m merge_bench.micro --section prop-attn
+
+``--parts e2e,flex`` runs only some of its parts (attention, layer, flex, e2e), e.g. the end-to-end and
+FlexAttention rows alone within about two minutes on an H200; ``--out DIR`` puts the JSON into DIR.
 """
 
 from __future__ import annotations
@@ -434,6 +437,21 @@ def _e2e_summary(rows) -> list[str]:
     return lines
 
 
+PARTS = ("attention", "layer", "flex", "e2e")
+
+
+def parse_parts(text: str | None) -> list[str]:
+    """``--parts`` (comma-separated subset of ``PARTS``; None or "all" = every part), so that the slow parts
+    (the FlexAttention compiles, the end-to-end models) can run alone inside one short device call."""
+    if text is None or text == "all":
+        return list(PARTS)
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [part for part in parts if part not in PARTS]
+    if unknown or not parts:
+        raise ValueError(f"--parts must be a comma-separated subset of {', '.join(PARTS)} (or all), got {text!r}")
+    return parts
+
+
 def run_prop_attn(device, dtype, args, log=print, checkpoint=None) -> dict[str, Any]:
     """The prop-attn section: attention rows per shape, layer rows, the flex probe, end-to-end rows.
 
@@ -441,14 +459,21 @@ def run_prop_attn(device, dtype, args, log=print, checkpoint=None) -> dict[str, 
     """
     checkpoint = checkpoint or (lambda payload: None)
     # getattr defaults: merge-bench's suite runner can call this with its own argparse namespace
-    tiny, flex, e2e = getattr(args, "tiny", False), getattr(args, "flex", True), getattr(args, "e2e", True)
+    tiny = getattr(args, "tiny", False)
+    parts = set(parse_parts(getattr(args, "parts", None)))
+    if not getattr(args, "flex", True):
+        parts.discard("flex")
+    if not getattr(args, "e2e", True):
+        parts.discard("e2e")
     shapes = TINY_PROP_ATTN_SHAPES if tiny else PROP_ATTN_SHAPES
     payload: dict[str, Any] = {"suite": "prop-attn", "environment": environment(device), "dtype": str(dtype)}
-    payload.update(warmup=args.warmup, iters=args.iters, attention=[], layer=[], flex_probe=[], e2e=[])
-    log(f"device: {payload['environment']['device_name']} | torch {torch.__version__}")
-    log(f"{'shape':<20} {'path':<34} {'ms median':>10} {'vs sdpa no mask':>16}")
+    payload.update(warmup=args.warmup, iters=args.iters, parts=[p for p in PARTS if p in parts])
+    payload.update(attention=[], layer=[], flex_probe=[], e2e=[])
+    log(f"device: {payload['environment']['device_name']} | torch {torch.__version__} | parts {payload['parts']}")
+    if "attention" in parts:
+        log(f"{'shape':<20} {'path':<34} {'ms median':>10} {'vs sdpa no mask':>16}")
     swept = set()
-    for b, h, n, d in shapes:
+    for b, h, n, d in shapes if "attention" in parts else ():
         sweep = (b, h) not in swept and not tiny
         swept.add((b, h))
         rows = bench_prop_attn_shape(b, h, n, d, device, dtype, args, sweep)
@@ -462,13 +487,13 @@ def run_prop_attn(device, dtype, args, log=print, checkpoint=None) -> dict[str, 
             configs = f"heuristic {rows[0]['kernel_heuristic']} tuned {rows[0]['kernel_tuned']}"
             log(f"{b}x{h}x{n}x{d:<8} kernel config: {configs}")
         checkpoint(payload)
-    for b, h, n, d in (shapes[0], shapes[4]) if not tiny else shapes:
+    for b, h, n, d in ((shapes[0], shapes[4]) if not tiny else shapes) if "layer" in parts else ():
         rows = bench_prop_attn_layer(b, h, n, d, device, dtype, args)
         payload["layer"] += rows
         for row in rows:
             log(f"{b}x{h}x{n}x{d:<8} {row['path']:<34} {row.get('ms_median', float('nan')):10.3f}")
         checkpoint(payload)
-    if flex:
+    if "flex" in parts:
         compiled = device.type == "cuda"
         main = ("once-no_grad", "once-inference_mode", "repo") if compiled else ("eager",)
         probes = [(shapes[0], main + (("once-grad_enabled", "fresh-closure", "dynamic", "eager") if compiled else ()))]
@@ -486,7 +511,7 @@ def run_prop_attn(device, dtype, args, log=print, checkpoint=None) -> dict[str, 
                 )
                 log(f"{b}x{h}x{n}x{d:<8} flex {row['variant']:<29} {text}")
             checkpoint(payload)
-    if e2e:
+    if "e2e" in parts:
         for label, name, img, batch, r in TINY_PROP_ATTN_E2E if tiny else PROP_ATTN_E2E:
             try:
                 payload["e2e"] += prop_attn_e2e(label, name, img, batch, r, device, dtype, args, log)
@@ -507,11 +532,21 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--warmup", type=int, default=None, help="default 10 (CUDA), 1 (CPU)")
     p.add_argument("--iters", type=int, default=None, help="default 30 (CUDA), 2 (CPU)")
-    p.add_argument("--json", default=None, help="output path (default results/merge-bench-prop-attn-<device>.json)")
+    p.add_argument("--json", default=None, help="output path (default <out>/merge-bench-prop-attn-<device>.json)")
+    p.add_argument("--out", default="results", help="folder of the default JSON path (default results)")
     p.add_argument("--tiny", action="store_true", help="tiny shapes and model (a CPU check of the command)")
+    p.add_argument(
+        "--parts",
+        default="all",
+        help=f"comma-separated parts to run: {','.join(PARTS)} (default all; e.g. --parts e2e,flex, ~2 min on an H200)",
+    )
     p.add_argument("--no-flex", dest="flex", action="store_false", help="skip the FlexAttention probe")
     p.add_argument("--no-e2e", dest="e2e", action="store_false", help="skip the end-to-end rows")
     args = p.parse_args(argv)
+    try:
+        parse_parts(args.parts)
+    except ValueError as exc:
+        p.error(str(exc))
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -521,7 +556,7 @@ def main(argv=None) -> int:
     args.iters = args.iters if args.iters is not None else (30 if cuda else 2)
     if args.iters <= 0 or args.warmup < 0:
         p.error("--iters must be > 0 and --warmup >= 0")
-    path = args.json or f"results/merge-bench-prop-attn-{device_slug(device)}.json"
+    path = args.json or f"{args.out}/merge-bench-prop-attn-{device_slug(device)}.json"
     run_prop_attn(device, dtype, args, checkpoint=lambda payload: write_json(path, payload, lambda *a: None))
     print(f"wrote {path}")
     return 0
