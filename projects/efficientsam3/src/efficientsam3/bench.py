@@ -148,7 +148,7 @@ def bench_teacher(args, device, dtype, save=lambda rows: None) -> list[dict]:
         ref = model(x).float()
         meter_base = {"tflop_per_img": flops / 1e12, "tmac_per_img": flops / 2e12, "batch": b}
 
-        def add(name: str, run, y: torch.Tensor, wr: int = 0, gr: int = 0, **extra) -> dict:
+        def add(name: str, run, y: torch.Tensor, wr: int = 0, gr: int = 0, base: float = 0.0, **extra) -> dict:
             t = measure(lambda: run(x), device, args.warmup, args.iters)
             ips = b / t["ms_median"] * 1e3
             meter = ErrorMeter()
@@ -159,6 +159,8 @@ def bench_teacher(args, device, dtype, save=lambda rows: None) -> list[dict]:
                    "elapsed_s": time.perf_counter() - t_start, **extra}  # fmt: skip
             if args.peak_tflops and not wr and not gr:
                 row["mfu"] = ips * flops / (args.peak_tflops * 1e12)
+            if base:
+                row["speedup"] = ips / base
             rows.append(row)
             print(json.dumps(row), flush=True)
             save(rows)
@@ -178,11 +180,12 @@ def bench_teacher(args, device, dtype, save=lambda rows: None) -> list[dict]:
         for row in rows:
             if "img_per_s" in row:
                 row["speedup"] = row["img_per_s"] / base
+        save(rows)
         for spec, mode in [(sp, md) for md in args.merge_modes for sp in args.merge]:
             wr, gr = (int(v) for v in spec.split(":"))
             name = f"merged-{mode}" + ("-compiled" if args.compile else "")
             left = args.time_budget - (time.perf_counter() - t_start) if args.time_budget else float("inf")
-            if left < 1.3 * compile_s + 5:
+            if left < 1.5 * compile_s + 5:
                 print(json.dumps({"skipped": name, "merge": spec, "seconds_left": left}), flush=True)
                 rows.append({"teacher": name, "window_r": wr, "global_r": gr, "skipped": "time budget"})
                 continue
@@ -192,9 +195,8 @@ def bench_teacher(args, device, dtype, save=lambda rows: None) -> list[dict]:
                 run = model
                 if args.compile:
                     run, extra["compile_s"] = _compiled(model, device, x)
-                row = add(name, run, run(x).float(), wr, gr, **extra)
-                row["speedup"] = row["img_per_s"] / base
-                row["tflop_per_img"] = _flops(lambda: model(x[:1])) / 1e12
+                extra["tflop_per_img"] = _flops(lambda: model(x[:1])) / 1e12
+                add(name, run, run(x).float(), wr, gr, base=base, **extra)
             except Exception as e:  # noqa: BLE001  (one failed variant must not lose the others)
                 rows.append({"teacher": name, "window_r": wr, "global_r": gr, "skipped": _why(e)})
                 print(json.dumps(rows[-1]), flush=True)
@@ -436,25 +438,33 @@ class FTBench:
         return row
 
 
-def bench_finetune(args, device) -> dict:
-    """One FT step and its parts for each frozen dtype and FPN level; see the module docstring."""
+def bench_finetune(args, device, save=lambda part: None) -> dict:
+    """One FT step and its parts for each frozen dtype and FPN level; see the module docstring. `save` gets
+    the rows so far after each one (a killed run keeps them)."""
     t_start = time.perf_counter()
     fb = FTBench(args, device)
-    rows = [fb.timed("stage1_step", fb.stage1_step), fb.timed("student_fwd_bwd", fb.student_fwd_bwd)]
+    rows: list[dict] = []
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        save({"rows": rows, "partial": True})
+
+    add(fb.timed("stage1_step", fb.stage1_step))
+    add(fb.timed("student_fwd_bwd", fb.student_fwd_bwd))
     dtypes = args.ft_frozen_dtypes if fb.gpu else ["fp32"]
     for name in dtypes:
         for level in args.ft_levels:
             fb.set_frozen(level, DTYPES[name])
             info = {"frozen_dtype": name, "level": level}
             fb.ft_step(True)  # fills the cache (the first epoch of a run with DISTILL.CACHE_TEACHER)
-            rows.append(fb.timed("frozen_teacher", fb.frozen_teacher, **info))
-            rows.append(fb.timed("frozen_student", fb.frozen_student, **info))
+            add(fb.timed("frozen_teacher", fb.frozen_teacher, **info))
+            add(fb.timed("frozen_student", fb.frozen_student, **info))
             if name == dtypes[0]:
-                rows.append(fb.timed("frozen_student_allq", lambda: fb.frozen_student(True), **info))
-            rows.append(fb.timed("ft_step_uncached", lambda: fb.ft_step(False), True, **info))
-            rows.append(fb.timed("ft_step_cached", lambda: fb.ft_step(True), True, **info))
+                add(fb.timed("frozen_student_allq", lambda: fb.frozen_student(True), **info))
+            add(fb.timed("ft_step_uncached", lambda: fb.ft_step(False), True, **info))
+            add(fb.timed("ft_step_cached", lambda: fb.ft_step(True), True, **info))
             if level == args.ft_levels[0] and name == dtypes[0]:
-                rows.append(fb.timed("ft_step_edgesam", lambda: fb.ft_step(False, True), True, **info))
+                add(fb.timed("ft_step_edgesam", lambda: fb.ft_step(False, True), True, **info))
     stage1_ms = rows[0]["ms"]
     for row in rows:
         row["x_stage1"] = row["ms"] / stage1_ms
@@ -579,7 +589,12 @@ def main(argv=None) -> dict:
     if "train" in suites:
         result["train"] = bench_train(args, device, dtype)
     if "finetune" in suites:
-        result["finetune"] = bench_finetune(args, device)
+
+        def save_ft(part: dict) -> None:
+            if args.out:
+                write_json_atomic(args.out, {**result, "finetune": part})
+
+        result["finetune"] = bench_finetune(args, device, save_ft)
     if args.out:
         write_json_atomic(args.out, result)
     return result
