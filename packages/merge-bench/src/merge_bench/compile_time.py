@@ -149,6 +149,7 @@ def run_compile(device, dtype, args, log=print, checkpoint=lambda payload: None,
                 model.r = r
                 model.merge_policy = "force"  # eager merges too (a compiled forward always runs the requested r)
             row: dict[str, Any] = {"kind": kind, "r": r if kind == "merge" else 0, "prop_attn": prop}
+            log(f"  compiling {kind} prop_attn={prop} ...")  # a time limit that cuts a row still names it
             try:
                 row.update(compile_row(model, x, backend, args, device))
             except Exception as exc:  # keep the other rows; report the failure

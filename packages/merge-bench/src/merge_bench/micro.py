@@ -493,6 +493,16 @@ def run_prop_attn(device, dtype, args, log=print, checkpoint=None) -> dict[str, 
         for row in rows:
             log(f"{b}x{h}x{n}x{d:<8} {row['path']:<34} {row.get('ms_median', float('nan')):10.3f}")
         checkpoint(payload)
+    if "e2e" in parts:  # before flex: the rows target 4 needs, if a time limit cuts the run
+        for label, name, img, batch, r in TINY_PROP_ATTN_E2E if tiny else PROP_ATTN_E2E:
+            try:
+                payload["e2e"] += prop_attn_e2e(label, name, img, batch, r, device, dtype, args, log)
+            except Exception as exc:  # e.g. out of memory: keep the other rows
+                log(f"  {label} failed: {type(exc).__name__}: {exc}")
+                payload["e2e"].append({"label": label, "error": f"{type(exc).__name__}: {exc}"})
+            checkpoint(payload)
+        for line in _e2e_summary([row for row in payload["e2e"] if "kind" in row]):
+            log(line)
     if "flex" in parts:
         compiled = device.type == "cuda"
         main = ("once-no_grad", "once-inference_mode", "repo") if compiled else ("eager",)
@@ -511,16 +521,6 @@ def run_prop_attn(device, dtype, args, log=print, checkpoint=None) -> dict[str, 
                 )
                 log(f"{b}x{h}x{n}x{d:<8} flex {row['variant']:<29} {text}")
             checkpoint(payload)
-    if "e2e" in parts:
-        for label, name, img, batch, r in TINY_PROP_ATTN_E2E if tiny else PROP_ATTN_E2E:
-            try:
-                payload["e2e"] += prop_attn_e2e(label, name, img, batch, r, device, dtype, args, log)
-            except Exception as exc:  # e.g. out of memory: keep the other rows
-                log(f"  {label} failed: {type(exc).__name__}: {exc}")
-                payload["e2e"].append({"label": label, "error": f"{type(exc).__name__}: {exc}"})
-            checkpoint(payload)
-        for line in _e2e_summary([row for row in payload["e2e"] if "kind" in row]):
-            log(line)
     return payload
 
 
