@@ -11,7 +11,21 @@ import pytest
 import torch
 
 from stop_tome.clip_model import CLIP
+from stop_tome.fastconv import prompter_conv
 from stop_tome.testing import TINY, tiny_state_dict
+
+
+@pytest.fixture(autouse=True)
+def _fast_cpu_prompter_conv(request):
+    """CPU tests run STOP's prompter convolutions as ``fold2d`` (exact; tested against ``nn.Conv3d`` in
+    test_fastconv.py): oneDNN's CPU Conv3d costs ~2 s per call on 11x11 kernels, which dominated this suite.
+    GPU tests keep the process default."""
+    if request.node.get_closest_marker("gpu") is not None:
+        yield
+        return
+    with prompter_conv("fold2d"):
+        yield
+
 
 SHARED = Path(__file__).resolve().parents[3].parent / "shared" / "data"
 VIDEO_DIR = SHARED / "video"

@@ -14,8 +14,9 @@ forward can run one of these mathematically identical paths (only the summation 
   ``B x T`` frames with the weight reshaped to ``(O, kt x C, kh, kw)``, channels padded to a multiple of 8,
   channels-last;
 - ``auto``: on CUDA, times the fixed paths once per layer shape (first call, inputs of that call) and keeps the
-  fastest; ``native`` on other devices. Inside CUDA-graph capture or ``torch.compile`` a shape not yet timed runs
-  ``AUTO_FALLBACK``.
+  fastest; on CPU ``fold2d`` (oneDNN's CPU Conv3d costs ~2 s per call on these kernels whatever the size: a tiny
+  group2-2 train step took 45-70 s native, 11 s fold2d); ``native`` elsewhere. Inside CUDA-graph capture or
+  ``torch.compile`` a CUDA shape not yet timed runs ``AUTO_FALLBACK``.
 
 Gradients flow through padding, stacking and slicing, so training sees the same gradients as with ``native``.
 """
@@ -34,6 +35,7 @@ FIXED_MODES = ("native", "channels_last", "padded", "fold2d")
 MODES = (*FIXED_MODES, "auto")
 CHANNEL_MULTIPLE = 8
 AUTO_FALLBACK = "padded"  # used by ``auto`` for untimed shapes where timing is impossible (graph capture, compile)
+AUTO_CPU = "fold2d"  # what ``auto`` runs on CPU (timing there would cost seconds per native call)
 AUTO_WARMUP, AUTO_ITERS = 1, 3
 
 _mode = "native"
@@ -154,7 +156,7 @@ def _in_capture_or_compile() -> bool:
 def _autotune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding) -> str:
     """The fastest fixed mode for this (device, input shape, weight shape, padding, dtype), timed once on CUDA."""
     if x.device.type != "cuda":
-        return "native"
+        return AUTO_CPU if x.device.type == "cpu" else "native"
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
     key = (str(x.device), tuple(x.shape), tuple(weight.shape), tuple(padding), str(dtype).replace("torch.", ""))
     if key in _auto_cache:

@@ -48,7 +48,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--budget_s",
         type=float,
-        default=320.0,
+        default=300.0,
         help="seconds: measurements past 50%% of it (whole prompter), 85%% (benchmark rows), 100%% are skipped",
     )
     p.add_argument("--tiny", action="store_true", help="tiny shapes, fp32 (CPU smoke run)")
