@@ -165,3 +165,48 @@ def test_model_r_as_fraction_or_counts(make_points):
     model.r = 2.5  # neither a fraction in (0, 1) nor a whole count
     with pytest.raises((TypeError, ValueError)):
         run(model, pts)
+
+
+@pytest.mark.parametrize(
+    "dtype,n,info",
+    [
+        (torch.float32, 300, {"r": 0.9}),
+        (torch.float32, 300, {"r": 0.9, "prop_attn": "faithful"}),
+        (torch.float32, 300, {"r": 0.9, "prop_attn": "key"}),
+        (torch.float32, 120, {"r": 0.7, "stride": 3, "mean_head": True}),
+        (torch.float16, 300, {"r": 0.8, "stride": 5}),  # ones-channel sizes
+        (torch.bfloat16, 300, {"r": 0.9}),  # > 256 tokens: fp32 sizes instead of the ones channel
+        (torch.bfloat16, 200, {"r": 0.95, "stride": 20}),
+    ],
+)
+def test_launch_light_merge_equals_former_path(dtype, n, info):
+    """The packed q|k|v|ones merge + slot-map unmerge against the former PatchMatch path (legacy)."""
+    from gitmerge3d import legacy
+
+    g = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(3, 4, n, 8, generator=g).to(dtype) for _ in range(3))
+    v[0, :, 5:40] = v[0, :, 4:5]  # duplicate tokens: tied scores
+    attn = SerializedAttention(32, 4, n)
+    merging.patch(torch.nn.Sequential(attn), {"tome": "patch"} | info)
+    r = int(n * info["r"])
+    stride = attn._merge_info.extra["gitmerge3d"].stride
+    got, kept = attn._merged(q, k, v, None, r, stride)
+    want, kept_ref = legacy.merged_via_patch_match(attn, q, k, v, None, r, stride)
+    assert kept == kept_ref and got.shape == want.shape and got.dtype == want.dtype
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    # the unmerged output is laid out (P, N, H, D): the caller's transpose + reshape is a view
+    assert got.transpose(1, 2).is_contiguous()
+
+
+def test_launch_light_merge_with_rpe_bias_equals_former_path():
+    from gitmerge3d import legacy
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 60, 4, generator=g) for _ in range(3))
+    bias = torch.randn(2, 2, 60, 60, generator=g)
+    attn = SerializedAttention(8, 2, 60)
+    merging.patch(torch.nn.Sequential(attn), {"tome": "patch", "r": 0.8, "stride": 5, "prop_attn": "key"})
+    got, _ = attn._merged(q, k, v, bias, 48, 5)
+    want, _ = legacy.merged_via_patch_match(attn, q, k, v, bias, 48, 5)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

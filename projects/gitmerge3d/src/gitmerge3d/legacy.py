@@ -1,9 +1,11 @@
 """The pre-2026-12-02 (launch-heavy) implementations, kept to measure the launch reduction in one run.
 
-``legacy_paths()`` swaps them in for the launch-light ones; outputs are identical (tested), only the
+``legacy_paths()`` swaps them in for the launch-light ones; outputs are identical (tested; merging: equal up to
+rounding, the merged tokens' order and scatter order differ), only the
 number of kernels per forward differs: the neighbour search loops over the k^3 offsets (~8 kernels
 each), Hilbert codes walk one level per step, every attention block recomputes its padded patch order,
-and the matcher is merge-core's ``patch_match`` (layout rebuilt per call).
+and merging is the former
+``_merged`` (merge-core's ``patch_match``, layout rebuilt per call; sizes, casts, concat and unmerge copies).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import itertools
 import torch
 
 from merge_core.binned import patch_match
+from merge_core.patch_attention import patch_attention
 
 from . import merging
 from .models import point_transformer_v3m2, serialization
@@ -80,8 +83,27 @@ def patches_per_block(self, point):
     return order, inverse, k
 
 
-def merge_core_match(metric: torch.Tensor, r: int, stride: int, mean_head: bool = False):
-    return patch_match(metric, r, stride, "spread", mean_head=mean_head)
+def merged_via_patch_match(self, q, k, v, bias, r: int, stride: int):
+    """The former ``MergedSerializedAttention._merged``: merge-core's ``patch_match`` (layout rebuilt per call),
+    ``PatchMatch`` sizes by scatter_add, a q|k|v concat merged by scatter_add and divided by the cast sizes,
+    unmerge by a gather into (P, H, N, D) (the caller's transpose then copies)."""
+    cfg = self._merge_info.extra["gitmerge3d"]
+    n = q.shape[-2]
+    if q.shape[0] == 0:
+        return v, n
+    m = patch_match(v, r, stride, "spread" if cfg.no_rand else "random", mean_head=cfg.mean_head)
+    if m is None:
+        return point_transformer_v3m2.SerializedAttention.attend(self, q, k, v, bias, None), n
+    d = q.shape[-1]
+    merged = m.merge(torch.cat([q, k, v], dim=-1))
+    qm, km, vm = merged[..., :d], merged[..., d : 2 * d], merged[..., 2 * d :]
+    size = m.sizes()
+    dropout = self.attn_drop if self.training else 0.0
+    if bias is None:
+        out = patch_attention(qm, km, vm, size, cfg.prop_attn, scale=self.scale, dropout_p=dropout)
+    else:
+        out = self._biased(qm, km, vm, self._merge_bias(m, bias), size, cfg.prop_attn, dropout)
+    return m.unmerge(out), m.num_out
 
 
 @contextlib.contextmanager
@@ -90,7 +112,7 @@ def legacy_paths():
     saved = [
         (sc, "submanifold_neighbors", neighbors_per_offset),
         (serialization, "hilbert_encode", hilbert_level_by_level),
-        (merging, "spread_patch_match", merge_core_match),
+        (merging.MergedSerializedAttention, "_merged", merged_via_patch_match),
         (point_transformer_v3m2.SerializedAttention, "patches", patches_per_block),
     ]
     old = [(obj, name, getattr(obj, name) if name not in vars(obj) else vars(obj)[name]) for obj, name, _ in saved]

@@ -143,33 +143,37 @@ def parse_merge_config(info: Mapping | None) -> MergeConfig | None:
 _LAYOUTS: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
-def _spread_layout(heads: int, n: int, stride: int, device: torch.device):
-    """Token layout of the ``no_rand`` matcher, shared by every patch (it depends on the head only).
+def _spread_layout(heads: int, n: int, stride: int, r_eff: int, device: torch.device):
+    """Constants of the ``no_rand`` matcher (they depend on the head only), cached per shape and device.
 
-    Returns (both (H, N): source positions then destination positions, inverse (H, N): the position of
-    each token in ``both``, dst_slot (H, n_bins): the destinations' output slots minus the unmerged count).
-    Cached per (H, N, stride, device): a forward reuses a handful of layouts in all 32 blocks.
+    Returns (dst (H, n_bins): destination positions, is_dst (H, N) bool, rank_slot (N - r_eff,): the output
+    slot of the tokens that keep their own slot, in the order the score sort lists them: unmerged sources
+    (slots n_bins, n_bins + 1, ...) then destinations (slots 0 .. n_bins - 1, bin order)).
     """
-    key = (heads, n, stride, torch.device(device))
+    key = (heads, n, stride, r_eff, torch.device(device))
     if key not in _LAYOUTS:
         n_bins = n // stride
         offsets = torch.tensor(official_head_offsets(heads, stride), dtype=torch.long)
-        dst = torch.arange(n_bins) * stride + offsets[:, None]  # (H, n_bins)
+        dst = torch.arange(n_bins) * stride + offsets[:, None]
         is_dst = torch.zeros(heads, n, dtype=torch.bool).scatter_(1, dst, True)
-        src = torch.sort(is_dst.to(torch.uint8), dim=1, stable=True).indices[:, : n - n_bins]
-        both = torch.cat([src, dst], 1)
-        inverse = torch.empty_like(both).scatter_(1, both, torch.arange(n).expand(heads, n))
-        dst_slot = torch.arange(n_bins).expand(heads, n_bins).contiguous()
-        _LAYOUTS[key] = tuple(t.to(device) for t in (both, inverse, dst_slot))
+        n_unm = n - n_bins - r_eff
+        rank_slot = torch.cat([torch.arange(n_bins, n_bins + n_unm), torch.arange(n_bins)])
+        _LAYOUTS[key] = tuple(t.to(device) for t in (dst, is_dst, rank_slot))
     return _LAYOUTS[key]
 
 
-def spread_patch_match(metric: torch.Tensor, r: int, stride: int, mean_head: bool = False) -> PatchMatch | None:
-    """``merge_core.binned.patch_match(metric, r, stride, "spread", mean_head=mean_head)`` with fewer kernels.
+def spread_slots(metric: torch.Tensor, r: int, stride: int) -> tuple[torch.Tensor, int] | None:
+    """GitMerge3D's ``no_rand`` patch matching as one slot map, in 5 kernels per call.
 
-    Same matching, same slots (tested equal): the source/destination layout comes from a cache instead of
-    being rebuilt per call, and the slots are written by one gather instead of three scatters.
-    ``metric`` is (B, H, N, C).
+    ``metric`` (B, H, N, C) (any strides with a contiguous last dim). Same groups as
+    ``merge_core.binned.patch_match(metric, r, stride, "spread")`` (tested): destinations at the official head
+    offsets, every source picks its most similar destination, the ``min(#sources, r)`` best-scoring sources
+    merge (stable descending sort, so ties go to the earlier token). Returns (slot (B*H, N), N'): the
+    output slot of every token, destinations first (bin order), then the unmerged sources (score order);
+    merge-core's order is [unmerged, destinations]: attention does not depend on it. None: nothing merges.
+
+    Kernels: destination gather, fused matcher over *all* N rows (a destination's own row is then masked,
+    which saves gathering the sources), mask, sort, one scatter of the kept tokens' slots into the match.
     """
     if metric.dim() != 4:
         raise ValueError(f"metric must be (patches, heads, tokens, channels), got shape {tuple(metric.shape)}")
@@ -178,33 +182,54 @@ def spread_patch_match(metric: torch.Tensor, r: int, stride: int, mean_head: boo
     r_eff = min(n - n_bins, r)
     if r_eff <= 0 or n_bins == 0:
         return None
-    n_src, n_unm = n - n_bins, n - n_bins - r_eff
-    both_idx, inverse, dst_slot = _spread_layout(h, n, stride, metric.device)
+    dst, is_dst, rank_slot = _spread_layout(h, n, stride, r_eff, metric.device)
     with torch.no_grad():
-        if mean_head:
-            metric = metric.mean(dim=-3, keepdim=True).expand(metric.shape)
-        both = metric.gather(2, both_idx[None, :, :, None].expand(b, h, n, c)).reshape(b * h, n, c)
-        best, match = best_destinations(both[:, :n_src], both[:, n_src:])
-        rank = torch.sort(best, dim=-1, descending=True, stable=True).indices  # sources by score
-        # slot of each source in rank order: merged ones share their destination's, the rest count up
-        ranked = torch.cat(
-            [match.gather(1, rank[:, :r_eff]), _neg_arange(n_unm, metric.device).expand(b * h, n_unm)], 1
-        )
-        src_slot = torch.empty_like(ranked).scatter_(1, rank, ranked)
-        slots = torch.cat([src_slot.view(b, h, n_src), dst_slot.expand(b, h, n_bins)], 2) + n_unm
-        slot = slots.gather(2, inverse.expand(b, h, n)).view(b * h, n)
-    return PatchMatch(slot, n_unm + n_bins, metric.shape[:-2])
+        dst_metric = metric.gather(2, dst[None, :, :, None].expand(b, h, n_bins, c)).view(b * h, n_bins, c)
+        best, slot = best_destinations(metric.reshape(b * h, n, c), dst_metric)
+        best.view(b, h, n).masked_fill_(is_dst, float("-inf"))  # destinations rank last, in bin order
+        rank = torch.sort(best, dim=-1, descending=True, stable=True).indices
+        # merged sources keep their match (= destination slot); the rest get their own slot
+        slot.scatter_(1, rank[:, r_eff:], rank_slot.expand(b * h, n - r_eff))
+    return slot, n - r_eff
 
 
-_ARANGES: dict[tuple[int, torch.device], torch.Tensor] = {}
+_PADS: dict[tuple, torch.Tensor] = {}
+
+# largest token count whose ones-channel sum is exact in the dtype (fp16: 2^11, bf16: 2^8, fp32: 2^24)
+_EXACT_COUNT = {torch.float16: 2048, torch.bfloat16: 256, torch.float32: 1 << 24, torch.float64: 1 << 53}
+PAD = 8  # extra channels after q|k|v: [1, 0, ...] (group sizes come out of the merge; keeps 16-byte rows)
 
 
-def _neg_arange(n: int, device: torch.device) -> torch.Tensor:
-    """(1, n) tensor -n .. -1 (unmerged slots before the ``+ n_unm`` shift), cached per device."""
-    key = (n, torch.device(device))
-    if key not in _ARANGES:
-        _ARANGES[key] = torch.arange(-n, 0, device=device)[None]
-    return _ARANGES[key]
+def _ones_pad(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    key = (dtype, torch.device(device))
+    if key not in _PADS:
+        _PADS[key] = torch.zeros(PAD, dtype=dtype, device=device).index_fill_(0, torch.tensor([0], device=device), 1)
+    return _PADS[key]
+
+
+def merge_tokens(x: torch.Tensor, slot: torch.Tensor, num_out: int, size: torch.Tensor | None) -> torch.Tensor:
+    """Plain mean of the tokens of every slot: x (G, N, W) -> (G, N', W) (zeros, scatter_add, div).
+
+    ``size`` (G, N') divides all W channels; None: the last ``PAD`` channels of ``x`` are the ones pad, whose
+    first channel sums to the size, and only the first ``W - PAD`` channels are divided.
+    """
+    g, n, w = x.shape
+    out = x.new_zeros(g, num_out, w).scatter_add_(1, slot[..., None].expand(g, n, w), x)
+    grad = torch.is_grad_enabled() and out.requires_grad  # training: out-of-place (autograd)
+    if size is None:
+        counts = out[..., w - PAD : w - PAD + 1]
+        if grad:
+            return torch.cat([out[..., : w - PAD] / counts, out[..., w - PAD :]], -1)
+        out[..., : w - PAD].div_(counts)
+    else:
+        out = out / size[..., None] if grad else out.div_(size[..., None])
+    return out
+
+
+def group_sizes(slot: torch.Tensor, num_out: int) -> torch.Tensor:
+    """Tokens per slot, fp32 (G, N')."""
+    ones = torch.ones(1, device=slot.device, dtype=torch.float32).expand(slot.shape)
+    return torch.zeros(slot.shape[0], num_out, device=slot.device).scatter_add_(1, slot, ones)
 
 
 @dataclass
@@ -292,14 +317,55 @@ class MergedSerializedAttention(SerializedAttention):
         state.tokens.append(kept[0])  # kept tokens per patch inside attention (normal group)
 
     def _merged(self, q, k, v, bias, r: int, stride: int):
+        """Merged attention of (P, H, N, D) q, k, v; returns ((P, H, N, D) output, tokens kept per patch).
+
+        ``no_rand`` (the official setting): q|k|v|ones are packed once (one copy), matched by
+        ``spread_slots``, merged by one scatter_add (the ones channel sums to the group sizes, so no size
+        kernels and no dtype casts), attended, and unmerged by one gather written straight into a
+        (P, N, H, D) buffer, so the caller's transpose + reshape is a view. ``no_rand=False`` (random
+        destinations) uses merge-core's ``patch_match`` (``_merged_generic``).
+        """
+        cfg: MergeConfig = self._merge_info.extra["gitmerge3d"]
+        p, h, n, d = q.shape
+        if p == 0:
+            return v, n
+        if not cfg.no_rand:
+            return self._merged_generic(q, k, v, bias, r, stride)
+        exact = n <= _EXACT_COUNT.get(q.dtype, 0)
+        parts = [q, k, v] + ([_ones_pad(q.dtype, q.device).expand(p, h, n, PAD)] if exact else [])
+        x = torch.cat(parts, dim=-1)  # (P, H, N, 3D [+ PAD]), contiguous
+        metric = x[..., 2 * d : 3 * d]
+        if cfg.mean_head:
+            metric = metric.mean(dim=1, keepdim=True).expand(metric.shape)
+        plan = spread_slots(metric, r, stride)
+        if plan is None:
+            return SerializedAttention.attend(self, q, k, v, bias, None), n
+        slot, n_out = plan
+        size = None if exact else group_sizes(slot, n_out)
+        merged = merge_tokens(x.view(p * h, n, x.shape[-1]), slot, n_out, size).view(p, h, n_out, -1)
+        qm, km, vm = merged[..., :d], merged[..., d : 2 * d], merged[..., 2 * d : 3 * d]
+        if size is None and (cfg.prop_attn != "off" or bias is not None):
+            size = merged[..., 3 * d].reshape(p * h, n_out).float()
+        dropout = self.attn_drop if self.training else 0.0
+        if bias is None:
+            sizes = None if size is None else size.view(p, h, n_out)
+            out = patch_attention(qm, km, vm, sizes, cfg.prop_attn, scale=self.scale, dropout_p=dropout)
+        else:
+            rows = merge_tokens(bias.reshape(p * h, n, n), slot, n_out, size)
+            mb = merge_tokens(rows.transpose(1, 2), slot, n_out, size).transpose(1, 2)
+            out = self._biased(qm, km, vm, mb.view(p, h, n_out, n_out), size.view(p, h, n_out), cfg.prop_attn, dropout)
+        index = slot.view(p, h, n, 1).expand(p, h, n, d)
+        if torch.is_grad_enabled() and out.requires_grad:  # out= has no autograd: plain gather (training)
+            return out.gather(2, index), n_out
+        unmerged = torch.empty(p, n, h, d, dtype=out.dtype, device=out.device).permute(0, 2, 1, 3)
+        torch.gather(out, 2, index, out=unmerged)
+        return unmerged, n_out
+
+    def _merged_generic(self, q, k, v, bias, r: int, stride: int):
+        """Random destinations per bin (``no_rand=False``): merge-core's ``patch_match`` and ``PatchMatch``."""
         cfg: MergeConfig = self._merge_info.extra["gitmerge3d"]
         n = q.shape[-2]
-        if q.shape[0] == 0:
-            return v, n
-        if cfg.no_rand and v.dim() == 4:
-            m = spread_patch_match(v, r, stride, mean_head=cfg.mean_head)
-        else:
-            m = patch_match(v, r, stride, "spread" if cfg.no_rand else "random", mean_head=cfg.mean_head)
+        m = patch_match(v, r, stride, "random", mean_head=cfg.mean_head)
         if m is None:
             return SerializedAttention.attend(self, q, k, v, bias, None), n
         d = q.shape[-1]
