@@ -47,6 +47,34 @@ def gpu_kernels(fn) -> int:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
+def top_kernels(fn, device: torch.device, limit: int = 25) -> tuple[list[dict], str]:
+    """The ``limit`` entries of one call of ``fn`` with the most self device time (self CPU time on a CPU).
+
+    On CUDA the rows are kernels (and the aten ops above them, as torch.profiler lists both); why: the next
+    GPU run should say what dominates the forward, not just how many kernels it launches.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = list(prof.key_averages())
+    attr = "self_device_time_total" if cuda and hasattr(events[0], "self_device_time_total") else None
+    if cuda and attr is None:
+        attr, key = "self_cuda_time_total", "self_cuda_time_total"
+
+    def self_us(e) -> float:
+        return float(getattr(e, attr) if cuda else e.self_cpu_time_total)
+
+    events = sorted((e for e in events if self_us(e) > 0), key=self_us, reverse=True)[:limit]
+    rows = [{"name": e.key, "self_us": self_us(e), "calls": int(e.count)} for e in events]
+    return rows, prof.key_averages().table(sort_by=key, row_limit=limit, max_name_column_width=70)
+
+
 def run_case(model, inputs, row: str, backend: str, args, device, reference: dict) -> dict:
     sc.set_backend(backend)
     merging.remove_patch(model)
@@ -76,7 +104,10 @@ def run_case(model, inputs, row: str, backend: str, args, device, reference: dic
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     kernels = gpu_kernels(forward) if device.type == "cuda" else None
     counts, _ = count_ops(forward)
+    top, table = top_kernels(forward, device, args.profile) if args.profile else (None, None)
     return {
+        "top_kernels": top,
+        "profile_table": table,
         "row": row,
         "spconv": backend,
         "latency_ms": sorted(times)[len(times) // 2],
@@ -116,6 +147,11 @@ def markdown(result: dict) -> str:
             f"| {r['scene']} ({r['points']} pts) | {r['row']} | {r['spconv']} | {r['latency_ms']:.1f} | {peak} | "
             f"{kern} | {r['aten_launch_ops']} | {r['host_syncs']} | {ratio} | {diff} |"
         )
+    for r in result["rows"]:
+        if r.get("top_kernels"):
+            lines += ["", f"top self time, {r['scene']} {r['row']} {r['spconv']}:", "", "| name | self ms | calls |",
+                      "|---|---|---|"]  # fmt: skip
+            lines += [f"| {k['name'][:90]} | {k['self_us'] / 1e3:.3f} | {k['calls']} |" for k in r["top_kernels"]]
     for note in result["notes"]:
         lines.append(f"\nnote: {note}")
     return "\n".join(lines)
@@ -136,7 +172,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiles", default="1,4", help="comma list: 1 = the real scene, 4 = 4 tiled copies")
     p.add_argument("--normals", default="estimate", choices=("estimate", "zero"))
     p.add_argument("--rows", default="r0-flash,patch@0.9")
-    p.add_argument("--backends", default="torch,auto", help="comma list of torch/auto/spconv")
+    p.add_argument(
+        "--backends",
+        default="torch",
+        help="comma list of torch/auto/spconv; auto (spconv-triton) only when named: its first use autotunes "
+        "for minutes unless gitmerge3d.tools.spconv_warmup filled the cache",
+    )
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also print the N kernels with the most self CUDA time per case (self CPU time on a CPU); "
+        "written to profile-<scene>-<row>-<backend>.txt",
+    )
     p.add_argument("--legacy", action="store_true", help="also the former launch-heavy paths (torch backend)")
     p.add_argument("--reduced", action="store_true", help="toy-width model (CPU check)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -165,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
         status = spconv_triton_status()
         notes = []
+        if args.profile < 0:
+            raise ValueError(f"--profile must be >= 0, got {args.profile}")
         if "auto" in backends and (device.type != "cuda" or not status.startswith("importable")):
             notes.append(f"auto rows skipped: device {device.type}, spconv-triton {status}")
             backends = [b for b in backends if b != "auto"]
@@ -202,6 +253,12 @@ def main(argv: list[str] | None = None) -> int:
                         f"{res['first_call_s']:.1f} s",
                         flush=True,
                     )
+                    if res.get("profile_table"):
+                        name = f"profile-{scene}-{row}-{label.replace(' ', '_')}.txt"
+                        (out_dir / name).write_text(res["profile_table"] + "\n")
+                        print(f"top {args.profile} by self {'CUDA' if device.type == 'cuda' else 'CPU'} time, "
+                              f"{scene} {row} {label}:\n{res['profile_table']}", flush=True)  # fmt: skip
+                    res.pop("profile_table", None)
                     write(out_dir, meta, notes, results, start)  # partial results survive a timeout
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"gitmerge3d-launch-bench: error: {exc}", file=sys.stderr)
