@@ -33,7 +33,8 @@ if ! python3 -c "import spconv_triton" 2>/dev/null; then
     export PYTHONPATH="$PYTHONPATH:$OUT_DIR/.spconv_triton"
   fi
 fi
-export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$OUT_DIR/.triton}
+# the autotune cache spconv_warmup fills (kept between runs; git-ignored)
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$ROOT/projects/gitmerge3d/.triton-cache}
 EXTRA=""
 NORMALS=estimate
 if [ "${REDUCED:-0}" = 1 ]; then EXTRA="--reduced --warmup 0 --iters 1 --device cpu"; NORMALS=zero; fi

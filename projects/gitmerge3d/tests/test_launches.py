@@ -6,6 +6,7 @@ References are independent re-implementations: a dict-based neighbour table, mer
 
 from __future__ import annotations
 
+import json
 import types
 
 import pytest
@@ -182,3 +183,33 @@ def test_count_ops_cli(tmp_path, capsys):
     assert "sparse conv: neighbour search" in text and "**total**" in text
     assert out.with_suffix(".md").exists()
     assert count_ops_tool.main(["--synthetic", "3000", "--rows", "patch@2"]) == 2
+
+
+def test_launch_bench_profile_on_cpu(tmp_path, capsys):
+    """The --profile path (top self-time table per case) on the toy model and the 100-point sample."""
+    from gitmerge3d.tools import launch_bench
+
+    from .conftest import DATA
+
+    scene = DATA / "mmdet3d-tests" / "scannet" / "points" / "scene0000_00.bin"
+    if not scene.exists():
+        pytest.skip(f"sample scene not found at {scene}")
+    args = ["--scene", str(scene), "--tiles", "1", "--reduced", "--device", "cpu", "--warmup", "0", "--iters", "1"]
+    rc = launch_bench.main(args + ["--normals", "zero", "--profile", "5", "--out-dir", str(tmp_path)])
+    assert rc == 0
+    assert (tmp_path / "profile-real-patch@0.9-torch.txt").exists()
+    md = (tmp_path / "launch-bench.md").read_text()
+    assert "top self time, real r0-flash torch" in md and "| name | self ms | calls |" in md
+    data = json.loads((tmp_path / "launch-bench.json").read_text())
+    assert all(len(r["top_kernels"]) == 5 and "profile_table" not in r for r in data["rows"])
+    assert [r["spconv"] for r in data["rows"]] == ["torch", "torch"]  # auto only when --backends names it
+
+
+def test_spconv_warmup_refuses_without_cuda(tmp_path, capsys):
+    from gitmerge3d.tools import spconv_warmup
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only check")
+    rc = spconv_warmup.main(["--scene", "x.bin", "--cache-dir", str(tmp_path / "c"), "--out-dir", str(tmp_path)])
+    assert rc == 2 and "runs on CUDA only" in capsys.readouterr().err
+    assert spconv_warmup.main(["--scene", "x.bin", "--rows", "nope", "--out-dir", str(tmp_path)]) == 2
