@@ -36,7 +36,6 @@ def test_bad_device_is_one_line():
             setup_distributed("cuda")
 
 
-@pytest.mark.slow
 def test_torchrun_two_processes_gloo(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **LOOPBACK}  # gloo over loopback: no lookup of the host name
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

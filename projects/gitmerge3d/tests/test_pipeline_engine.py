@@ -138,6 +138,7 @@ def test_train_sh_runs_and_resumes(tmp_path, init_weight):
     assert bad.returncode == 2 and "configs/tiny/nope.py" in bad.stderr
 
 
+@pytest.mark.slow  # two processes over gloo: ~40 s on 2 cores; CI runs run-kit's DDP test
 def test_train_sh_two_processes_ddp_on_cpu(tmp_path, init_weight):
     """-g 2 goes through torchrun: 2 gloo processes on CPU (the same code path as 2 GPUs with NCCL)."""
     work = tmp_path / "work"
@@ -266,6 +267,7 @@ def _labelled(root: Path) -> int:
     return sum(int((np.load(f) != -1).sum()) for f in (root / "val").glob("*/segment20.npy"))
 
 
+@pytest.mark.slow  # two processes over gloo: ~40 s on 2 cores; CI runs run-kit's DDP test
 def test_test_py_over_two_processes_counts_each_scene_once(tmp_path, trained, init_weight, tiny_scannet):
     """torchrun --nproc_per_node 2 tools/test.py (gloo on CPU): each rank votes its half of the val scenes, rank 0
     pools them; the pooled confusion equals the one-process run's (per-scene seeding makes the votes equal)."""
