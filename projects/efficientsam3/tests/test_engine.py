@@ -76,6 +76,59 @@ def test_export_rejects_wrong_shape_config(tiny_cfg, sa1b, tmp_path):
         _export(tiny_cfg, sa1b, tmp_path / "e", "--teacher-type", "sam3_tiny")
 
 
+def test_run_teacher_padding_equals_one_image_at_a_time():
+    """pad_to (the compiled export's static batch) returns only the real images, each equal to running it alone."""
+    from efficientsam3.engine.common import run_teacher
+    from efficientsam3.model.teacher import build_teacher
+
+    torch.manual_seed(0)
+    teacher = build_teacher("sam3_tiny")
+    images = torch.randn(2, 3, 112, 112)
+    got = run_teacher(teacher, images, pad_to=5)
+    want = torch.cat([run_teacher(teacher, images[i : i + 1]) for i in range(2)])
+    assert got.shape[0] == 2
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_compile_default_is_cuda_only():
+    from efficientsam3.engine.common import use_compile
+    from efficientsam3.engine.export import build_parser
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert use_compile(None, cuda) and not use_compile(None, cpu)
+    assert use_compile(True, cpu) and not use_compile(False, cuda)
+    base = ["--cfg", "x.yaml"]
+    assert build_parser().parse_args(base).compile is None
+    assert build_parser().parse_args([*base, "--no-compile"]).compile is False
+    assert build_parser().parse_args([*base, "--compile"]).compile is True
+
+
+def test_compiled_export_pads_to_one_batch_shape(tiny_cfg, sa1b, tmp_path, monkeypatch):
+    """With compile on, every teacher call sees the configured batch size (4 images at batch 3: the last batch
+    of 1 is padded), and the records equal an eager export's."""
+    import efficientsam3.engine.export as export_mod
+
+    seen: list[int] = []
+
+    class Spy(torch.nn.Module):  # stands in for torch.compile (inductor on CPU is slow): records the shapes
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            seen.append(x.shape[0])
+            return self.inner(x)
+
+    monkeypatch.setattr(export_mod, "compile_trunk", Spy)
+    _export(tiny_cfg, sa1b, tmp_path / "c", "--compile", "--batch-size", "3")
+    assert seen == [3, 3]
+    _export(tiny_cfg, sa1b, tmp_path / "e", "--batch-size", "3")  # CPU default: eager
+    assert seen == [3, 3]
+    a, b = EmbeddingStore(str(tmp_path / "c")), EmbeddingStore(str(tmp_path / "e"))
+    for k in ["sa_1000", "sa_1001", "sa_1002", "sa_1003"]:
+        torch.testing.assert_close(a.get(k)[1], b.get(k)[1], atol=1e-3, rtol=1e-3)
+
+
 def _train(cfg, sa1b, store, out, *extra):
     return train(["--cfg", str(cfg), "--data-path", str(sa1b), "--teacher-embed-path", str(store), "--output", str(out),
                   "--device", "cpu", *extra])  # fmt: skip

@@ -2,6 +2,7 @@
 # Export teacher embeddings (resumable; re-run to continue). OUTPUT= and TEACHER_EMBED_PATH= both name the store.
 #   bash stage1/scripts/save_image_embeddings.sh [CFG=...] [DATA_PATH=...] [OUTPUT=<store folder>] \
 #        [SAM3_CHECKPOINT=...] [BATCH_SIZE=...] [GPUS=...] [FORMAT=fp16|bf16|uint8] [CHECK=N] [extra flags]
+# On CUDA the teacher is torch.compiled by default (~30 s once per process; 1.28x on an H200); --no-compile: eager.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 EXTRA=()

@@ -5,6 +5,7 @@ reports the error instead of exporting."""
 
 from __future__ import annotations
 
+import argparse
 import random
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from ..data.sa1b import SA1BDataset, collate
 from ..model.sam3_vit import compile_trunk
 from ..store import EmbeddingStore, StoreWriter, read_keys
 from ..store.compact import ErrorMeter
-from .common import base_parser, config_from_args, run_cli, run_teacher, teacher_on
+from .common import base_parser, config_from_args, run_cli, run_teacher, teacher_on, use_compile
 
 
 def build_parser():
@@ -31,7 +32,11 @@ def build_parser():
         "--check", type=int, default=0, metavar="N", help="re-run the teacher on N stored keys, report error"
     )
     p.add_argument("--max-images", type=int, default=0, help="export at most this many new images (0: all)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the teacher (fullgraph, static)")
+    p.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=None,
+        help="torch.compile the teacher (fullgraph, static shapes; batches padded to the batch size); "
+        "default: on for a CUDA export, off on CPU and for --check",
+    )  # fmt: skip
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (DATA.NUM_WORKERS)")
     return p
 
@@ -50,12 +55,15 @@ def export(argv=None) -> dict:
     log = RunLogger(out, env.is_main, tensorboard=False, log_name="export_log_rank0.txt", history_name="export.json")
     try:
         teacher = teacher_on(cfg, env.device)
-        if args.compile:
+        # a --check of a few keys would spend longer compiling than checking: eager unless asked
+        compiled = use_compile(False if args.check and args.compile is None else args.compile, env.device)
+        if compiled:
             teacher = compile_trunk(teacher)
+        pad = cfg.DATA.BATCH_SIZE if compiled else 0
         split = args.split or cfg.DATA.SPLIT
         workers = cfg.DATA.NUM_WORKERS if args.workers is None else args.workers
         if args.check:
-            return _check(cfg, args, env, teacher, split, workers, log)
+            return _check(cfg, args, env, teacher, split, workers, log, pad)
         dataset = SA1BDataset(
             cfg.DATA.DATA_PATH, split, cfg.DATA.IMG_SIZE, cfg.DATA.PREPROCESS, aug_flip=cfg.DATA.AUG_FLIP
         )
@@ -68,7 +76,8 @@ def export(argv=None) -> dict:
         log.info(
             f"export: {len(dataset)} images in {split}, {len(finished)} already stored, {len(todo)} to do "
             f"({len(mine)} on rank {env.rank}/{env.world_size}), teacher {cfg.TEACHER.TYPE} "
-            f"r={cfg.TEACHER.MERGE_R}/{cfg.TEACHER.MERGE_GLOBAL_R}, format {args.format}"
+            f"r={cfg.TEACHER.MERGE_R}/{cfg.TEACHER.MERGE_GLOBAL_R}, format {args.format}, "
+            f"{'compiled' if compiled else 'eager'}"
         )
         loader = DataLoader(
             Subset(dataset, mine), batch_size=cfg.DATA.BATCH_SIZE, num_workers=workers, collate_fn=collate,
@@ -82,7 +91,7 @@ def export(argv=None) -> dict:
                 skipped += batch["skipped"]
                 if not batch["key"]:
                     continue
-                emb = run_teacher(teacher, batch["image"].to(env.device, non_blocking=True)).cpu()
+                emb = run_teacher(teacher, batch["image"].to(env.device, non_blocking=True), pad).cpu()
                 for key, seed, e in zip(batch["key"], batch["seed"].tolist(), emb, strict=True):
                     writer.write(key, seed, e)
                 n += len(batch["key"])
@@ -99,7 +108,7 @@ def export(argv=None) -> dict:
 
 
 @torch.no_grad()
-def _check(cfg, args, env, teacher, split, workers, log) -> dict:
+def _check(cfg, args, env, teacher, split, workers, log, pad: int = 0) -> dict:
     store = EmbeddingStore(cfg.DISTILL.TEACHER_EMBED_PATH, cfg.DISTILL.EMBED_DIM, cfg.DISTILL.EMBED_SIZE)
     keys = store.keys()
     random.Random(cfg.SEED).shuffle(keys)
@@ -114,7 +123,7 @@ def _check(cfg, args, env, teacher, split, workers, log) -> dict:
     for batch in progress(loader, env.is_main, desc="check"):
         if not batch["key"]:
             continue
-        fresh = run_teacher(teacher, batch["image"].to(env.device)).cpu()
+        fresh = run_teacher(teacher, batch["image"].to(env.device), pad).cpu()
         meter.add(fresh, batch["target"])
         abs_sum += (fresh - batch["target"]).abs().sum().item()
         count += fresh.numel()
