@@ -64,7 +64,7 @@ def _argv(msrvtt_dir: Path, weights_dir: Path, out: Path, *extra: str) -> list[s
         "--pretrained_dir", str(weights_dir),
         "--max_words", "12", "--max_frames", "2", "--batch_size", "2", "--batch_size_val", "3",
         "--num_thread_reader", "0", "--lr", "1e-3", "--no_tensorboard", "--device", "cpu",
-        "--prompter_conv", "auto",  # = fold2d on CPU: oneDNN's Conv3d costs seconds per call (same result)
+        # no --prompter_conv: the default auto = fold2d on CPU (oneDNN's Conv3d costs seconds per call)
         *extra,
     ]  # fmt: skip
 

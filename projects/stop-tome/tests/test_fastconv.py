@@ -103,6 +103,15 @@ def test_prompter_forward_identical_under_every_mode(mode):
     assert fastconv.get_prompter_conv() == "fold2d"  # restored: the suite's CPU default (conftest)
 
 
+def test_default_is_auto_with_fold2d_fallback():
+    """auto everywhere (CPU: fold2d; CUDA: timed); untimed CUDA shapes under capture/compile run the H200 winner."""
+    assert fastconv.DEFAULT_MODE == "auto" and fastconv.AUTO_CPU == "fold2d"
+    assert fastconv.AUTO_FALLBACK in FIXED_MODES and fastconv.AUTO_FALLBACK != "native"
+    x, w = torch.randn(1, 3, 3, 8, 8), torch.randn(2, 3, 3, 3, 3)
+    assert fastconv._autotune(x, w, None, (1, 1, 1)) == "fold2d"
+    assert fastconv._autotune(x.to("meta"), w.to("meta"), None, (1, 1, 1)) == "native"
+
+
 def test_bad_mode_one_line_error():
     with pytest.raises(ValueError, match="--prompter_conv must be one of"):
         set_prompter_conv("winograd")
@@ -114,5 +123,7 @@ def test_flags_parse():
 
     args, _ = parse_args(["--do_eval", "--output_dir", "o", "--prompter_conv", "fold2d"])
     assert args.prompter_conv == "fold2d"
-    assert parse_args(["--do_eval", "--output_dir", "o"])[0].prompter_conv == "native"
-    assert bench_args(["--prompter_conv", "auto"]).prompter_conv == "auto"
+    assert parse_args(["--do_eval", "--output_dir", "o"])[0].prompter_conv == "auto"  # default on every device
+    assert parse_args(["--do_eval", "--output_dir", "o", "--prompter_conv", "native"])[0].prompter_conv == "native"
+    assert bench_args([]).prompter_conv == "auto"
+    assert bench_args(["--prompter_conv", "native"]).prompter_conv == "native"

@@ -26,8 +26,8 @@ from merge_core.kernels.policy import last_decision
 from run_kit import OneLineArgumentParser, write_json_atomic
 
 from .clip_model import CLIP, ClipSpec
+from .fastconv import DEFAULT_MODE, auto_choices, get_prompter_conv, prompter_conv, set_prompter_conv
 from .fastconv import MODES as CONV_MODES
-from .fastconv import auto_choices, get_prompter_conv, prompter_conv, set_prompter_conv
 from .merging import apply_tome_patch, merge_state
 from .model import CLIP4Clip, task_config
 from .testing import TINY
@@ -73,9 +73,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--prompter_conv",
-        default="native",
+        default=DEFAULT_MODE,
         choices=list(CONV_MODES),
-        help="execution of STOP's prompter Conv3d layers (exact; stop_tome.fastconv); FLOPs are always counted native",
+        help="execution of STOP's prompter Conv3d layers (stop_tome.fastconv; default auto, native = STOP's exact op "
+        "order); FLOPs are always counted native",
     )
     p.add_argument(
         "--cuda_graph",

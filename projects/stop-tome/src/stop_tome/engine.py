@@ -35,7 +35,7 @@ from run_kit import (
 )
 
 from .data import collate_skip_bad, msrvtt_test, msrvtt_train
-from .fastconv import get_prompter_conv, set_prompter_conv
+from .fastconv import DEFAULT_MODE, get_prompter_conv, set_prompter_conv
 from .merging import save_merge_visualization
 from .metrics import retrieval_metrics
 from .model import CLIP4Clip
@@ -228,7 +228,7 @@ def run(args: argparse.Namespace, explicit: set[str]) -> dict[str, Any]:
     _default_csv(args)
     env = setup_distributed(args.device)
     old_conv = get_prompter_conv()
-    set_prompter_conv(getattr(args, "prompter_conv", "native"))
+    set_prompter_conv(getattr(args, "prompter_conv", DEFAULT_MODE))
     try:
         return _run(args, env, resume_ckpt)
     finally:

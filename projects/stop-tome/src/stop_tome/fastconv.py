@@ -5,7 +5,7 @@ STOP's prompters are Conv3d layers with 1, 3, 9 or 16 channels and 3x11x11 / 5x1
 ``PrompterConv3d`` is an ``nn.Conv3d`` (same parameters and state-dict keys, so checkpoints load as before) whose
 forward can run one of these mathematically identical paths (only the summation order differs):
 
-- ``native``: ``nn.Conv3d`` as is (the default);
+- ``native``: ``nn.Conv3d`` as is: STOP's exact op order (bitwise what STOP computes), kept selectable;
 - ``channels_last``: the same Conv3d on ``channels_last_3d`` tensors;
 - ``padded``: input and output channels zero-padded to a multiple of 8 (zero weights, so the extra outputs are 0
   and are sliced off), channels-last, Conv3d: tensor-core friendly shapes;
@@ -13,10 +13,12 @@ forward can run one of these mathematically identical paths (only the summation 
   channel axis (``kt x C`` channels, zero frames at the ends = the temporal zero padding), one Conv2d over all
   ``B x T`` frames with the weight reshaped to ``(O, kt x C, kh, kw)``, channels padded to a multiple of 8,
   channels-last;
-- ``auto``: on CUDA, times the fixed paths once per layer shape (first call, inputs of that call) and keeps the
-  fastest; on CPU ``fold2d`` (oneDNN's CPU Conv3d costs ~2 s per call on these kernels whatever the size: a tiny
-  group2-2 train step took 45-70 s native, 11 s fold2d); ``native`` elsewhere. Inside CUDA-graph capture or
-  ``torch.compile`` a CUDA shape not yet timed runs ``AUTO_FALLBACK``.
+- ``auto`` (the default, ``DEFAULT_MODE``): on CUDA, times the fixed paths once per layer shape (first call,
+  inputs of that call, forward under no_grad) and keeps the fastest; on CPU ``fold2d`` (oneDNN's CPU Conv3d costs
+  ~2 s per call on these kernels whatever the size: a tiny group2-2 train step took 45-70 s native, 11 s fold2d);
+  ``native`` elsewhere (meta). Inside CUDA-graph capture or ``torch.compile`` a CUDA shape not yet timed runs
+  ``AUTO_FALLBACK`` = ``fold2d``, the H200 winner (2026-12-02, fp16, 16 videos: whole prompter 226 ms native,
+  85 ms fold2d, 82 ms auto; per layer fold2d won 6 of 7 layers, padded only ``Conv.0``).
 
 Gradients flow through padding, stacking and slicing, so training sees the same gradients as with ``native``.
 """
@@ -34,11 +36,12 @@ from torch import nn
 FIXED_MODES = ("native", "channels_last", "padded", "fold2d")
 MODES = (*FIXED_MODES, "auto")
 CHANNEL_MULTIPLE = 8
-AUTO_FALLBACK = "padded"  # used by ``auto`` for untimed shapes where timing is impossible (graph capture, compile)
+DEFAULT_MODE = "auto"  # every device: CPU = fold2d, CUDA = timed per layer shape (H200: 2.8x over native)
+AUTO_FALLBACK = "fold2d"  # ``auto`` for untimed shapes where timing is impossible (graph capture, compile): H200 winner
 AUTO_CPU = "fold2d"  # what ``auto`` runs on CPU (timing there would cost seconds per native call)
 AUTO_WARMUP, AUTO_ITERS = 1, 3
 
-_mode = "native"
+_mode = DEFAULT_MODE
 _auto_cache: dict[tuple, str] = {}
 
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from run_kit import OneLineArgumentParser, parse_args_explicit
 
+from .fastconv import DEFAULT_MODE
 from .fastconv import MODES as CONV_MODES
 
 _TRUE = {"1", "true", "yes", "on", "y", "t"}
@@ -141,10 +142,11 @@ def build_parser(prog: str = "stop-tome-main") -> argparse.ArgumentParser:
     )
     a(
         "--prompter_conv",
-        default="native",
+        default=DEFAULT_MODE,
         choices=list(CONV_MODES),
-        help="execution of STOP's prompter Conv3d layers (same weights and result; fastconv.py): "
-        "native, channels_last, padded, fold2d, or auto (fastest per layer shape on CUDA)",
+        help="execution of STOP's prompter Conv3d layers (same weights, same result up to rounding; fastconv.py): "
+        "auto (default: fastest path per layer shape on CUDA, fold2d on CPU), native (STOP's exact op order), "
+        "channels_last, padded, fold2d",
     )
     # merging
     a("--tome_r", type=_nonneg_int, default=0, help="tokens merged per frame per layer (0: off)")
