@@ -75,27 +75,33 @@ def test_benchmark_tiny_cuda(tmp_path):
 
 @pytest.mark.parametrize("mode", ["channels_last", "padded", "fold2d", "auto"])
 def test_prompter_conv_paths_match_native_cuda(mode):
-    """fp32 without TF32: every --prompter_conv path equals cuDNN's native Conv3d, outputs and gradients."""
-    from stop_tome.fastconv import clear_auto_cache, prompter_conv
+    """fp32 without TF32: each prompter conv layer under every --prompter_conv path equals cuDNN's native Conv3d
+    (output and input/weight gradients), layer by layer: the whole prompter's top-eta region mask is a threshold,
+    so a last-bit difference upstream can flip one patch and is no evidence about the conv paths."""
+    from stop_tome.fastconv import PrompterConv3d, clear_auto_cache
     from stop_tome.prompts import TemporalPrompt
 
     torch.manual_seed(0)
     tp = TemporalPrompt(64, 2, 7, 8, 4).cuda()
-    video = torch.randn(2, 4, 3, 56, 56, device="cuda")
-    frames = torch.randn(2, 4, 50, 64, device="cuda")
-    results = []
+    layers = [(n, m) for n, m in tp.named_modules() if isinstance(m, PrompterConv3d)]
+    assert len(layers) == 8  # Conv x4, Cal_Net, InterConv x2, Cal_Net_Inter
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-        for m in ("native", mode):
-            clear_auto_cache()
-            tp.zero_grad(set_to_none=True)
-            with prompter_conv(m):
-                out, mask = tp(video)
-                inter = tp.inter_frame_prompt(frames, mask)
-                (out.square().mean() + inter.square().mean()).backward()
-            grads = (tp.Conv[0].weight.grad.clone(), tp.InterConv[0].weight.grad.clone())
-            results.append((out.detach(), inter.detach(), *grads))
-    for a, b in zip(*results, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        for name, layer in layers:
+            x = torch.randn(2, layer.in_channels, 4, 30, 34, device="cuda")
+            grads = torch.randn(2, layer.out_channels, 4, 30, 34, device="cuda")
+            results = []
+            for m in ("native", mode):
+                clear_auto_cache()
+                layer.zero_grad(set_to_none=True)
+                inp = x.clone().requires_grad_(True)
+                layer.conv_mode = m
+                out = layer(inp)
+                out.backward(grads)
+                results.append((out.detach(), inp.grad, layer.weight.grad.clone(), layer.bias.grad.clone()))
+            layer.conv_mode = None
+            for a, b in zip(*results, strict=True):
+                scale = a.abs().max().item()
+                torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * max(scale, 1.0), msg=name)
 
 
 def test_prompter_bench_tiny_cuda(tmp_path):
