@@ -8,6 +8,8 @@ existing voxels are outputs and inputs).
 Backend choice (``set_backend`` / ``GITMERGE3D_SPCONV``): ``auto`` = spconv-triton for CUDA tensors
 when importable, else pure torch; ``torch``; ``spconv`` (whichever spconv API is importable, the
 CPU build included: it needs the bias added outside and a stream patch for backward, done here).
+spconv-triton's autotune space is narrowed by ``spconv_tune`` (``GITMERGE3D_SPCONV_TUNE``=narrow|fixed|full)
+before its first kernel runs, so a bare GPU does not spend minutes autotuning.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from . import spconv_tune
 
 BACKENDS = ("auto", "torch", "spconv")
 _backend = os.environ.get("GITMERGE3D_SPCONV", "auto")
@@ -192,6 +196,8 @@ class SubMConv3d(nn.Module):
         that, every conv of a stage would rebuild the pairs of its ``indice_key``.
         """
         api = spconv_api(x.features.is_cuda)
+        if api.__name__.startswith("spconv_triton"):
+            spconv_tune.install()
         mod = self.__dict__["_spconv_module"]
         if mod is None or mod.__class__.__module__.split(".")[0] != api.__name__.split(".")[0]:
             # bias is added outside: spconv's CPU build refuses bias in eval mode
