@@ -13,12 +13,17 @@ forward can run one of these mathematically identical paths (only the summation 
   channel axis (``kt x C`` channels, zero frames at the ends = the temporal zero padding), one Conv2d over all
   ``B x T`` frames with the weight reshaped to ``(O, kt x C, kh, kw)``, channels padded to a multiple of 8,
   channels-last;
+- ``fft``: linear convolution through zero-padded real 2-D FFTs over H, W (fp32 / complex64, fp64 for fp64
+  inputs); the temporal taps and input channels are contracted per frequency as one batched complex matmul over
+  ``kt x C`` (``conv3d_fft``). Its cost hardly depends on the kernel size (11x11, 15x25): the direct paths do
+  ``kt x kh x kw`` = 363-1125 MACs per output and input channel on CUDA cores (~17 TFLOP/s on an H200), this one
+  moves a few hundred MB of spectra per layer at memory bandwidth;
 - ``auto`` (the default, ``DEFAULT_MODE``): on CUDA, times the fixed paths once per layer shape (first call,
   inputs of that call, forward under no_grad) and keeps the fastest; on CPU ``fold2d`` (oneDNN's CPU Conv3d costs
   ~2 s per call on these kernels whatever the size: a tiny group2-2 train step took 45-70 s native, 11 s fold2d);
   ``native`` elsewhere (meta). Inside CUDA-graph capture or ``torch.compile`` a CUDA shape not yet timed runs
-  ``AUTO_FALLBACK`` = ``fold2d``, the H200 winner (2026-12-02, fp16, 16 videos: whole prompter 226 ms native,
-  85 ms fold2d, 82 ms auto; per layer fold2d won 6 of 7 layers, padded only ``Conv.0``).
+  ``AUTO_FALLBACK`` = ``fft``: by the estimate in ``conv3d_fft`` it beats the measured H200 winner ``fold2d``
+  (2026-12-02, fp16, 16 videos: whole prompter 226 ms native, 85 ms fold2d, 82 ms auto) on every STOP layer.
 
 Gradients flow through padding, stacking and slicing, so training sees the same gradients as with ``native``.
 """
@@ -33,13 +38,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FIXED_MODES = ("native", "channels_last", "padded", "fold2d")
+FIXED_MODES = ("native", "channels_last", "padded", "fold2d", "fft")
 MODES = (*FIXED_MODES, "auto")
 CHANNEL_MULTIPLE = 8
 DEFAULT_MODE = "auto"  # every device: CPU = fold2d, CUDA = timed per layer shape (H200: 2.8x over native)
-AUTO_FALLBACK = "fold2d"  # ``auto`` for untimed shapes where timing is impossible (graph capture, compile): H200 winner
+AUTO_FALLBACK = "fft"  # ``auto`` for untimed shapes where timing is impossible (graph capture, compile)
 AUTO_CPU = "fold2d"  # what ``auto`` runs on CPU (timing there would cost seconds per native call)
 AUTO_WARMUP, AUTO_ITERS = 1, 3
+FFT_CHUNK_BYTES = 256 * 2**20  # ``fft``: output spectra per chunk of output frames (bounds the transient memory)
 
 _mode = DEFAULT_MODE
 _auto_cache: dict[tuple, str] = {}
@@ -136,11 +142,96 @@ def conv3d_fold2d(
     return out.permute(0, 2, 1, 3, 4)
 
 
+def _smooth(n: int, even: bool = False) -> int:
+    """The smallest m >= n with no prime factor above 7 (cuFFT's fast radices 2, 3, 5, 7), even if ``even``."""
+    m = max(n, 1)
+    while True:
+        rest = m
+        for p in (2, 3, 5, 7):
+            while rest % p == 0:
+                rest //= p
+        if rest == 1 and not (even and m % 2):
+            return m
+        m += 1
+
+
+def fft_size(size: int, k: int, pad: int, even: bool = False) -> int:
+    """FFT length at which circular correlation equals the zero-padded linear one on every output.
+
+    The kernel is placed rolled by ``-pad``, so output ``i`` reads inputs ``i - pad .. i - pad + k - 1`` (mod n):
+    indices below 0 wrap to ``n - pad ..`` and must land past the input (``n >= size + pad``), the largest index
+    ``out + k - 1 - pad - 1`` must not wrap, and kernel and output must fit. For "same" padding that is
+    ``size + pad`` (e.g. 224 + 5 -> 240), one ``pad`` shorter than the full ``size + k - 1``.
+    """
+    out = size + 2 * pad - k + 1
+    return _smooth(max(size + pad, out + k - 1 - pad, k, out), even)
+
+
+def _result_dtype(x: torch.Tensor) -> torch.dtype:
+    """What ``F.conv3d`` returns for ``x``: the autocast dtype where autocast would cast ``x``, else ``x.dtype``."""
+    dev = x.device.type
+    if x.dtype != torch.float64 and x.is_floating_point() and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def conv3d_fft(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    padding,
+    chunk_bytes: int = FFT_CHUNK_BYTES,
+) -> torch.Tensor:
+    """Conv3d (cross-correlation, zero padding) through real 2-D FFTs over H, W; taps over T in the spectrum.
+
+    ``out[b, o, t] = sum_{dt, c} corr2d(x[b, c, t + dt - pt], w[o, c, dt])``; per frequency ``f`` of the rfft2
+    that is ``Y[f, (b, t), o] = sum_{(dt, c)} X[f, b, c, t + dt] conj(W[f, o, c, dt])`` (``conj``: correlation,
+    not convolution; ``X`` with ``pt`` zero frames at both ends) - one batched complex matmul over ``kt x C``.
+    fp32 / complex64 (fp64 / complex128 for fp64 inputs), result in the dtype ``F.conv3d`` would give. Output
+    spectra are made per chunk of videos of at most ``chunk_bytes`` (transient memory), then inverse-transformed.
+
+    Why it is fast for STOP (16 videos x 12 frames, fp16, H200): the direct paths do ``kt kh kw`` (363-1125) MACs
+    per output pixel and channel pair on CUDA cores (~17 TFLOP/s); here each layer moves its spectra (input
+    ``B C (T + 2pt)``, stacked ``B T kt C`` and output ``B T O`` planes of ``n1 x (n2 / 2 + 1)`` complex64; Conv.5
+    at 240 x 121: 0.5, 1.2 and 0.7 GB) a few times at memory bandwidth: a few ms instead of 11-21 ms.
+    Autograd saves the stacked spectra (``kt x`` the input spectra) for the weight gradient.
+    """
+    b, c, t, h, w = x.shape
+    o, _, kt, kh, kw = weight.shape
+    pt, ph, pw = padding
+    t_out, h_out, w_out = t + 2 * pt - kt + 1, h + 2 * ph - kh + 1, w + 2 * pw - kw + 1
+    n1, n2 = fft_size(h, kh, ph), fft_size(w, kw, pw, even=True)
+    nf = n1 * (n2 // 2 + 1)
+    out_dtype = _result_dtype(x)
+    real = torch.float64 if x.dtype == torch.float64 else torch.float32
+    with torch.autocast(x.device.type, enabled=False):
+        # weight spectra, kernel rolled by -pad (output i reads inputs i - pad ..), conjugated: (F, kt x C, O)
+        wpad = F.pad(weight.to(real), (0, n2 - kw, 0, n1 - kh)).roll((-ph, -pw), dims=(-2, -1))
+        ws = torch.fft.rfft2(wpad).conj().permute(3, 4, 2, 1, 0).reshape(nf, kt * c, o).resolve_conj()
+        # input spectra with pt zero frames at both ends (zero frames transform to zero): (B, C, T + 2pt, n1, n2h)
+        xs = torch.fft.rfft2(F.pad(x.to(real), (0, n2 - w, 0, n1 - h, pt, pt)))
+        per_video = nf * t_out * max(kt * c, o) * xs.element_size()
+        step = max(1, min(b, chunk_bytes // per_video))
+        chunks = []
+        for b0 in range(0, b, step):
+            bc = min(b, b0 + step) - b0
+            # stacked[f, (b, t), (dt, c)] = X[b, c, t + dt, f]: the frames each output frame reads, one copy
+            stacked = xs[b0 : b0 + bc].unfold(2, kt, 1).permute(3, 4, 0, 2, 5, 1).reshape(nf, bc * t_out, kt * c)
+            ys = torch.bmm(stacked, ws)  # (F, bc x T_out, O)
+            ys = ys.view(n1, n2 // 2 + 1, bc, t_out, o).permute(2, 4, 3, 0, 1)
+            y = torch.fft.irfft2(ys, s=(n1, n2))[..., :h_out, :w_out]
+            if bias is not None:
+                y = y + bias.to(real).view(1, o, 1, 1, 1)
+            chunks.append(y.to(out_dtype, memory_format=torch.contiguous_format))
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=0)
+
+
 _FUNCS = {
     "native": lambda x, w, b, p: F.conv3d(x, w, b, padding=p),
     "channels_last": conv3d_channels_last,
     "padded": conv3d_padded,
     "fold2d": conv3d_fold2d,
+    "fft": conv3d_fft,
 }
 
 
