@@ -1,11 +1,21 @@
 """The merged teacher: merge-core's conformance suite, plus behaviour checked against hand-built cases."""
 
+import pytest
 import torch
 
-from efficientsam3.model.merged_teacher import apply_merging, attended_tokens, window_global_schedule
-from efficientsam3.model.sam3_vit import TINY_VIT, SAM3ViT
+from efficientsam3.model.merged_teacher import (
+    apply_merging,
+    attended_tokens,
+    block_runs,
+    remove_merging,
+    span_tokens,
+    window_global_schedule,
+)
+from efficientsam3.model.sam3_vit import TINY_VIT, SAM3ViT, ViTConfig, to_window_major
 from efficientsam3.store.compact import embedding_error
+from merge_core import bipartite_soft_matching
 from merge_core.adapter import state_of
+from merge_core.merge import merge_source
 from merge_core.testing.conformance import AdapterCase, AdapterConformance
 
 
@@ -126,3 +136,204 @@ def test_block_mode_differs_from_attn_mode():
         a = apply_merging(_sharp(), 4, 16, mode="attn")(x)
         b = apply_merging(_sharp(), 4, 16, mode="block")(x)
     assert not torch.allclose(a, b)
+
+
+# ---------------------------------------------------------------------------------------------- mode="span"
+# Consecutive windowed blocks (0-1) so a run spans more than one block; blocks 2 and 4 are global.
+SPAN_VIT = ViTConfig(
+    img_size=112, pretrain_img_size=56, embed_dim=32, depth=5, num_heads=2, window_size=4, global_att_blocks=(2, 4)
+)
+
+
+def _build_span() -> SAM3ViT:
+    torch.manual_seed(0)
+    m = SAM3ViT(SPAN_VIT).eval()
+    m.fast = False  # the unpatched model the conformance suite compares r = 0 against
+    return m
+
+
+def _span_counts(schedule: list[int]) -> list[int]:
+    return attended_tokens(_build_span(), schedule)
+
+
+class TestSam3TrunkSpanConformance(AdapterConformance):
+    cases = [
+        AdapterCase(
+            name="sam3_tiny_span",
+            build=_build_span,
+            inputs=_inputs,
+            patch=lambda m: apply_merging(m, 0, 0, mode="span"),
+            num_tokens=64,
+            r=window_global_schedule(_build_span(), 3, 8),
+            expected_tokens=_span_counts,
+            atol=1e-4,
+            compile_marks=("slow",),
+        )
+    ]
+
+
+def test_span_runs_and_counts():
+    m = apply_merging(_build_span(), 5, 0, mode="span")
+    assert block_runs(m) == [(0, 2), (2, 3), (3, 4), (4, 5)]
+    with torch.no_grad():
+        y = m(_inputs())
+    assert y.shape == (1, 32, 8, 8)
+    assert state_of(m).tokens == [11, 11, 64, 11, 64]  # 16-token windows keep 11; global blocks exact
+    apply_merging(m, 100, 100, mode="span")  # ToMe's clamp: at most half of each window / of the grid
+    with torch.no_grad():
+        m(_inputs())
+    assert state_of(m).tokens == [8, 8, 32, 8, 32]
+
+
+def test_span_r0_is_the_fast_path_bit_for_bit():
+    m = SAM3ViT(SPAN_VIT).eval()
+    x = _inputs()
+    with torch.no_grad():
+        exact = m(x)  # fast path
+        apply_merging(m, 0, 0, mode="span")
+        assert torch.equal(m(x), exact)
+
+
+def _rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Channel pairs as complex numbers times the (complex) rotation: RoPE from its definition."""
+    xc = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2).contiguous())
+    return torch.view_as_real(xc * freqs).flatten(-2)
+
+
+def _ref_block(blk, x: torch.Tensor, freqs: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """One block over (m, C) tokens with per-token complex rotations and key sizes, explicit softmax."""
+    a = blk.attn
+    h, d = a.num_heads, a.head_dim
+    q, k, v = a.qkv(blk.norm1(x)).reshape(-1, 3, h, d).permute(1, 2, 0, 3)
+    q, k = _rope(q, freqs), _rope(k, freqs)
+    logits = q @ k.transpose(-1, -2) / d**0.5 + size.log()
+    out = (logits.softmax(-1) @ v).transpose(0, 1).reshape(-1, h * d)
+    x = x + a.proj(out)
+    return x + blk.mlp(blk.norm2(x))
+
+
+def _ref_span_trunk(m: SAM3ViT, img: torch.Tensor, window_r: int, global_r: int) -> torch.Tensor:
+    """Span merging written from the math, one image, one group (window or grid) at a time, float64: the
+    merge is an averaging matrix A = S / rowsum(S) from merge-core's source map S (the matching is
+    merge-core's, never re-implemented); a merged token's rotation is A @ rotations; the exit adds S^T of
+    each merged token's change to every member's own residual."""
+    cfg = m.cfg
+    g, ws = cfg.grid, cfg.window_size
+    x = m.ln_pre(m.patch_embed(img) + m.abs_pos(g, g))[0]  # (g, g, C)
+    windows = [
+        [(wy * ws + i) * g + wx * ws + j for i in range(ws) for j in range(ws)]
+        for wy in range(g // ws)
+        for wx in range(g // ws)
+    ]
+    flat = x.reshape(g * g, -1)
+    i = 0
+    while i < len(m.blocks):
+        blk = m.blocks[i]
+        stop = i + 1
+        if blk.window_size:
+            while stop < len(m.blocks) and m.blocks[stop].window_size:
+                stop += 1
+        groups = windows if blk.window_size else [list(range(g * g))]
+        r = window_r if blk.window_size else global_r
+        new = flat.clone()
+        for idx in groups:
+            xs = flat[idx]
+            freqs = blk.attn.freqs_cis.to(torch.complex128)
+            if r == 0:
+                for b in m.blocks[i:stop]:
+                    xs = _ref_block(b, xs, freqs, torch.ones(len(idx), dtype=xs.dtype))
+                new[idx] = xs
+                continue
+            a = blk.attn
+            k = a.qkv(blk.norm1(xs)).reshape(len(idx), 3, a.num_heads, a.head_dim)[:, 1].transpose(0, 1)
+            metric = _rope(k, freqs).mean(0)
+            merge, _ = bipartite_soft_matching(metric[None], r, protected=0)
+            s = merge_source(merge, metric[None])[0]  # (m', m) 0/1
+            size = s.sum(-1)
+            avg = s / size[:, None]
+            xm0 = avg @ xs
+            # first block: q/k/v from every token, merged after RoPE
+            qkv = a.qkv(blk.norm1(xs)).reshape(len(idx), 3, a.num_heads, a.head_dim).permute(1, 2, 0, 3)
+            q, k, v = _rope(qkv[0], freqs), _rope(qkv[1], freqs), qkv[2]
+            q, k, v = (avg @ t for t in (q, k, v))
+            logits = q @ k.transpose(-1, -2) / a.head_dim**0.5 + size.log()
+            out = (logits.softmax(-1) @ v).transpose(0, 1).reshape(len(size), -1)
+            xm = xm0 + a.proj(out)
+            xm = xm + blk.mlp(blk.norm2(xm))
+            fm = avg.to(torch.complex128) @ freqs  # mean rotation of each merged token
+            for b in m.blocks[i + 1 : stop]:
+                xm = _ref_block(b, xm, fm, size)
+            new[idx] = xs + s.T @ (xm - xm0)
+        flat = new
+        i = stop
+    return flat.reshape(g, g, -1).permute(2, 0, 1)[None]
+
+
+def test_span_matches_independent_reference():
+    m = _sharp_span().double()
+    img = _inputs().double()
+    for window_r, global_r in ((5, 0), (3, 12)):
+        apply_merging(m, window_r, global_r, mode="span")
+        with torch.no_grad():
+            got = m(img)
+            want = _ref_span_trunk(m, img, window_r, global_r)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+        remove_merging(m)
+
+
+def _sharp_span() -> SAM3ViT:
+    m = SAM3ViT(SPAN_VIT).eval()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.Linear):
+                mod.weight.mul_(15)
+    return m
+
+
+def test_span_duplicates_exact():
+    """Every token has an exact twin in the next column and RoPE is the identity: merging each pair (r = half
+    a window) and running the whole span on the merged set equals the exact blocks (proportional attention)."""
+    m = _sharp_span()
+    for blk in m.blocks:
+        blk.attn.freqs_cis = torch.ones_like(blk.attn.freqs_cis)
+        blk.attn.refresh_rope()
+    x = torch.randn(1, 8, 4, 32).repeat_interleave(2, dim=2)  # columns 2j and 2j+1 identical
+    t = to_window_major(x, 4)
+    with torch.no_grad():
+        exact = t
+        for blk in m.blocks:
+            exact = blk.forward_tokens(exact, 4)
+        apply_merging(m, 8, 0, mode="span")
+        state = state_of(m)
+        state.begin(len(m.blocks), m.r)
+        merged = span_tokens(m, t, 4, state)
+    assert state.tokens == [8, 8, 64, 8, 64]
+    torch.testing.assert_close(merged, exact, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((-1, 0, "span"), "MERGE_R / MERGE_GLOBAL_R: expected >= 0"),
+        ((2.5, 0, "span"), "TEACHER.MERGE_R: expected an int >= 0"),
+        ((2, True, "span"), "TEACHER.MERGE_GLOBAL_R: expected an int"),
+        ((2, 0, "tokens"), "TEACHER.MERGE_MODE: expected one of attn, block, span"),
+    ],
+)
+def test_bad_merge_arguments_one_line(args, match):
+    with pytest.raises(ValueError, match=match) as err:
+        apply_merging(_build_span(), args[0], args[1], mode=args[2])
+    assert "\n" not in str(err.value)
+
+
+def test_span_errors_one_line():
+    cfg = ViTConfig(img_size=84, pretrain_img_size=42, embed_dim=32, depth=2, num_heads=2, window_size=4,
+                    global_att_blocks=(1,))  # fmt: skip
+    with pytest.raises(ValueError, match="span needs windows tiling the grid, got grid 6, window 4") as err:
+        apply_merging(SAM3ViT(cfg), 2, 0, mode="span")
+    assert "\n" not in str(err.value)
+    m = apply_merging(_build_span(), 2, 0, mode="span")
+    m.r = [2, 3, 0, 2, 0]  # blocks 0-1 share a run: one r
+    with pytest.raises(ValueError, match=r"blocks 0-1 need one r, got \[2, 3\]") as err, torch.no_grad():
+        m(_inputs())
+    assert "\n" not in str(err.value)

@@ -12,7 +12,19 @@ residual stream never shrinks, so the trunk's output keeps its (C, 72, 72) layou
 mode="attn" (default, the issue's design) saves only attention: ~14.5% of the trunk's FLOPs at 1008 px
 (window blocks 8%, global blocks 43%), so it cannot exceed ~1.17x. mode="block" (ToMeSD-style, ours) also
 runs the output projection and the MLP on the merged set of the same matching and unmerges each sub-layer's
-output before its residual add: the qkv projection is the only per-token cost left."""
+output before its residual add: the qkv projection is the only per-token cost left, but every block pays a
+matching, a merge and two unmerges on the reference path.
+
+mode="span" (ours, the fast one) keeps tokens merged across a whole run of consecutive windowed blocks (SAM3:
+blocks 0-6, 8-14, 16-22, 24-30 share one window partition). The run's first block computes q/k/v on every
+token, matches on the head-mean key after RoPE per window (merge-core), and merges the residual stream, q, k, v
+and the RoPE tables together; attention (proportional), projection and MLP of every block in the run then run
+on the merged set, the later blocks' qkv included. A merged token's RoPE is the size-weighted mean of its
+members' rotations (rotation is linear in (cos, sin), so this is the mean of the rotated members when they
+agree). At the run's end each token gets its own pre-merge residual plus the change its merged token went
+through (x_i + unmerge(x_m - x_m0)), so what merging averaged away before the run is not lost. Global blocks
+run exactly (global r = 0) or as a run of one block merged over the whole grid. It runs on the trunk's fast
+layout (window-major tokens, compute-dtype RoPE tables): static shapes, fullgraph compile."""
 
 from __future__ import annotations
 
@@ -22,9 +34,19 @@ from torch import nn
 from merge_core import bipartite_soft_matching, merge_wavg, proportional_attention
 from merge_core.adapter import MergeAdapter, MergeState, remove_patch, state_of
 
-from .sam3_vit import Attention, Block, SAM3ViT, window_partition, window_unpartition
+from .sam3_vit import (
+    Attention,
+    Block,
+    SAM3ViT,
+    fast_layout_ok,
+    from_window_major,
+    rotate_fast,
+    to_window_major,
+    window_partition,
+    window_unpartition,
+)
 
-MODES = ("attn", "block")
+MODES = ("attn", "block", "span")
 
 
 class _MergedViT:
@@ -62,7 +84,11 @@ class _MergedAttention:
 
 
 def _match(attn: Attention, state: MergeState, layer: int, k: torch.Tensor, v: torch.Tensor, r: int):
-    metric = k.mean(dim=1)
+    return _match_metric(attn, state, layer, k.mean(dim=1), v, r)
+
+
+def _match_metric(attn: Attention, state: MergeState, layer: int, metric: torch.Tensor, v: torch.Tensor, r: int):
+    """merge-core's bipartite matching (or the state's custom matcher) on `metric` (windows, N, d)."""
     if state.match_fn is None:
         return bipartite_soft_matching(metric, r, protected=0)
     return state.match_fn(block=attn, layer=layer, x=v, attn_input=None, metric=metric, r=r, info=state)
@@ -107,6 +133,95 @@ class _MergedBlock:
         return x + join(unmerge(z).reshape(b, h, w, c), padded)
 
 
+class _SpanViT:
+    """Root mixin for mode="span": the fast layout with runs of windowed blocks on merged tokens."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state: MergeState = self._merge_info
+        state.begin(len(self.blocks), self.r)
+        if not state.merging:
+            return super().forward(x)  # r = 0: the unpatched forward, bit for bit
+        ws = self.cfg.window_size
+        x = self.patch_embed(x)
+        h, w = x.shape[1], x.shape[2]
+        x = self.ln_pre(x + self.abs_pos(h, w))
+        t = span_tokens(self, to_window_major(x, ws), (h // ws) * (w // ws), state)
+        return from_window_major(t, ws, h, w)
+
+
+def block_runs(model: SAM3ViT) -> list[tuple[int, int]]:
+    """[start, stop) of each run of consecutive windowed blocks; a global block is a run of its own."""
+    runs: list[tuple[int, int]] = []
+    for i, blk in enumerate(model.blocks):
+        prev = runs[-1] if runs else None
+        if prev and blk.window_size and model.blocks[prev[0]].window_size and prev[1] == i:
+            runs[-1] = (prev[0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def span_tokens(model: SAM3ViT, t: torch.Tensor, windows: int, state: MergeState) -> torch.Tensor:
+    """All blocks over window-major tokens (B, N, C): runs with r > 0 merged, the others exact."""
+    for start, stop in block_runs(model):
+        blocks = list(model.blocks[start:stop])
+        r = state.r[start]
+        if any(state.r[i] != r for i in range(start, stop)):
+            raise ValueError(
+                f"model.r: span mode merges once per run of windowed blocks; blocks {start}-{stop - 1} need one r, "
+                f"got {state.r[start:stop]}"
+            )
+        groups = windows if blocks[0].window_size else 1
+        if r <= 0:
+            for blk in blocks:
+                t = blk.forward_tokens(t, windows)
+                state.tokens.append(t.shape[1] // groups)
+        else:
+            t = _merged_run(blocks, start, t, groups, r, state)
+    return t
+
+
+def _attend_merged(attn: Attention, q, k, v, size: torch.Tensor, state: MergeState) -> torch.Tensor:
+    """Proportional attention over merged (bw, m, C) q/k/v, then the output projection."""
+    bw, m, c = q.shape
+    q, k, v = (z.reshape(bw, m, attn.num_heads, attn.head_dim).transpose(1, 2) for z in (q, k, v))
+    out = proportional_attention(q, k, v, size if state.prop_attn else None, backend=state.attn_backend)
+    return attn.proj(out.transpose(1, 2).reshape(bw, m, c))
+
+
+def _merged_run(
+    blocks: list[Block], layer: int, t: torch.Tensor, groups: int, r: int, state: MergeState
+) -> torch.Tensor:
+    """One run of blocks on tokens merged per group (window, or the whole grid): see the module docstring."""
+    b, n, c = t.shape
+    x = t.reshape(b * groups, n // groups, c)
+    bw, m = x.shape[0], x.shape[1]
+    first = blocks[0]
+    attn = first.attn
+    heads, d = attn.num_heads, attn.head_dim
+    qkv = attn.qkv(first.norm1(x)).view(bw, m, 3, heads, d)
+    cos, sin = attn.rope_cos.view(m, 1, 1, d), attn.rope_sin.view(m, 1, 1, d)
+    qk = rotate_fast(qkv[:, :, :2], cos, sin)  # (bw, m, 2, heads, d)
+    v = qkv[:, :, 2].reshape(bw, m, c)
+    merge, unmerge = _match_metric(attn, state, layer, qk[:, :, 1].mean(dim=2), v, r)
+    tables = torch.cat([attn.rope_cos, attn.rope_sin], dim=-1).to(x.dtype).expand(bw, m, 2 * d)
+    merged, size = merge_wavg(merge, torch.cat([x, qk.reshape(bw, m, 2 * c), v, tables], dim=-1))
+    x0, q, k, v, cos_m, sin_m = merged.split([c, c, c, c, d, d], dim=-1)
+    mm = x0.shape[1]
+    x = x0 + _attend_merged(attn, q, k, v, size, state)
+    x = x + first.mlp(first.norm2(x))
+    state.tokens.append(mm)
+    cos_m, sin_m = cos_m.reshape(bw, mm, 1, 1, d), sin_m.reshape(bw, mm, 1, 1, d)
+    for blk in blocks[1:]:
+        qkv = blk.attn.qkv(blk.norm1(x)).view(bw, mm, 3, heads, d)
+        qk = rotate_fast(qkv[:, :, :2], cos_m, sin_m)
+        q, k, v = qk[:, :, 0].reshape(bw, mm, c), qk[:, :, 1].reshape(bw, mm, c), qkv[:, :, 2].reshape(bw, mm, c)
+        x = x + _attend_merged(blk.attn, q, k, v, size, state)
+        x = x + blk.mlp(blk.norm2(x))
+        state.tokens.append(mm)
+    return t + unmerge(x - x0).reshape(b, n, c)  # each token keeps its own pre-merge residual
+
+
 class Sam3TrunkAdapter(MergeAdapter):
     """merge-core adapter for `SAM3ViT` (no class token: nothing is protected)."""
 
@@ -115,6 +230,11 @@ class Sam3TrunkAdapter(MergeAdapter):
     def check(self, model: nn.Module) -> None:
         if not isinstance(model, SAM3ViT):
             raise TypeError(f"Sam3TrunkAdapter patches SAM3ViT, got {type(model).__name__}")
+        if self.mode == "span" and not fast_layout_ok(model.cfg):
+            cfg = model.cfg
+            raise ValueError(
+                f"TEACHER.MERGE_MODE: span needs windows tiling the grid, got grid {cfg.grid}, window {cfg.window_size}"
+            )
 
     def layers(self, model: nn.Module) -> list[nn.Module]:
         return list(model.blocks)
@@ -129,6 +249,9 @@ class Sam3TrunkAdapter(MergeAdapter):
 
     def attach(self, model: nn.Module, state: MergeState) -> None:
         state.extra["mode"] = self.mode
+        if self.mode == "span":  # the root runs the blocks itself; blocks keep their classes
+            self.swap(model, _SpanViT, state)
+            return
         self.swap(model, _MergedViT, state)
         for i, block in enumerate(model.blocks):
             assert isinstance(block, Block) and isinstance(block.attn, Attention)
@@ -140,6 +263,9 @@ class Sam3TrunkAdapter(MergeAdapter):
 
 def window_global_schedule(model: SAM3ViT, window_r: int, global_r: int) -> list[int]:
     """Per-block r: `window_r` tokens per window in windowed blocks, `global_r` in the global blocks."""
+    for name, r in (("MERGE_R", window_r), ("MERGE_GLOBAL_R", global_r)):
+        if isinstance(r, bool) or not isinstance(r, int):
+            raise ValueError(f"TEACHER.{name}: expected an int >= 0, got {r!r}")
     if window_r < 0 or global_r < 0:
         raise ValueError(f"TEACHER.MERGE_R / MERGE_GLOBAL_R: expected >= 0, got {window_r}, {global_r}")
     return [global_r if blk.window_size == 0 else window_r for blk in model.blocks]
@@ -169,6 +295,7 @@ __all__ = [
     "Sam3TrunkAdapter",
     "apply_merging",
     "attended_tokens",
+    "block_runs",
     "remove_merging",
     "state_of",
     "window_global_schedule",
