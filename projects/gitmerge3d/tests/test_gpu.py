@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gitmerge3d import merging
-from gitmerge3d.models import PointTransformerV3
+from gitmerge3d.models import PointTransformerV3, spconv_tune
 from gitmerge3d.models import sparse_conv as sc
 from gitmerge3d.models.presets import reduced_config
 
@@ -44,3 +44,38 @@ def test_merged_model_fp16_autocast(make_points, mode):
         out = model(pts)["feat"]
     assert out.shape == ref.shape and torch.isfinite(out).all()
     assert state.layers and all(rec.kept[0] < rec.tokens for rec in state.layers)
+
+
+@pytest.mark.parametrize("tune", ["fixed", "narrow"])
+def test_spconv_triton_narrowed_autotune_equals_torch_fp16(tune):
+    """Sonata-width submanifold convs under fp16 autocast (the benchmark's path) with the narrowed autotune:
+    equal to the pure-torch conv within fp16 rounding, and every tuned choice is one the mode allows."""
+    api = sc.spconv_api()
+    if api is None or "triton" not in api.__name__:
+        pytest.skip("spconv-triton is not installed")
+    from spconv_triton.pytorch._impl import gemm
+
+    g = torch.Generator().manual_seed(1)
+    cells = torch.randperm(48**3, generator=g)[:20000]
+    idx = torch.stack([torch.zeros_like(cells), cells // 48**2, (cells // 48) % 48, cells % 48], 1).int().cuda()
+    before = spconv_tune.get_tune_mode()
+    spconv_tune.set_tune_mode(tune)
+    try:
+        for width in (48, 192):
+            x = sc.SparseTensor(torch.randn(20000, width, generator=g).cuda(), idx, [48, 48, 48], 1)
+            conv = sc.SubMConv3d(width, width, 3, indice_key=f"w{width}").cuda()
+            sc.set_backend("torch")
+            ref = conv(x).features
+            sc.set_backend("spconv")
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+                got = conv(sc.SparseTensor(x.features, idx, [48, 48, 48], 1)).features
+            scale = ref.abs().max().item()
+            torch.testing.assert_close(got.float(), ref, atol=2e-3 * scale, rtol=2e-2)
+            allowed = spconv_tune.select_configs(
+                gemm._gather_gemm_kernel.configs, spconv_tune.RULES[0], {"N_dim": width, "R_dim": width}, tune
+            )
+            tuned = [c for k, c in gemm._gather_gemm_kernel.cache.items() if k[1:3] == (width, width)]
+            assert tuned and all(c in allowed for c in tuned)
+    finally:
+        sc.set_backend("auto")
+        spconv_tune.set_tune_mode(before)

@@ -202,6 +202,8 @@ def test_launch_bench_profile_on_cpu(tmp_path, capsys):
     assert "top self time, real r0-flash torch" in md and "| name | self ms | calls |" in md
     data = json.loads((tmp_path / "launch-bench.json").read_text())
     assert all(len(r["top_kernels"]) == 5 and "profile_table" not in r for r in data["rows"])
+    assert all(0 < r["time_shares"]["attention_share"] < 1 for r in data["rows"])
+    assert "time shares of one forward" in md
     assert [r["spconv"] for r in data["rows"]] == ["torch", "torch"]  # auto only when --backends names it
 
 
@@ -213,3 +215,22 @@ def test_spconv_warmup_refuses_without_cuda(tmp_path, capsys):
     rc = spconv_warmup.main(["--scene", "x.bin", "--cache-dir", str(tmp_path / "c"), "--out-dir", str(tmp_path)])
     assert rc == 2 and "runs on CUDA only" in capsys.readouterr().err
     assert spconv_warmup.main(["--scene", "x.bin", "--rows", "nope", "--out-dir", str(tmp_path)]) == 2
+
+
+def test_time_shares_attribute_a_conv_only_forward_to_the_conv():
+    """A forward that is one sparse conv: ~all its time is sparse conv, none attention; hooks are removed."""
+    from gitmerge3d.tools import launch_bench
+
+    g = torch.Generator().manual_seed(0)
+    cells = torch.randperm(16**3, generator=g)[:2000]
+    idx = torch.stack([torch.zeros_like(cells), cells // 256, (cells // 16) % 16, cells % 16], 1).int()
+    x = sc.SparseTensor(torch.randn(2000, 32, generator=g), idx, [16, 16, 16], 1)
+    model = torch.nn.Sequential(sc.SubMConv3d(32, 32, 3))
+    sc.set_backend("torch")
+    try:
+        shares = launch_bench.time_shares(lambda: model[0](x), model, torch.device("cpu"))
+    finally:
+        sc.set_backend("auto")
+    assert shares["clock"] == "cpu" and shares["attention_ms"] == 0
+    assert 0.9 <= shares["sparse_conv_share"] <= 1.0 and shares["forward_ms"] > 0
+    assert not model[0]._forward_pre_hooks and not model[0]._forward_hooks

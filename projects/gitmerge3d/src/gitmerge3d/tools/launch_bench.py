@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import os
 import sys
@@ -30,6 +31,7 @@ from .. import merging
 from ..legacy import legacy_paths
 from ..models import PointTransformerV3, sonata_config
 from ..models import sparse_conv as sc
+from ..models.point_transformer_v3m2 import SerializedAttention
 from ..models.presets import reduced_config
 from ..opcount import count_ops
 from .bench import load_inputs
@@ -75,6 +77,67 @@ def top_kernels(fn, device: torch.device, limit: int = 25) -> tuple[list[dict], 
     return rows, prof.key_averages().table(sort_by=key, row_limit=limit, max_name_column_width=70)
 
 
+# profiler ranges around these modules give the time shares of ``--profile`` (merged attention included:
+# MergedSerializedAttention is a SerializedAttention)
+LABELLED = {"sparse_conv": (sc.SubMConv3d, sc.SparseConv3d), "attention": (SerializedAttention,)}
+
+
+def _enter_range(name: str, module, args) -> None:
+    rf = torch.autograd.profiler.record_function(name)
+    rf.__enter__()
+    module.__dict__.setdefault("_profile_ranges", []).append(rf)
+
+
+def _exit_range(module, args, output) -> None:
+    module.__dict__["_profile_ranges"].pop().__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def labelled_ranges(model: torch.nn.Module):
+    """``gitmerge3d::<label>`` profiler ranges around every module of ``LABELLED`` (hooks removed after)."""
+    handles = []
+    for m in model.modules():
+        for label, types in LABELLED.items():
+            if isinstance(m, types):
+                handles.append(m.register_forward_pre_hook(functools.partial(_enter_range, f"gitmerge3d::{label}")))
+                handles.append(m.register_forward_hook(_exit_range))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def time_shares(fn, model: torch.nn.Module, device: torch.device) -> dict:
+    """Share of one forward's time spent in the sparse convs and in attention, from profiler ranges.
+
+    On CUDA the device time of the kernels launched inside each range (spconv-triton's Triton kernels
+    included), over that of the whole forward; on a CPU the ranges' CPU time. Why: says whether the conv
+    backend or attention is worth optimising next on the latency-bound forward.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with labelled_ranges(model), profile(activities=acts) as prof:
+        with torch.autograd.profiler.record_function("gitmerge3d::forward"):
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+    attr = "device_time_total" if cuda else "cpu_time_total"
+    cpu = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
+    us = {k: sum(float(getattr(e, attr)) for e in cpu if e.name == f"gitmerge3d::{k}") for k in (*LABELLED, "forward")}
+    total = max(us["forward"], 1e-9)
+    return {
+        "clock": "device" if cuda else "cpu",
+        "forward_ms": us["forward"] / 1e3,
+        "sparse_conv_ms": us["sparse_conv"] / 1e3,
+        "attention_ms": us["attention"] / 1e3,
+        "sparse_conv_share": us["sparse_conv"] / total,
+        "attention_share": us["attention"] / total,
+    }
+
+
 def run_case(model, inputs, row: str, backend: str, args, device, reference: dict) -> dict:
     sc.set_backend(backend)
     merging.remove_patch(model)
@@ -105,8 +168,10 @@ def run_case(model, inputs, row: str, backend: str, args, device, reference: dic
     kernels = gpu_kernels(forward) if device.type == "cuda" else None
     counts, _ = count_ops(forward)
     top, table = top_kernels(forward, device, args.profile) if args.profile else (None, None)
+    shares = time_shares(forward, model, device) if args.profile else None
     return {
         "top_kernels": top,
+        "time_shares": shares,
         "profile_table": table,
         "row": row,
         "spconv": backend,
@@ -147,6 +212,18 @@ def markdown(result: dict) -> str:
             f"| {r['scene']} ({r['points']} pts) | {r['row']} | {r['spconv']} | {r['latency_ms']:.1f} | {peak} | "
             f"{kern} | {r['aten_launch_ops']} | {r['host_syncs']} | {ratio} | {diff} |"
         )
+    shared = [r for r in result["rows"] if r.get("time_shares")]
+    if shared:
+        lines += ["", "time shares of one forward (profiler ranges; device time on CUDA):", "",
+                  "| scene | row | spconv | forward ms | sparse conv ms (share) | attention ms (share) |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for r in shared:
+            s = r["time_shares"]
+            lines.append(
+                f"| {r['scene']} | {r['row']} | {r['spconv']} | {s['forward_ms']:.1f} | "
+                f"{s['sparse_conv_ms']:.1f} ({s['sparse_conv_share']:.0%}) | "
+                f"{s['attention_ms']:.1f} ({s['attention_share']:.0%}) |"
+            )
     for r in result["rows"]:
         if r.get("top_kernels"):
             lines += ["", f"top self time, {r['scene']} {r['row']} {r['spconv']}:", "", "| name | self ms | calls |",
@@ -184,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         metavar="N",
         help="also print the N kernels with the most self CUDA time per case (self CPU time on a CPU); "
-        "written to profile-<scene>-<row>-<backend>.txt",
+        "written to profile-<scene>-<row>-<backend>.txt, and the share of the forward's time in sparse conv "
+        "and in attention",
     )
     p.add_argument("--legacy", action="store_true", help="also the former launch-heavy paths (torch backend)")
     p.add_argument("--reduced", action="store_true", help="toy-width model (CPU check)")
@@ -253,6 +331,10 @@ def main(argv: list[str] | None = None) -> int:
                         f"{res['first_call_s']:.1f} s",
                         flush=True,
                     )
+                    if res.get("time_shares"):
+                        sh = res["time_shares"]
+                        print(f"  {sh['clock']} time: sparse conv {sh['sparse_conv_share']:.0%}, attention "
+                              f"{sh['attention_share']:.0%} of {sh['forward_ms']:.1f} ms", flush=True)  # fmt: skip
                     if res.get("profile_table"):
                         name = f"profile-{scene}-{row}-{label.replace(' ', '_')}.txt"
                         (out_dir / name).write_text(res["profile_table"] + "\n")

@@ -5,8 +5,11 @@ on one scene), so a benchmark that starts cold spends its budget autotuning. Thi
 benchmark will run (same scenes, tiles, rows, fp16 autocast, ``SPCONV=auto``) with ``TRITON_CACHE_DIR`` on a
 kept directory and ``TRITON_CACHE_AUTOTUNING=1`` (Triton then stores the autotune choices next to the
 compiled kernels), and with ``--verify`` times a first forward in a fresh process to show whether the cache
-is hit. Keep ``--cache-dir`` (default ``projects/gitmerge3d/.triton-cache``, git-ignored) between runs and
-give ``launch_bench`` / ``gpu_launch_bench.sh`` the same ``TRITON_CACHE_DIR``.
+is hit. ``--tune`` (default ``$GITMERGE3D_SPCONV_TUNE`` or ``narrow``; see ``models.spconv_tune``) narrows
+spconv-triton's autotune space: ~4 GEMM configs per channel band instead of 37, so Sonata's 6 widths warm up
+in well under 2 minutes; the chosen config per tuning key lands in ``spconv-warmup.json``. Keep
+``--cache-dir`` (default ``projects/gitmerge3d/.triton-cache``, git-ignored) between runs, and give ``launch_bench`` /
+``gpu_launch_bench.sh`` the same ``TRITON_CACHE_DIR``.
 
     python3 -m gitmerge3d.tools.spconv_warmup --scene projects/gitmerge3d/data_src/scene0000_00.bin --verify
 """
@@ -32,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--normals", default="estimate", choices=("estimate", "zero"))
     p.add_argument("--cache-dir", default=os.environ.get("TRITON_CACHE_DIR", DEFAULT_CACHE))
     p.add_argument("--time-budget", type=float, default=540.0, help="seconds; later cases are skipped after it")
+    p.add_argument(
+        "--tune",
+        default=os.environ.get("GITMERGE3D_SPCONV_TUNE", "narrow"),
+        help="spconv-triton autotune space: narrow (default), fixed (no timing) or full (upstream)",
+    )
     p.add_argument("--verify", action="store_true", help="then time a first forward in a fresh process")
     p.add_argument("--out-dir", default=os.environ.get("OUT_DIR", "/tmp/o"))
     args = p.parse_args(argv)
@@ -42,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from .. import merging
-    from ..models import PointTransformerV3, sonata_config
+    from ..models import PointTransformerV3, sonata_config, spconv_tune
     from ..models import sparse_conv as sc
     from .bench import load_inputs
     from .launch_bench import ROWS
@@ -54,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             raise ValueError(f"--rows entry {bad[0]!r}: expected one of {', '.join(ROWS)}")
         tiles = [int(t) for t in args.tiles.split(",")]
+        spconv_tune.set_tune_mode(args.tune)
         if not torch.cuda.is_available():
             raise RuntimeError("spconv-triton runs on CUDA only: no CUDA device here, nothing to warm up")
         if sc.spconv_api(cuda=True) is None or "triton" not in sc.spconv_api(cuda=True).__name__:
@@ -84,10 +93,16 @@ def main(argv: list[str] | None = None) -> int:
                     times.append(time.perf_counter() - t0)
                 cases.append({"tiles": t, "row": row, "first_s": times[0], "second_s": times[1]})
                 print(f"tiles={t} {row}: first forward {times[0]:.1f} s, second {times[1]:.3f} s", flush=True)
-        result = {"cache_dir": str(cache), "cases": cases, "notes": notes}
+        choices = {f"{rule.module.rsplit('.', 1)[-1]}.{tuner.base_fn.__name__} {key}": str(cfg)
+                   for rule, tuner in spconv_tune.kernels() for key, cfg in tuner.cache.items()}  # fmt: skip
+        warm_s = time.perf_counter() - start
+        print(f"warm-up ({args.tune}): {warm_s:.1f} s, {len(choices)} tuned kernel keys", flush=True)
+        result = {"cache_dir": str(cache), "tune": args.tune, "warmup_s": warm_s, "cases": cases,
+                  "choices": choices, "notes": notes}  # fmt: skip
         if args.verify:
             cmd = [sys.executable, "-m", "gitmerge3d.tools.spconv_warmup", "--scene", args.scene, "--tiles",
                    args.tiles, "--rows", args.rows, "--normals", args.normals, "--cache-dir", str(cache),
+                   "--tune", args.tune,
                    "--out-dir", str(out_dir / "verify"), "--time-budget", str(args.time_budget)]  # fmt: skip
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True)
