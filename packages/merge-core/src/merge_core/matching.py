@@ -70,6 +70,17 @@ def best_destinations(
 
     if kernels.use_fused_match(a, score_mod):
         return kernels.fused_best_destinations(a, b, protected_a, protected_b, score_mod)
+    return best_destinations_reference(a, b, protected_a, protected_b, score_mod)
+
+
+def best_destinations_reference(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    protected_a: int = 0,
+    protected_b: int = 0,
+    score_mod: ScoreMod | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch path of ``best_destinations`` (no kernel dispatch): the reference every kernel is held to."""
     scores = _normalise(a) @ _normalise(b).transpose(-1, -2)
     if score_mod is not None:
         scores = score_mod(scores)
@@ -117,32 +128,20 @@ def bipartite_soft_matching(
         flat = _flatten(metric)
         from . import kernels
 
+        a, b = flat[..., ::2, :], flat[..., 1::2, :]
         if kernels.use_fused_plan(flat, score_mod):  # CUDA: matcher + ranking in two launches, no sort
             unm_idx, src_idx, dst_idx = kernels.fused_match_plan(
-                flat[..., ::2, :], flat[..., 1::2, :], protected_a, protected_b, r, score_mod, bool(protected)
+                a, b, protected_a, protected_b, r, score_mod, bool(protected)
             )
         else:
-            node_max, node_idx = best_destinations(
-                flat[..., ::2, :], flat[..., 1::2, :], protected_a, protected_b, score_mod
-            )
-            edge_idx = torch.sort(node_max, dim=-1, descending=True, stable=True).indices[..., None]
-            unm_idx = edge_idx[..., r:, :]
-            src_idx = edge_idx[..., :r, :]
-            dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
-            if protected:
-                unm_idx = unm_idx.sort(dim=-2).values
+            node_max, node_idx = best_destinations(a, b, protected_a, protected_b, score_mod)
+            unm_idx, src_idx, dst_idx = plan_from_scores(node_max, node_idx, r, bool(protected))
 
     def merge(x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
         check_same_tokens(x, shape, device, "x")
         lead = x.shape[:-2]
-        x = _flatten(x)
-        src, dst = x[..., ::2, :], x[..., 1::2, :]
-        n, t1, c = src.shape
-        unm = src.gather(dim=-2, index=unm_idx.expand(n, t1 - r, c))
-        src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
-        dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce=mode)
-        out = _join(unm, dst, protected_a, protected_b)
-        return out.reshape(*lead, out.shape[-2], c)
+        out = apply_plan(_flatten(x), unm_idx, src_idx, dst_idx, protected_a, protected_b, mode)
+        return out.reshape(*lead, out.shape[-2], out.shape[-1])
 
     def unmerge(x: torch.Tensor) -> torch.Tensor:
         check_merged_tokens(x, shape, t - r, "x")
@@ -158,9 +157,43 @@ def bipartite_soft_matching(
         out.scatter_(dim=-2, index=(2 * src_idx).expand(n, r, c), src=src)
         return out.reshape(*lead, t, c)
 
-    if not torch.compiler.is_compiling():  # under torch.compile the torch ops are traced and fused
-        merge.plan = MergePlan(unm_idx, src_idx, dst_idx, protected_a, protected_b, r, shape, device)
+    # also under torch.compile: ``merge_wavg`` then calls the opaque ``merge_core::merge_wavg`` op with it
+    merge.plan = MergePlan(unm_idx, src_idx, dst_idx, protected_a, protected_b, r, shape, device)
     return merge, unmerge
+
+
+def plan_from_scores(
+    node_max: torch.Tensor, node_idx: torch.Tensor, r: int, sort_unm: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(unm_idx, src_idx, dst_idx), each (B, n, 1): the ``r`` best-scored rows merge (stable descending sort);
+    with ``sort_unm`` the unmerged rows are in index order (needed when a protected prefix must stay first)."""
+    edge_idx = torch.sort(node_max, dim=-1, descending=True, stable=True).indices[..., None]
+    unm_idx = edge_idx[..., r:, :]
+    src_idx = edge_idx[..., :r, :]
+    dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
+    if sort_unm:
+        unm_idx = unm_idx.sort(dim=-2).values
+    return unm_idx, src_idx, dst_idx
+
+
+def apply_plan(
+    x: torch.Tensor,
+    unm_idx: torch.Tensor,
+    src_idx: torch.Tensor,
+    dst_idx: torch.Tensor,
+    protected_a: int,
+    protected_b: int,
+    mode: str = "mean",
+) -> torch.Tensor:
+    """Merge (n, T, C) ``x`` with a bipartite plan: sources reduce into their destinations with ``mode``;
+    output ``[protected prefix, unmerged, destinations]``."""
+    src, dst = x[..., ::2, :], x[..., 1::2, :]
+    n, t1, c = src.shape
+    r = src_idx.shape[-2]
+    unm = src.gather(dim=-2, index=unm_idx.expand(n, t1 - r, c))
+    src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
+    dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce=mode)
+    return _join(unm, dst, protected_a, protected_b)
 
 
 def _join(unm: torch.Tensor, dst: torch.Tensor, protected_a: int, protected_b: int) -> torch.Tensor:

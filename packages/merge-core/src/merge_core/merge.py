@@ -24,17 +24,18 @@ def merge_wavg(merge: MergeFn, x: torch.Tensor, size: torch.Tensor | None = None
             raise ValueError(
                 f"size must have shape {tuple(x.shape[:-1]) + (1,)} for x {tuple(x.shape)}, got {tuple(size.shape)}"
             )
-    plan = None if torch.compiler.is_compiling() else getattr(merge, "plan", None)
+    plan = getattr(merge, "plan", None)
     if plan is not None:
         from . import kernels
 
-        if kernels.use_fused_merge(x, size):  # one fused gather/scatter launch (CUDA, Triton)
+        # one fused gather/scatter launch (CUDA, Triton); under torch.compile the opaque merge_core::merge_wavg op
+        if kernels.use_fused_merge(x, size):
             return kernels.fused_merge_wavg(plan, x, size)
     if size is None:
         size = torch.ones_like(x[..., 0, None])
     if torch.compiler.is_compiling():
-        # traced: one gather/scatter over [x * size, size] instead of two, so Inductor emits half the merge
-        # kernels per layer (each layer has its own token count, hence its own kernels: compile time)
+        # traced torch path (CPU, training): one gather/scatter over [x * size, size] instead of two, so Inductor
+        # emits half the merge kernels per layer (each layer has its own token count, hence its own kernels)
         merged = merge(torch.cat([x * size, size], dim=-1), mode="sum")
         x, size = merged[..., :-1], merged[..., -1:]
         return x / size, size

@@ -14,17 +14,20 @@ Two kernels (``merge_core.kernels._triton``):
   accumulation) and divides once. Outputs equal the torch path within the input dtype's rounding (the
   torch path rounds ``x * size`` and the partial sums to fp16/bf16; the kernel accumulates in fp32).
 
-Dispatch: ``auto`` (default) uses the kernels for CUDA tensors when Triton imports and we are not inside
-``torch.compile`` tracing (Inductor then fuses the torch reference itself). ``set_mode("never")`` or
+Dispatch: ``auto`` (default) uses the kernels for CUDA tensors when Triton imports. ``set_mode("never")`` or
 ``MERGE_CORE_KERNELS=never`` forces the torch path; ``"always"`` also runs them on CPU tensors, which needs
 ``TRITON_INTERPRET=1`` (set before the first kernel call) and is how the CPU tests exercise the kernels.
 The merge kernel has no backward: with autograd recording (training), ``merge_wavg`` takes the torch path.
+
+Under ``torch.compile`` tracing the same rules pick the ``merge_core::*`` custom ops (``kernels.ops``) instead
+of calling Triton directly: one opaque graph node per match / merge (CUDA: the kernels; CPU under ``always``:
+the torch reference), so Inductor generates no per-layer kernels for them. Eager calls skip the op dispatcher
+(a few microseconds per call, which small batches feel).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from collections.abc import Iterator
 
@@ -33,6 +36,7 @@ import torch
 MODES = ("auto", "always", "never")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_METRIC_DIM = 512
+MAX_PLAN_ROWS = 2048  # sort-free ranking: each rank program holds all Na scores
 
 _mode = os.environ.get("MERGE_CORE_KERNELS", "auto")
 if _mode not in MODES:  # pragma: no cover - configuration error
@@ -62,14 +66,23 @@ def kernel_mode(mode: str) -> Iterator[None]:
         set_mode(previous)
 
 
-@functools.cache
+_triton_ok: bool | None = None
+
+
+@torch.compiler.assume_constant_result
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # pragma: no cover - depends on the environment
-        return False
-    return True
+    """Whether Triton imports (checked once; ``torch.compile`` takes the answer as a constant instead of tracing
+    the import)."""
+    global _triton_ok
+    if _triton_ok is None:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+
+            _triton_ok = True
+        except Exception:  # pragma: no cover - depends on the environment
+            _triton_ok = False
+    return _triton_ok
 
 
 def _compiling() -> bool:
@@ -85,9 +98,19 @@ def _device_ok(t: torch.Tensor) -> bool:
     return triton_available()
 
 
+def _fused_ok(t: torch.Tensor) -> bool:
+    """Device rule of the matcher / merge: ``_device_ok`` in eager; under tracing the custom ops, which run
+    the kernels on CUDA (Triton needed) and the torch reference elsewhere (``always`` only)."""
+    if not _compiling():
+        return _device_ok(t)
+    if _mode == "never" or (_mode == "auto" and not t.is_cuda):
+        return False
+    return not t.is_cuda or triton_available()
+
+
 def use_fused_match(a: torch.Tensor, score_mod: object | None) -> bool:
     """Whether ``best_destinations`` should take the fused kernel for these inputs."""
-    if not _device_ok(a) or a.dtype not in _FLOAT_DTYPES or a.shape[-1] > MAX_METRIC_DIM:
+    if not _fused_ok(a) or a.dtype not in _FLOAT_DTYPES or a.shape[-1] > MAX_METRIC_DIM:
         return False
     if score_mod is None:
         return True
@@ -98,6 +121,8 @@ def use_fused_match(a: torch.Tensor, score_mod: object | None) -> bool:
 
 def fused_best_destinations(a, b, protected_a=0, protected_b=0, score_mod=None):
     """(best_score, best_index) of every ``a`` row over ``b`` rows, without the score matrix in memory."""
+    if _compiling():
+        return ops.best_destinations(a, b, protected_a, protected_b, *ops.penalty_parts(score_mod))
     from ._triton import best_destinations
 
     return best_destinations(a, b, protected_a, protected_b, score_mod)
@@ -106,14 +131,15 @@ def fused_best_destinations(a, b, protected_a=0, protected_b=0, score_mod=None):
 def use_fused_plan(a: torch.Tensor, score_mod: object | None) -> bool:
     """Whether ``bipartite_soft_matching`` should compute its whole plan in two launches (``match_plan``):
     the fused matcher applies and the rows fit one ranking program (Na <= 2048; longer sequences use the
-    fused matcher + torch's sort)."""
-    from ._triton import MAX_PLAN_ROWS
-
-    return use_fused_match(a, score_mod) and a.shape[-2] <= MAX_PLAN_ROWS
+    fused matcher + torch's sort). Under tracing any length: the op picks its path at run time."""
+    return use_fused_match(a, score_mod) and (_compiling() or a.shape[-2] <= MAX_PLAN_ROWS)
 
 
 def fused_match_plan(a, b, protected_a: int, protected_b: int, r: int, score_mod=None, sort_unm: bool = True):
     """(unm_idx, src_idx, dst_idx) of bipartite matching, equal to the torch path's (see ``_triton.match_plan``)."""
+    if _compiling():
+        plan = ops.match_plan(a, b, protected_a, protected_b, r, *ops.penalty_parts(score_mod), sort_unm)
+        return ops.split_plan(plan, a.shape[-2], r)
     from ._triton import match_plan
 
     return match_plan(a, b, protected_a, protected_b, r, score_mod, sort_unm)
@@ -125,7 +151,7 @@ def use_fused_merge(x: torch.Tensor, size: torch.Tensor | None) -> bool:
     The kernel has no backward, so whenever autograd would record the merge (training) the torch
     path runs instead; otherwise gradients would stop at the first merged layer.
     """
-    if not _device_ok(x) or x.dtype not in _FLOAT_DTYPES:
+    if not _fused_ok(x) or x.dtype not in _FLOAT_DTYPES:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or (size is not None and size.requires_grad)):
         return False
@@ -136,12 +162,21 @@ def use_fused_merge(x: torch.Tensor, size: torch.Tensor | None) -> bool:
 
 def fused_merge_wavg(plan, x: torch.Tensor, size: torch.Tensor | None):
     """Size-weighted merge of ``x`` (and ``size``) with a bipartite ``MergePlan`` in one kernel launch."""
+    if _compiling():
+        t, c = x.shape[-2:]
+        s3 = None if size is None else size.reshape(-1, t, 1)
+        unm, src, dst = plan.unm_idx, plan.src_idx, plan.dst_idx
+        out, out_size = ops.merge_wavg(x.reshape(-1, t, c), s3, unm, src, dst, plan.protected_a, plan.protected_b)
+        return out.reshape(*x.shape[:-2], t - plan.r, c), out_size.reshape(*x.shape[:-2], t - plan.r, 1)
     from ._triton import merge_wavg
 
     return merge_wavg(plan, x, size)
 
 
+from . import ops  # noqa: E402  (registers the merge_core::* custom ops; needs MAX_PLAN_ROWS above)
+
 __all__ = [
+    "MAX_PLAN_ROWS",
     "MODES",
     "fused_best_destinations",
     "fused_match_plan",

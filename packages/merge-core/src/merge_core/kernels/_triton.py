@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .._checks import check_same_tokens
+from . import MAX_PLAN_ROWS
 
 _SCORE_MODS = {None: 0, "shifted": 1, "guide": 2}
 
@@ -335,9 +336,6 @@ def _unm_kernel(
     tl.store(unm_ptr + bid * stride_plan + i - before, i.to(tl.int64), mask=imask & (rank >= R))
 
 
-MAX_PLAN_ROWS = 2048
-
-
 def match_plan(a, b, protected_a: int, protected_b: int, r: int, score_mod=None, sort_unm: bool = True, splits=None):
     """Bipartite matching without a sort: (unm_idx, src_idx, dst_idx), each (B, n, 1) int64, as the torch path
     computes them (best destination per ``a`` row, stable descending sort, first ``r`` rows merge).
@@ -346,6 +344,14 @@ def match_plan(a, b, protected_a: int, protected_b: int, r: int, score_mod=None,
     by counting, over row chunks x batch; launch 3 (protected prefix only): unmerged rows in index order.
     No host sync. Needs Na <= 2048 (each rank program holds all Na scores).
     """
+    plan = match_plan_buffer(a, b, protected_a, protected_b, r, score_mod, sort_unm, splits)
+    na = a.shape[1]
+    return plan[:, : na - r, None], plan[:, na - r : na, None], plan[:, na:, None]
+
+
+def match_plan_buffer(a, b, protected_a: int, protected_b: int, r: int, score_mod=None, sort_unm=True, splits=None):
+    """``match_plan``'s three index lists in one (B, Na + r) int64 tensor laid out ``[unm | src | dst]``
+    (one allocation; the ``merge_core::match_plan`` op returns it whole)."""
     a, b = _check_pair(a, b)
     batch, na, c = a.shape
     nb = b.shape[1]
@@ -384,7 +390,7 @@ def match_plan(a, b, protected_a: int, protected_b: int, r: int, score_mod=None,
         _unm_kernel[(triton.cdiv(na, 64), batch)](
             rank, src, unm, na, r, rank.stride(0), plan.stride(0), CHUNK=64, BLOCK_K=64
         )
-    return unm, src, dst
+    return plan
 
 
 @triton.jit
@@ -498,14 +504,22 @@ def merge_wavg(plan, x: torch.Tensor, size: torch.Tensor | None):
     check_same_tokens(x, plan.shape, plan.device, "x")
     lead, (t, c) = x.shape[:-2], x.shape[-2:]
     x3 = x.reshape(-1, t, c)
+    s3 = None if size is None else size.reshape(-1, t, 1)
+    out, out_size = merge_wavg_indices(x3, s3, plan.unm_idx, plan.src_idx, plan.dst_idx, plan.protected_b)
+    return out.reshape(*lead, t - plan.r, c), out_size.reshape(*lead, t - plan.r, 1)
+
+
+def merge_wavg_indices(x3, size3, unm, src, dst, protected_b: int):
+    """The merge kernel on (n, T, C) ``x3`` and (n, T, 1) ``size3`` (or None) with (n, U/r, 1) index lists:
+    (merged x (n, T - r, C), merged size (n, T - r, 1)), both contiguous."""
+    n, t, c = x3.shape
     if x3.stride(-1) != 1:
         x3 = x3.contiguous()
-    n = x3.shape[0]
-    r, unm, src, dst = plan.r, plan.unm_idx, plan.src_idx, plan.dst_idx
+    r = src.shape[-2]
     u, tb = unm.shape[-2], t // 2
-    out = torch.empty(n, t - r, c, device=x.device, dtype=x.dtype)
-    out_size = torch.empty(n, t - r, device=x.device, dtype=x.dtype)
-    s2 = out_size if size is None else size.reshape(n, t)
+    out = torch.empty(n, t - r, c, device=x3.device, dtype=x3.dtype)
+    out_size = torch.empty(n, t - r, device=x3.device, dtype=x3.dtype)
+    s2 = out_size if size3 is None else size3.reshape(n, t)
     block_c = min(128, _pow2(c))
     block_rows = 64
     n_unm_blocks = triton.cdiv(u, block_rows)
@@ -522,7 +536,7 @@ def merge_wavg(plan, x: torch.Tensor, size: torch.Tensor | None):
         u,
         tb,
         r,
-        plan.protected_b,
+        protected_b,
         n_unm_blocks,
         x3.stride(0),
         x3.stride(1),
@@ -537,11 +551,11 @@ def merge_wavg(plan, x: torch.Tensor, size: torch.Tensor | None):
         out.stride(0),
         out.stride(1),
         out_size.stride(0),
-        HAS_SIZE=size is not None,
-        SPLIT=x.dtype == torch.float16 or (x.dtype == torch.bfloat16 and x.is_cuda),
+        HAS_SIZE=size3 is not None,
+        SPLIT=x3.dtype == torch.float16 or (x3.dtype == torch.bfloat16 and x3.is_cuda),
         BLOCK_ROWS=block_rows,
         BLOCK_R=16 if r <= 16 else 32,
         BLOCK_C=block_c,
         num_warps=4,
     )
-    return out.reshape(*lead, t - r, c), out_size.reshape(*lead, t - r, 1)
+    return out, out_size[..., None]
