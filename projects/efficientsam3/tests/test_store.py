@@ -2,7 +2,14 @@ import numpy as np
 import pytest
 import torch
 
-from efficientsam3.store import EmbeddingStore, MissingEmbeddingError, StoreWriter, get_codec
+from efficientsam3.store import (
+    EmbeddingStore,
+    MissingEmbeddingError,
+    ParallelReader,
+    StoreWriter,
+    get_codec,
+    split_fp16,
+)
 from efficientsam3.store.compact import compact_store
 
 
@@ -94,3 +101,69 @@ def test_compact_uint8_error_bound(tmp_path):
     assert fid.cos_mean > 0.999
     fid16 = compact_store(str(src), str(tmp_path / "bf"), "bf16")
     assert fid16.rel_mse < 2**-14 and fid16.bytes_per_record_dst == fid16.bytes_per_record_src
+
+
+def _written(tmp_path, n: int = 7, c: int = 3, s: int = 4) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    embs = {f"r{i}": torch.randn(c, s, s, generator=g) for i in range(n)}
+    with StoreWriter(tmp_path, 0, c, s) as w:
+        for i, (k, e) in enumerate(embs.items()):
+            w.write(k, 10 + i, e)
+    return embs
+
+
+def test_parallel_reader_returns_the_files_bytes(tmp_path):
+    """Rows equal the raw file slices (read independently of the reader) and the memmap view, in key order."""
+    _written(tmp_path)
+    store = EmbeddingStore(str(tmp_path))
+    raw = (tmp_path / "rank0-values.bin").read_bytes()
+    keys = ["r5", "r0", "r3", "r6", "r1"]
+    with ParallelReader(store, threads=3) as reader:
+        out = reader.read(keys)
+    assert out.dtype == torch.uint8 and out.shape == (5, store.item)
+    for row, k in zip(out, keys, strict=True):
+        i = int(k[1:])
+        assert row.numpy().tobytes() == raw[i * store.item : (i + 1) * store.item]
+        np.testing.assert_array_equal(row.numpy(), store.view(k))
+    seeds, emb = split_fp16(out, 3, 4)
+    assert seeds.tolist() == [15, 10, 13, 16, 11] and emb.dtype == torch.float16
+    assert torch.equal(emb[2].float(), store.get("r3")[1])
+
+
+def test_get_dtypes_and_read_into(tmp_path):
+    embs = _written(tmp_path)
+    store = EmbeddingStore(str(tmp_path))
+    seed, half = store.get("r2", torch.float16)
+    assert seed == 12 and half.dtype == torch.float16 and torch.equal(half, embs["r2"].half())
+    buf = torch.zeros(2, store.item, dtype=torch.uint8)
+    store.read_into("r4", buf[1])
+    assert np.frombuffer(buf[1].numpy()[:4].tobytes(), np.int32)[0] == 14 and not buf[0].any()
+    with pytest.raises(ValueError, match=f"out: expected a contiguous buffer of {store.item} bytes") as err:
+        store.read_into("r4", np.zeros(3, np.uint8))
+    assert "\n" not in str(err.value)
+    with pytest.raises(MissingEmbeddingError, match="'nope' not found"):
+        store.read_into("nope")
+    with pytest.raises(ValueError, match="threads: expected an int >= 1, got 0"):
+        ParallelReader(store, threads=0)
+    with ParallelReader(store, 2) as reader, pytest.raises(ValueError, match=r"out: expected a contiguous uint8"):
+        reader.read(["r1"], torch.zeros(2, store.item, dtype=torch.uint8))
+
+
+def test_reader_survives_pickle_and_truncation(tmp_path):
+    """A pickled store (DataLoader workers) reopens its files; a record cut short is a one-line OSError."""
+    import pickle
+
+    _written(tmp_path)
+    store = EmbeddingStore(str(tmp_path))
+    store.get("r1")
+    clone = pickle.loads(pickle.dumps(store))
+    assert clone._fds == {} and clone.get("r1")[0] == 11
+    store.evict()  # advisory: must not fail or change what is read
+    assert store.get("r6")[0] == 16
+    values = tmp_path / "rank0-values.bin"
+    with open(values, "r+b") as f:
+        f.truncate(7 * store.item - 10)
+    stale = clone  # index built before the truncation: the last record now ends early
+    with pytest.raises(OSError, match="ends inside the record of 'r6'") as err:
+        stale.get("r6")
+    assert "\n" not in str(err.value)

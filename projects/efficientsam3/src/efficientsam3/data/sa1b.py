@@ -65,6 +65,7 @@ class SA1BDataset(Dataset):
         with_annotations: bool = False,
         strict: bool = False,
         keys: list[str] | None = None,
+        target_dtype: torch.dtype = torch.float32,
     ) -> None:
         self.root = Path(root)
         image_dir = self.root / "images" / split
@@ -74,6 +75,7 @@ class SA1BDataset(Dataset):
         self.ann_dir = self.root / "annotations" / split
         self.img_size, self.mode, self.store = img_size, preprocess_mode, store
         self.aug_flip, self.with_annotations = aug_flip, with_annotations
+        self.target_dtype = target_dtype  # float16: workers ship half the bytes, the trainer casts on the GPU
         self.epoch = 0
         self.skips: dict[str, int] = {"no_embedding": 0, "no_annotation": 0}
         stems = sorted(p.stem for p in image_dir.glob("*.jpg")) if keys is None else list(keys)
@@ -107,7 +109,7 @@ class SA1BDataset(Dataset):
         item: dict = {"key": key}
         try:
             if self.store is not None:
-                seed, target = self.store.get(key)
+                seed, target = self.store.get(key, self.target_dtype)
                 item["target"] = target
             else:
                 seed = augmentation_seed(key, self.epoch) if self.aug_flip else 0

@@ -98,6 +98,7 @@ def _train(cfg, args, env, log, ckpt, ckpt_path) -> dict:
     dataset = SA1BDataset(
         data.DATA_PATH, data.SPLIT, data.IMG_SIZE, data.PREPROCESS, store=store, num_samples=data.NUM_SAMPLES,
         aug_flip=data.AUG_FLIP,
+        target_dtype=torch.float16 if store is not None and store.format == "fp16" else torch.float32,
     )  # fmt: skip
     if dataset.skips["no_embedding"]:
         log.info(f"skipping {dataset.skips['no_embedding']} images without a teacher record")
@@ -156,7 +157,7 @@ def _train(cfg, args, env, log, ckpt, ckpt_path) -> dict:
             if teacher is not None:
                 target = run_teacher(teacher, images)
             else:
-                target = batch["target"].to(env.device, non_blocking=True)
+                target = batch["target"].to(env.device, non_blocking=True).float()
             valid = valid_mask(batch["hw"].to(env.device), data.IMG_SIZE, d.EMBED_SIZE)
             micro += 1
             last_micro = micro % accum == 0

@@ -42,20 +42,25 @@ class Codec:
         q = torch.round((x - lo[:, None]) / step[:, None]).clamp_(0, 255).to(torch.uint8)
         return head + lo.numpy().tobytes() + step.numpy().tobytes() + q.numpy().tobytes()
 
-    def decode(self, buf: np.ndarray, channels: int, size: int) -> tuple[int, torch.Tensor]:
-        """One record (uint8 array) -> (seed, float32 (C, S, S) tensor)."""
+    def decode(
+        self, buf: np.ndarray, channels: int, size: int, dtype: torch.dtype = torch.float32
+    ) -> tuple[int, torch.Tensor]:
+        """One record (uint8 array) -> (seed, (C, S, S) tensor in `dtype`). A record in `dtype` already (fp16
+        as float16, bf16 as bfloat16) comes back as a view of `buf` (no copy: pass a buffer you own)."""
         seed = int(buf[:SEED_BYTES].view(np.int32)[0])
         body = buf[SEED_BYTES:]
         shape = (channels, size, size)
         if self.name == "fp16":
-            return seed, torch.from_numpy(body.view(np.float16).reshape(shape).astype(np.float32))
+            if dtype == torch.float16:
+                return seed, torch.from_numpy(body.view(np.float16).reshape(shape))
+            return seed, torch.from_numpy(body.view(np.float16).reshape(shape)).to(dtype)
         if self.name == "bf16":
-            raw = torch.from_numpy(body.view(np.int16).reshape(shape).copy())
-            return seed, raw.view(torch.bfloat16).float()
+            raw = torch.from_numpy(body.view(np.int16).reshape(shape))
+            return seed, raw.view(torch.bfloat16).to(dtype)
         lo = torch.from_numpy(body[: 4 * channels].view(np.float32).copy())
         step = torch.from_numpy(body[4 * channels : 8 * channels].view(np.float32).copy())
         q = torch.from_numpy(body[8 * channels :].reshape(channels, -1).astype(np.float32))
-        return seed, (q * step[:, None] + lo[:, None]).reshape(shape)
+        return seed, (q * step[:, None] + lo[:, None]).reshape(shape).to(dtype)
 
 
 CODECS = {name: Codec(name) for name in ("fp16", "bf16", "uint8")}
