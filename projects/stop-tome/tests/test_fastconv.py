@@ -7,7 +7,15 @@ import torch
 from torch import nn
 
 from stop_tome import fastconv
-from stop_tome.fastconv import FIXED_MODES, PrompterConv3d, conv3d, prompter_conv, set_prompter_conv
+from stop_tome.fastconv import (
+    FIXED_MODES,
+    PrompterConv3d,
+    conv3d,
+    conv3d_fft,
+    fft_size,
+    prompter_conv,
+    set_prompter_conv,
+)
 from stop_tome.prompts import TemporalPrompt
 
 # STOP's layer shapes (channels, kernels, paddings) on small frames
@@ -70,6 +78,67 @@ def test_fold2d_matches_hand_written_temporal_sum():
     torch.testing.assert_close(conv3d(x, w, b, (1, 2, 2), "fold2d"), expect, rtol=1e-10, atol=1e-10)
 
 
+KERNELS = [(3, 11, 11), (5, 11, 11), (3, 15, 25)]  # every kernel shape STOP uses
+
+
+@pytest.mark.parametrize("k", KERNELS)
+@pytest.mark.parametrize(("cin", "cout"), [(1, 9), (3, 1), (9, 16), (16, 3)])
+@pytest.mark.parametrize("size", [(5, 7, 9), (6, 8, 10), (2, 16, 3)])  # odd, even, fewer frames / pixels than taps
+@pytest.mark.parametrize("bias", [True, False])
+def test_fft_equals_conv3d_float64(k, cin, cout, size, bias):
+    """Output and input / weight / bias gradients equal ``F.conv3d`` (fp64) to 1e-10, one chunk and one video
+    per chunk."""
+    gen = torch.Generator().manual_seed(sum(k) + cin * 7 + cout + sum(size))
+    pad = tuple((v - 1) // 2 for v in k)
+    x = torch.randn(2, cin, *size, dtype=torch.float64, generator=gen)
+    w = torch.randn(cout, cin, *k, dtype=torch.float64, generator=gen)
+    b = torch.randn(cout, dtype=torch.float64, generator=gen) if bias else None
+    leaves = [t.clone().requires_grad_() for t in (x, w, *([b] if bias else []))]
+    ref = nn.functional.conv3d(leaves[0], leaves[1], leaves[2] if bias else None, padding=pad)
+    g = torch.randn(ref.shape, dtype=torch.float64, generator=gen)
+    expect = torch.autograd.grad(ref, leaves, g)
+    for chunk in (2**30, 1):
+        fl = [t.clone().requires_grad_() for t in leaves]
+        out = conv3d_fft(fl[0], fl[1], fl[2] if bias else None, pad, chunk_bytes=chunk)
+        assert out.shape == ref.shape and out.dtype == torch.float64 and out.is_contiguous()
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+        for got, want in zip(torch.autograd.grad(out, fl, g), expect, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("k", KERNELS)
+def test_fft_float32_close_to_conv3d(k):
+    """fp32 in, fp32 out, within 1e-4 of the fp64 convolution relative to its largest output."""
+    gen = torch.Generator().manual_seed(5)
+    pad = tuple((v - 1) // 2 for v in k)
+    x, w, b = torch.randn(2, 9, 4, 20, 31, generator=gen), torch.randn(9, 9, *k, generator=gen), torch.randn(9)
+    out = conv3d_fft(x, w, b, pad)
+    ref = nn.functional.conv3d(x.double(), w.double(), b.double(), padding=pad)
+    assert out.dtype == torch.float32
+    assert (out.double() - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_fft_result_dtype_follows_autocast_and_input():
+    """As ``F.conv3d``: the autocast dtype under autocast (not for fp64 inputs), else the input dtype."""
+    x, w = torch.randn(1, 2, 3, 5, 5), torch.randn(2, 2, 3, 3, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv3d_fft(x, w, None, (1, 1, 1)).dtype == nn.functional.conv3d(x, w, padding=1).dtype
+        assert conv3d_fft(x.double(), w.double(), None, (1, 1, 1)).dtype == torch.float64
+    half = conv3d_fft(x.bfloat16(), w.bfloat16(), None, (1, 1, 1))
+    assert half.dtype == torch.bfloat16
+    ref = nn.functional.conv3d(x.bfloat16().double(), w.bfloat16().double(), padding=1)
+    assert (half.double() - ref).abs().max() <= 2**-7 * ref.abs().max()  # one bf16 rounding of the result
+
+
+def test_fft_sizes_are_cufft_friendly_and_cover_the_taps():
+    """2^a 3^b 5^c 7^d, at least size + pad (and kernel, output), even for the rfft axis: STOP's shapes by hand."""
+    assert fft_size(224, 11, 5) == 240  # 229 -> 240 = 2^4 3 5
+    assert fft_size(49, 15, 7) == 56 and fft_size(49, 11, 5) == 54  # 56 = 2^3 7, 54 = 2 3^3
+    assert fft_size(768, 25, 12, even=True) == 784 and fft_size(768, 11, 5, even=True) == 784  # 2^4 7^2
+    assert fft_size(3, 15, 7) == 15  # the kernel must fit
+    assert fft_size(9, 3, 1, even=True) == 10  # 10 = 2 5; 9 + 1 = 10
+
+
 def test_state_dict_keys_unchanged_and_plain_conv3d_checkpoint_loads():
     tp = TemporalPrompt(width=8, heads=1, grid=4, patch_size=4, local_prompts=2)
     convs = {n: m for n, m in tp.named_modules() if isinstance(m, nn.Conv3d)}
@@ -103,10 +172,11 @@ def test_prompter_forward_identical_under_every_mode(mode):
     assert fastconv.get_prompter_conv() == "fold2d"  # restored: the suite's CPU default (conftest)
 
 
-def test_default_is_auto_with_fold2d_fallback():
-    """auto everywhere (CPU: fold2d; CUDA: timed); untimed CUDA shapes under capture/compile run the H200 winner."""
+def test_default_is_auto_with_fft_fallback():
+    """auto everywhere (CPU: fold2d; CUDA: timed among all fixed paths, fft included); untimed CUDA shapes under
+    capture/compile run fft."""
     assert fastconv.DEFAULT_MODE == "auto" and fastconv.AUTO_CPU == "fold2d"
-    assert fastconv.AUTO_FALLBACK in FIXED_MODES and fastconv.AUTO_FALLBACK != "native"
+    assert "fft" in FIXED_MODES and fastconv.AUTO_FALLBACK == "fft"
     x, w = torch.randn(1, 3, 3, 8, 8), torch.randn(2, 3, 3, 3, 3)
     assert fastconv._autotune(x, w, None, (1, 1, 1)) == "fold2d"
     assert fastconv._autotune(x.to("meta"), w.to("meta"), None, (1, 1, 1)) == "native"
@@ -123,6 +193,8 @@ def test_flags_parse():
 
     args, _ = parse_args(["--do_eval", "--output_dir", "o", "--prompter_conv", "fold2d"])
     assert args.prompter_conv == "fold2d"
+    assert parse_args(["--do_eval", "--output_dir", "o", "--prompter_conv", "fft"])[0].prompter_conv == "fft"
+    assert bench_args(["--prompter_conv", "fft"]).prompter_conv == "fft"
     assert parse_args(["--do_eval", "--output_dir", "o"])[0].prompter_conv == "auto"  # default on every device
     assert parse_args(["--do_eval", "--output_dir", "o", "--prompter_conv", "native"])[0].prompter_conv == "native"
     assert bench_args([]).prompter_conv == "auto"

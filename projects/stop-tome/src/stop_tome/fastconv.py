@@ -218,11 +218,11 @@ def conv3d_fft(
             # stacked[f, (b, t), (dt, c)] = X[b, c, t + dt, f]: the frames each output frame reads, one copy
             stacked = xs[b0 : b0 + bc].unfold(2, kt, 1).permute(3, 4, 0, 2, 5, 1).reshape(nf, bc * t_out, kt * c)
             ys = torch.bmm(stacked, ws)  # (F, bc x T_out, O)
-            ys = ys.view(n1, n2 // 2 + 1, bc, t_out, o).permute(2, 4, 3, 0, 1)
+            ys = ys.view(n1, n2 // 2 + 1, bc, t_out, o).permute(2, 4, 3, 0, 1).contiguous()  # (bc, O, T, n1, n2h)
             y = torch.fft.irfft2(ys, s=(n1, n2))[..., :h_out, :w_out]
             if bias is not None:
                 y = y + bias.to(real).view(1, o, 1, 1, 1)
-            chunks.append(y.to(out_dtype, memory_format=torch.contiguous_format))
+            chunks.append(y.to(out_dtype).contiguous())
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=0)
 
 
