@@ -7,7 +7,10 @@ Suites (`--suite`, repeatable):
 - distill: a student trained on exact vs merged teacher embeddings for --distill-steps, both scored
   against the exact embeddings on held-out images (the stage-1 loss a user would get from each store).
 - train: stage-1 training img/s of --train-student reading a store written to --workdir, and the store's
-  read MB/s against what training consumes (img/s x record bytes).
+  cold read MB/s (--train-readers threads) against what training consumes (img/s x record bytes).
+- store: read MB/s of a store of --store-gb written on the spot (deleted afterwards) with each of
+  --store-readers reader threads, cold (page cache dropped) and warm, plus the old one-thread memmap read,
+  against --consumed-mb-s (what stage-1 training reads). Not in the default suite list.
 - finetune: one geometry-FT step of --ft-student at --ft-batch (AMP: fp16 autocast + GradScaler, the frozen
   SAM3 path under each --ft-frozen-dtypes autocast, random weights) with the teacher path uncached and
   cached, at the 72x72 and 36x36 FPN level; its parts (student fwd+bwd, frozen path for the student with
@@ -19,8 +22,8 @@ Suites (`--suite`, repeatable):
 from __future__ import annotations
 
 import json
-import os
 import platform
+import shutil
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -43,7 +46,7 @@ from .model.sam3_frozen import SAM3_DIMS, TINY_DIMS, build_frozen_sam3
 from .model.sam3_vit import SAM3_VIT, TINY_VIT, SAM3ViT, compile_trunk
 from .model.students import STUDENTS, build_student
 from .model.teacher import load_trunk
-from .store import EmbeddingStore, StoreWriter
+from .store import EmbeddingStore, ParallelReader, StoreWriter
 from .store.compact import ErrorMeter
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -155,8 +158,8 @@ def bench_teacher(args, device, dtype, save=lambda rows: None) -> list[dict]:
             meter.add(ref, y)
             e = meter.summary()
             row = {"teacher": name, "window_r": wr, "global_r": gr, **meter_base, "ms": t["ms_median"],
-                   "img_per_s": ips, "cos_mean": e["cos_mean"], "cos_min": e["cos_min"], "rel_mse": e["rel_mse"],
-                   "elapsed_s": time.perf_counter() - t_start, **extra}  # fmt: skip
+                   "img_per_s": ips, "cos_mean": e["cos_mean"], "cos_min": e["cos_min"], "mse": e["mse"],
+                   "rel_mse": e["rel_mse"], "elapsed_s": time.perf_counter() - t_start, **extra}  # fmt: skip
             if args.peak_tflops and not wr and not gr:
                 row["mfu"] = ips * flops / (args.peak_tflops * 1e12)
             if base:
@@ -268,18 +271,11 @@ def bench_train(args, device, dtype) -> list[dict]:
     with StoreWriter(store_dir, 0, c, s) as w:
         for i in range(len(w.done), n):
             w.write(f"k{i}", i, torch.randn(c, s, s))
-    values = store_dir / "rank0-values.bin"
-    if hasattr(os, "posix_fadvise"):
-        fd = os.open(values, os.O_RDONLY)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
     store = EmbeddingStore(str(store_dir))
-    order = np.random.default_rng(0).permutation(n)
-    t0 = time.perf_counter()
-    for i in order:
-        store.get(f"k{i}")
-    read_s = time.perf_counter() - t0
-    read_mb_s = n * store.item / read_s / 1e6
+    order = [f"k{i}" for i in np.random.default_rng(0).permutation(n)]
+    store.evict()
+    with ParallelReader(store, args.train_readers) as reader:
+        read_mb_s = _read_pass(reader, order)
     student = build_student(args.train_student, c, s).to(device)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
     b = args.train_batch
@@ -303,7 +299,7 @@ def bench_train(args, device, dtype) -> list[dict]:
     need = ips * store.item / 1e6
     row = {"student": args.train_student, "batch": b, "train_img_per_s": ips, "record_bytes": store.item,
            "consumed_mb_s": need, "store_read_mb_s": read_mb_s, "read_headroom": read_mb_s / need,
-           "records": n}  # fmt: skip
+           "records": n, "readers": args.train_readers}  # fmt: skip
     print(json.dumps(row))
     return [row]
 
@@ -492,10 +488,77 @@ def print_ft_table(rows: list[dict], summary: dict) -> None:
           f"{summary['target_met_uncached']} ({summary['seconds']:.0f} s)")  # fmt: skip
 
 
+def _read_pass(reader: ParallelReader, keys: list[str]) -> float:
+    """MB/s of reading every key once through `reader`, in chunks of 4 records per thread into one buffer."""
+    chunk = min(4 * reader.threads, len(keys))
+    buf = reader.buffer(chunk)
+    t0 = time.perf_counter()
+    for i in range(0, len(keys), chunk):
+        group = keys[i : i + chunk]
+        reader.read(group, buf[: len(group)])
+    return len(keys) * reader.store.item / (time.perf_counter() - t0) / 1e6
+
+
+def _memmap_pass(store: EmbeddingStore, keys: list[str]) -> float:
+    """MB/s of the old path: one thread copying each record out of the memory map."""
+    t0 = time.perf_counter()
+    for k in keys:
+        np.array(store.view(k))
+    return len(keys) * store.item / (time.perf_counter() - t0) / 1e6
+
+
+def bench_store(args) -> list[dict]:
+    """Read MB/s per reader count, cold (fsync'd store, POSIX_FADV_DONTNEED before the pass: the kernel drops
+    clean cached pages, no root needed) and warm (the pass right after), random record order, vs training."""
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="es3store_"))
+    store_dir = work / "store_read_bench"
+    c, s = args.embed_dim, args.embed_size
+    try:
+        t0 = time.perf_counter()
+        emb = torch.randn(c, s, s)
+        with StoreWriter(store_dir, 0, c, s) as w:
+            n = max(int(args.store_gb * 1e9) // w.item, 2)
+            for i in range(len(w.done), n):
+                w.write(f"k{i}", i, emb)
+        write_s = time.perf_counter() - t0
+        store = EmbeddingStore(str(store_dir))
+        keys = [f"k{i}" for i in np.random.default_rng(0).permutation(n)]
+        base = {"records": n, "record_bytes": store.item, "gb": n * store.item / 1e9, "dir": str(work),
+                "consumed_mb_s": args.consumed_mb_s}  # fmt: skip
+        rows: list[dict] = []
+
+        def add(path: str, threads: int, cache: str, mb_s: float) -> None:
+            rows.append({"path": path, "readers": threads, "cache": cache, "read_mb_s": mb_s,
+                         "headroom": mb_s / args.consumed_mb_s, **base})  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+
+        print(json.dumps({"store_written_s": write_s, **base}), flush=True)
+        store.evict()
+        add("memmap", 1, "cold", _memmap_pass(store, keys))
+        for threads in args.store_readers:
+            with ParallelReader(store, threads) as reader:
+                store.evict()
+                add("pread", threads, "cold", _read_pass(reader, keys))
+                add("pread", threads, "warm", _read_pass(reader, keys))
+        store.close()
+    finally:
+        shutil.rmtree(store_dir, ignore_errors=True)
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"{'path':<7} {'readers':>7} {'cache':<5} {'MB/s':>8} {'x training':>10}")
+    for r in rows:
+        print(f"{r['path']:<7} {r['readers']:>7} {r['cache']:<5} {r['read_mb_s']:8.0f} {r['headroom']:10.2f}")
+    print(f"training consumes {args.consumed_mb_s:.0f} MB/s; {rows[0]['gb']:.2f} GB store, random record order")
+    return rows
+
+
 def build_parser():
     p = OneLineArgumentParser(prog="efficientsam3-bench", description=__doc__.splitlines()[0])
     p.add_argument(
-        "--suite", action="append", choices=("students", "teacher", "distill", "train", "finetune"), default=None
+        "--suite",
+        action="append",
+        choices=("students", "teacher", "distill", "train", "store", "finetune"),
+        default=None,
     )
     p.add_argument("--tiny", action="store_true", help="CPU-sized settings")
     p.add_argument("--device", default="auto")
@@ -508,7 +571,7 @@ def build_parser():
     p.add_argument("--batch", type=int, nargs="+", default=None)
     p.add_argument("--teacher-batch", type=int, default=None)
     p.add_argument("--merge", nargs="+", default=None, metavar="W:G", help="window r : global r pairs")
-    p.add_argument("--merge-modes", nargs="+", default=["attn", "block"], choices=("attn", "block"))
+    p.add_argument("--merge-modes", nargs="+", default=["attn", "block"], choices=("attn", "block", "span"))
     p.add_argument("--compile", action="store_true", help="torch.compile the teacher (exact and merged)")
     p.add_argument("--time-budget", type=float, default=0.0, help="teacher suite: skip merged rows past this (s)")
     p.add_argument("--peak-tflops", type=float, default=None, help="dense peak of the GPU, for MFU (H200 bf16: 989)")
@@ -522,7 +585,12 @@ def build_parser():
     p.add_argument("--train-student", default="repvit_m1_1")
     p.add_argument("--train-batch", type=int, default=None)
     p.add_argument("--train-records", type=int, default=None)
-    p.add_argument("--workdir", default=None, help="folder for the train suite's store (temp dir by default)")
+    p.add_argument("--workdir", default=None, help="folder for the train / store suites' stores (default: temp)")
+    p.add_argument("--train-readers", type=int, default=8, help="train suite: reader threads of its read row")
+    p.add_argument("--store-gb", type=float, default=None, help="store suite: size of the store written (GB)")
+    p.add_argument("--store-readers", type=int, nargs="+", default=[1, 4, 8, 16], help="store suite: threads")
+    p.add_argument("--consumed-mb-s", type=float, default=1430.2,
+                   help="store suite: MB/s training reads (H200 ES-RV-M stage-1: 134.7 img/s x 10.6 MB)")  # fmt: skip
     p.add_argument("--ft-student", default=None, help="finetune suite: student (repvit_m1_1 = ES-RV-M)")
     p.add_argument("--ft-batch", type=int, default=None, help="finetune suite: batch (4, the FT recipe's per GPU)")
     p.add_argument("--ft-prompts", type=int, default=16, help="finetune suite: boxes and points per image")
@@ -542,6 +610,7 @@ def _defaults(args) -> None:
         "img_size": (64, 1008), "embed_dim": (16, 1024), "embed_size": (8, 72), "batch": ([2], [8, 1]),
         "teacher_batch": (2, 8), "merge": (["2:8", "4:16", "6:24"], ["96:864", "144:1296", "192:1728", "288:2592"]),
         "distill_images": (16, 64), "distill_steps": (20, 300), "train_batch": (2, 64), "train_records": (8, 256),
+        "store_gb": (0.02, 4.0),
         "warmup": (1, 5), "iters": (2, 20),
         "ft_student": ("efficientvit_b0", "repvit_m1_1"), "ft_batch": (2, 4),
     }  # fmt: skip
@@ -588,6 +657,8 @@ def main(argv=None) -> dict:
         result["distill"] = bench_distill(args, device, dtype)
     if "train" in suites:
         result["train"] = bench_train(args, device, dtype)
+    if "store" in suites:
+        result["store"] = bench_store(args)
     if "finetune" in suites:
 
         def save_ft(part: dict) -> None:
