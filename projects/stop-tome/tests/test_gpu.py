@@ -73,7 +73,7 @@ def test_benchmark_tiny_cuda(tmp_path):
     assert any(r["policy_merged"] is not None for r in rows if r["r"] > 0)
 
 
-@pytest.mark.parametrize("mode", ["channels_last", "padded", "fold2d", "auto"])
+@pytest.mark.parametrize("mode", ["channels_last", "padded", "fold2d", "fft", "auto"])
 def test_prompter_conv_paths_match_native_cuda(mode):
     """fp32 without TF32: each prompter conv layer under every --prompter_conv path equals cuDNN's native Conv3d
     (output and input/weight gradients), layer by layer: the whole prompter's top-eta region mask is a threshold,
@@ -102,6 +102,35 @@ def test_prompter_conv_paths_match_native_cuda(mode):
             for a, b in zip(*results, strict=True):
                 scale = a.abs().max().item()
                 torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * max(scale, 1.0), msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fft_autocast_dtype_and_cuda_graph(dtype):
+    """Under autocast fft returns the autocast dtype like cuDNN's Conv3d, within one rounding of it, and replays
+    identically from a CUDA graph (cuFFT plans are made in the eager warm-up)."""
+    from stop_tome.fastconv import conv3d_fft
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 6, 40, 56, device="cuda")
+    w, b = torch.randn(16, 9, 3, 11, 11, device="cuda") * 0.05, torch.randn(16, device="cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        ref, out = torch.nn.functional.conv3d(x, w, b, padding=(1, 5, 5)), conv3d_fft(x, w, b, (1, 5, 5))
+    assert out.dtype == ref.dtype == dtype
+    assert (out.float() - ref.float()).abs().max() <= 2 * torch.finfo(dtype).eps * ref.float().abs().max()
+    static = x.clone()
+    with torch.no_grad():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            eager = conv3d_fft(static, w, b, (1, 5, 5))
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = conv3d_fft(static, w, b, (1, 5, 5))
+        static.copy_(torch.randn_like(static))
+        graph.replay()
+        torch.testing.assert_close(captured, conv3d_fft(static, w, b, (1, 5, 5)))
+    assert eager.shape == captured.shape
 
 
 def test_prompter_bench_tiny_cuda(tmp_path):

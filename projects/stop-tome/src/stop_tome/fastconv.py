@@ -187,7 +187,8 @@ def conv3d_fft(
     ``out[b, o, t] = sum_{dt, c} corr2d(x[b, c, t + dt - pt], w[o, c, dt])``; per frequency ``f`` of the rfft2
     that is ``Y[f, (b, t), o] = sum_{(dt, c)} X[f, b, c, t + dt] conj(W[f, o, c, dt])`` (``conj``: correlation,
     not convolution; ``X`` with ``pt`` zero frames at both ends) - one batched complex matmul over ``kt x C``.
-    fp32 / complex64 (fp64 / complex128 for fp64 inputs), result in the dtype ``F.conv3d`` would give. Output
+    fp32 / complex64 (fp64 / complex128 for fp64 inputs) on the operands as ``F.conv3d`` would see them (rounded
+    to the autocast dtype under autocast), result in the dtype ``F.conv3d`` would give. Output
     spectra are made per chunk of videos of at most ``chunk_bytes`` (transient memory), then inverse-transformed.
 
     Why it is fast for STOP (16 videos x 12 frames, fp16, H200): the direct paths do ``kt kh kw`` (363-1125) MACs
@@ -204,6 +205,9 @@ def conv3d_fft(
     nf = n1 * (n2 // 2 + 1)
     out_dtype = _result_dtype(x)
     real = torch.float64 if x.dtype == torch.float64 else torch.float32
+    # the operands rounded as F.conv3d sees them (autocast casts x, weight and bias), then transformed in fp32
+    x, weight = x.to(out_dtype), weight.to(out_dtype)
+    bias = None if bias is None else bias.to(out_dtype)
     with torch.autocast(x.device.type, enabled=False):
         # weight spectra, kernel rolled by -pad (output i reads inputs i - pad ..), conjugated: (F, kt x C, O)
         wpad = F.pad(weight.to(real), (0, n2 - kw, 0, n1 - kh)).roll((-ph, -pw), dims=(-2, -1))
