@@ -8,6 +8,7 @@ weights are never saved."""
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -41,9 +42,9 @@ from ..data.sa1b import SA1BDataset, augmentation_seed, collate
 from ..data.transforms import valid_mask
 from ..finetune.config import FT_CHOICES, ft_defaults, load_ft_config
 from ..finetune.losses import LossWeights
-from ..finetune.prompts import collate_prompts, sample_prompts
+from ..finetune.prompts import collate_prompts, pad_prompts, sample_prompts
 from ..finetune.step import DecodeSettings, ft_loss, teacher_targets
-from ..model.sam3_frozen import SAM3_DIMS, TINY_DIMS, build_frozen_sam3
+from ..model.sam3_frozen import SAM3_DIMS, TINY_DIMS, build_frozen_sam3, compile_frozen
 from ..model.students import build_student
 from ..store import EmbeddingStore
 from .common import DTYPES, FLAG_KEYS, base_parser, run_cli, run_teacher, run_training, teacher_on
@@ -52,7 +53,7 @@ from .stage1 import ALWAYS_CLI
 
 PROG = "efficientsam3-train-geometry-finetune"
 FT_FLAG_KEYS = {**FLAG_KEYS, "sam3_checkpoint": "MODEL.SAM3_CHECKPOINT"}
-FT_ALWAYS_CLI = ALWAYS_CLI | {"MODEL.SAM3_CHECKPOINT", "MODEL.PRETRAINED"}
+FT_ALWAYS_CLI = ALWAYS_CLI | {"MODEL.SAM3_CHECKPOINT", "MODEL.PRETRAINED", "MODEL.COMPILE_FROZEN"}
 
 
 class FTStudent(nn.Module):
@@ -73,6 +74,10 @@ def build_parser():
     p.add_argument("--accumulation-steps", type=int, help="TRAIN.ACCUMULATION_STEPS")
     p.add_argument("--eval", action="store_true", help="only report the loss over DATA.SPLIT (no training)")
     p.add_argument("--online-teacher", action="store_true", help="run the teacher trunk in the loop (no store)")
+    p.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=None,
+        help="torch.compile the frozen SAM3 path (MODEL.COMPILE_FROZEN on / off; default auto = on CUDA)",
+    )  # fmt: skip
     p.add_argument("--stop-after-epochs", type=int, default=0, help="leave after this many epochs (time-limited jobs)")
     return p
 
@@ -97,6 +102,8 @@ def _config(args):
         overrides["AMP_ENABLE"] = False
     if args.online_teacher:
         overrides["DISTILL.ONLINE_TEACHER"] = True
+    if args.compile is not None:
+        overrides["MODEL.COMPILE_FROZEN"] = "on" if args.compile else "off"
     cfg = load_ft_config(args.cfg, args.opts, overrides)
     return cfg, set(overrides) | set(args.opts[0::2])
 
@@ -119,6 +126,11 @@ def batch_prompts(batch: dict, cfg, epoch: int) -> dict[str, torch.Tensor]:
     if not d.USE_POINT_PROMPTS:
         prompts["point_pad"][:] = True
     return prompts
+
+
+def frozen_compiled(mode: str, device: torch.device) -> bool:
+    """MODEL.COMPILE_FROZEN: "on", "off", or "auto" = on CUDA only (CPU compiles take minutes and gain little)."""
+    return mode == "on" or (mode == "auto" and device.type == "cuda")
 
 
 def refine_uniforms(keys: list[str], epoch: int, n: int) -> Callable[[int], torch.Tensor]:
@@ -183,6 +195,10 @@ def _train(cfg, args, env, log, ckpt, ckpt_path) -> dict:
         frozen = build_frozen_sam3(checkpoint, dims, cfg.MODEL.FEATURE_SIZE).to(env.device)
     for name, n in frozen.component_sizes().items():
         log.info(f"frozen SAM3 {name}: {n / 1e6:.2f}M parameters")
+    compiled = frozen_compiled(cfg.MODEL.COMPILE_FROZEN, env.device)
+    if compiled:
+        compile_frozen(frozen)
+    prompt_slots = 1 if d.PROMPT_MIX else d.MAX_PROMPTS  # compiled: one static prompt shape
     student = build_student(cfg.MODEL.BACKBONE, d.EMBED_DIM, d.EMBED_SIZE)
     if cfg.MODEL.PRETRAINED:
         n = load_stage1_student(student, cfg.MODEL.PRETRAINED)
@@ -235,7 +251,7 @@ def _train(cfg, args, env, log, ckpt, ckpt_path) -> dict:
         f"{len(dataset)} images, {steps_per_epoch} steps/epoch x {t.EPOCHS} epochs, lr {lrs[0]:.3g} "
         f"(batch {data.BATCH_SIZE} x {env.world_size} x {accum}), AMP {use_amp} {cfg.AMP_DTYPE}, "
         f"FPN level {cfg.MODEL.FEATURE_SIZE}, frozen path {cfg.MODEL.SAM3_DTYPE or cfg.AMP_DTYPE}, "
-        f"decode iterations {d.DECODE_ITERS}"
+        f"decode iterations {d.DECODE_ITERS}, frozen path {'compiled' if compiled else 'eager'}"
     )
     mask_size = 4 * d.EMBED_SIZE
     cache: dict[str, tuple[int, torch.Tensor]] = {}  # key -> (teacher's best query, its mask logits, fp16 CPU)
@@ -248,7 +264,10 @@ def _train(cfg, args, env, log, ckpt, ckpt_path) -> dict:
         else:
             target = batch["target"].to(env.device, non_blocking=True)
         hw = batch["hw"].to(env.device)
-        pr = {k: v.to(env.device) for k, v in batch_prompts(batch, cfg, epoch).items()}
+        pr = batch_prompts(batch, cfg, epoch)
+        if compiled:
+            pr = pad_prompts(pr, prompt_slots)
+        pr = {k: v.to(env.device) for k, v in pr.items()}
         keys = batch["key"]
         with amp_autocast(env.device, use_amp, amp_dtype):
             pred = model(images)

@@ -24,6 +24,9 @@ def ft_defaults() -> CN:
     c.MODEL.SAM3_TYPE = "sam3"
     # Autocast dtype of the frozen SAM3 path under AMP: "" = AMP_DTYPE; bf16 keeps fp32's range there.
     c.MODEL.SAM3_DTYPE = ""
+    # torch.compile the frozen path (static shapes, prompts padded to DISTILL.MAX_PROMPTS): "auto" = on CUDA
+    # only (--compile / --no-compile set "on" / "off"); the compile costs ~1-2 min once per process.
+    c.MODEL.COMPILE_FROZEN = "auto"
     c.DATA.BATCH_SIZE = 4
     c.DATA.BOX_JITTER = True
     c.DATA.SORT_BY_AREA = True
@@ -68,6 +71,7 @@ FT_CHOICES = {
     "MODEL.FEATURE_SIZE": (72, 36),
     "MODEL.SAM3_TYPE": ("sam3", "tiny"),
     "MODEL.SAM3_DTYPE": ("", "fp16", "bf16"),
+    "MODEL.COMPILE_FROZEN": ("auto", "on", "off"),
 }
 
 

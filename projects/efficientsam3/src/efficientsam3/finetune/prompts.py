@@ -105,3 +105,22 @@ def collate_prompts(prompts: list[dict[str, torch.Tensor]]) -> dict[str, torch.T
         for name in out:
             out[name][i, :k] = p[name]
     return out
+
+
+def pad_prompts(prompts: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+    """Right-pad a collated prompt batch to n boxes and n points (padding: zeros, pad True), so a compiled frozen
+    path sees one prompt shape whatever the batch's largest prompt count (padding is masked out of every
+    attention and of the scoring mean, so the outputs are unchanged up to rounding)."""
+    have = prompts["boxes"].shape[1]
+    if prompts["points"].shape[1] != have:
+        raise ValueError(f"prompts: expected as many points as boxes, got {prompts['points'].shape[1]} / {have}")
+    if have > n:
+        raise ValueError(f"DISTILL.MAX_PROMPTS: a batch has {have} prompts, more than {n}")
+    if have == n:
+        return prompts
+    out = {}
+    for name in ("boxes", "points", "box_pad", "point_pad"):
+        v = prompts[name]
+        fill = v.new_ones if v.dtype == torch.bool else v.new_zeros
+        out[name] = torch.cat([v, fill(v.shape[0], n - have, *v.shape[2:])], 1)
+    return out

@@ -1,7 +1,7 @@
-"""The geometry-FT loss of one batch with DECODE_ITERS decode iterations (the trainer's and the benchmark's
-one home): the embedding MSE once, then per iteration the teacher path (no gradient; iteration 0 may come
-from the teacher cache) and the student path through the frozen SAM3 with the same prompt, BCE + Dice on
-the teacher's best query of that iteration, and (before the next iteration) one refinement point per image
+"""The geometry-FT loss of one batch with DECODE_ITERS decode iterations (the trainer's and the benchmark's one home):
+the embedding MSE once, the FPN features once per embedding, then per iteration the teacher path (no gradient;
+iteration 0 may come from the teacher cache) and the student path through the frozen SAM3 with the same prompt, BCE
++ Dice on the teacher's best query of that iteration, and (before the next iteration) one refinement point per image
 from their disagreement appended to the geometric prompt. The mask terms are averaged over iterations."""
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ class DecodeSettings:
 
 
 @torch.no_grad()
-def teacher_pass(frozen, target: torch.Tensor, args: PromptArgs, labels: torch.Tensor | None):
+def teacher_pass(frozen, target: torch.Tensor, args: PromptArgs, labels: torch.Tensor | None, features=None):
     """(best query (B,), its mask logits (B, H, W)) of the teacher embedding; only that query's mask is
-    computed (equal to picking it from all masks)."""
-    out = frozen(target, *args, point_labels=labels, mask_query="best")
+    computed (equal to picking it from all masks). features: frozen.image_features(target) computed before."""
+    out = frozen(target, *args, point_labels=labels, mask_query="best", features=features)
     return out["query"], out["pred_masks"][:, 0]
 
 
@@ -75,14 +75,23 @@ def ft_loss(
     mse = embedding_mse(pred, target, embed_valid)
     bces, dices = [], []
     added = torch.zeros(b, device=pred.device)
+    # the FPN part is prompt-independent: with several iterations it runs once per embedding (student: one
+    # graph whose gradient sums over the iterations, as recomputing it would give)
+    reuse = settings.decode_iters > 1
+    s_feats = t_feats = None
     for it in range(settings.decode_iters):
         args = (points, point_pad, boxes, box_pad)
         with frozen_ctx():
             if it == 0 and first_teacher is not None:
                 idx, t_mask = first_teacher(args)
             else:
-                idx, t_mask = teacher_pass(frozen, target, args, labels)
-            s_mask = frozen(pred, *args, point_labels=labels, mask_query=idx)["pred_masks"][:, 0]
+                if reuse and t_feats is None:
+                    with torch.no_grad():
+                        t_feats = frozen.image_features(target)
+                idx, t_mask = teacher_pass(frozen, target, args, labels, t_feats)
+            if reuse and s_feats is None:
+                s_feats = frozen.image_features(pred)
+            s_mask = frozen(pred, *args, point_labels=labels, mask_query=idx, features=s_feats)["pred_masks"][:, 0]
         bce, dice = mask_terms(s_mask, t_mask, mask_valid, w.temperature)
         bces.append(bce)
         dices.append(dice)

@@ -95,8 +95,10 @@ class TransformerDecoder(nn.Module):
         self.ref_point_head = MLP([2 * d_model, d_model, d_model])
 
     def box_bias(self, boxes: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """boxes (Q, B, 4) cxcywh -> (B*heads, Q, h*w): log-scaled distances of pixel coordinates (i/h, j/w)
-        to the box's two y and two x edges, each axis through its MLP, summed."""
+        """boxes (Q, B, 4) cxcywh -> (B*heads, 1 + Q, h*w): log-scaled distances of pixel coordinates (i/h, j/w)
+        to the box's two y and two x edges, each axis through its MLP, summed; row 0 (the presence token) is
+        zero. Written once into its final layout in the MLPs' dtype (the attention's mask dtype under autocast),
+        instead of a permuted copy, an upcast and a concatenation per layer."""
         cx, cy, bw, bh = boxes.transpose(0, 1).unbind(-1)  # (B, Q)
         ys = torch.arange(h, dtype=torch.float32, device=boxes.device) / h
         xs = torch.arange(w, dtype=torch.float32, device=boxes.device) / w
@@ -108,8 +110,11 @@ class TransformerDecoder(nn.Module):
             return torch.sign(t) * torch.log2(t.abs() + 1.0) / 3.0
 
         by, bx = self.boxRPB_embed_y(log_scale(dy)), self.boxRPB_embed_x(log_scale(dx))  # (B, Q, h|w, heads)
-        bias = by[:, :, :, None] + bx[:, :, None]  # (B, Q, h, w, heads)
-        return bias.flatten(2, 3).permute(0, 3, 1, 2).flatten(0, 1)
+        by, bx = by.permute(0, 3, 1, 2), bx.permute(0, 3, 1, 2).to(by.dtype)  # (B, heads, Q, h|w)
+        b, heads, q = by.shape[:3]
+        bias = by.new_zeros(b, heads, 1 + q, h, w)
+        bias[:, :, 1:] = by[..., None] + bx[:, :, :, None]
+        return bias.view(b * heads, 1 + q, h * w)
 
     def forward(
         self,
@@ -132,8 +137,9 @@ class TransformerDecoder(nn.Module):
         for layer in self.layers:
             ref_boxes.append(boxes)
             qpos = self.ref_point_head(sine_embed_boxes(boxes, self.d_model).to(x.dtype))
-            bias = self.box_bias(boxes, h, w).to(x.dtype)
-            bias = torch.cat([bias.new_zeros(bias.shape[0], 1, bias.shape[2]), bias], 1)
+            bias = self.box_bias(boxes, h, w)
+            if not torch.is_autocast_enabled(bias.device.type):
+                bias = bias.to(x.dtype)  # under autocast the attention casts the mask to its own dtype anyway
             out = layer(
                 torch.cat([presence, x]), torch.cat([torch.zeros_like(presence), qpos]),
                 prompt, prompt_pad, memory, memory_pos, bias,

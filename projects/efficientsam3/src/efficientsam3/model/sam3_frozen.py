@@ -68,37 +68,75 @@ class FrozenSAM3(nn.Module):
         """Parameter count per component (printed at start-up; the guide's table is wrong)."""
         return {name: sum(p.numel() for p in self.get_submodule(name).parameters()) for name in PREFIXES}
 
+    @property
+    def level(self) -> int:
+        """Index of the FPN level the encoder and geometry pooling use: 2 (scale 1, 72x72) or 3 (scale 0.5)."""
+        return 2 if self.feature_size == 72 else 3
+
+    def image_features(self, embed: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """The prompt-independent part: FPN levels up to the used one (finest first; at 72 the 36x36 branch is
+        not run, nothing reads it) and that level's position encoding. Computed once per embedding and step
+        (`features=` of forward) when several decode iterations share it."""
+        feats = tuple(self.neck.convs[i](embed) for i in range(self.level + 1))
+        return feats, self.neck.position_encoding(feats[-1])
+
     def forward(
         self,
-        embed: torch.Tensor,
+        embed: torch.Tensor | None,
         points: torch.Tensor,
         point_pad: torch.Tensor,
         boxes: torch.Tensor,
         box_pad,
         point_labels: torch.Tensor | None = None,
         mask_query: torch.Tensor | str | None = None,
+        features: tuple[tuple[torch.Tensor, ...], torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """embed (B, C, S, S); points (B, Np, 2) / boxes (B, Nb, 4) normalised xy / cxcywh, pads True = padding;
         point_labels (B, Np) 1 = positive, 0 = negative (default all positive; refinement points need 0).
         -> pred_logits (B, Q) (last decoder layer's scores), pred_masks (B, Q, 4S, 4S), presence_logit (B,).
         mask_query: None = all Q masks; a (B,) index tensor = that query's mask only; "best" = the top-scoring
-        query's mask only (argmax of pred_logits, returned as "query"); pred_masks is then (B, 1, 4S, 4S)."""
-        feats, pos = self.neck(embed)
-        level = 2 if self.feature_size == 72 else 3  # scale 1 (the embedding's own grid) or scale 0.5
-        img, img_pos = feats[level], pos[level]
+        query's mask only (argmax of pred_logits, returned as "query"); pred_masks is then (B, 1, 4S, 4S).
+        features: image_features(embed) computed before (embed is then not read)."""
+        if isinstance(mask_query, str) and mask_query != "best":
+            raise ValueError(f"mask_query: expected None, an index tensor or 'best', got {mask_query!r}")
+        feats, img_pos = features if features is not None else self.image_features(embed)
+        return self.decode(feats, img_pos, points, point_pad, boxes, box_pad, point_labels, mask_query)
+
+    def decode(
+        self,
+        feats: tuple[torch.Tensor, ...],
+        img_pos: torch.Tensor,
+        points: torch.Tensor,
+        point_pad: torch.Tensor,
+        boxes: torch.Tensor,
+        box_pad: torch.Tensor,
+        point_labels: torch.Tensor | None,
+        mask_query: torch.Tensor | str | None,
+    ) -> dict[str, torch.Tensor]:
+        """The prompt-dependent part (see forward): geometry encoder -> encoder -> decoder -> scores -> masks."""
+        img = feats[-1]
         prompt, prompt_pad = self.geometry_encoder(points, point_pad, boxes, box_pad, img, img_pos, point_labels)
         memory, memory_pos = self.encoder(img, img_pos, prompt, prompt_pad)
         dec = self.decoder(memory, memory_pos, tuple(img.shape[-2:]), prompt, prompt_pad)
         logits = self.scoring(dec["hs"], prompt, prompt_pad)[-1, ..., 0]
         if isinstance(mask_query, str):
-            if mask_query != "best":
-                raise ValueError(f"mask_query: expected None, an index tensor or 'best', got {mask_query!r}")
             mask_query = logits.argmax(dim=1)
-        seg = self.segmentation_head(feats[: level + 1], dec["hs"][-1], memory, prompt, prompt_pad, mask_query)
+        seg = self.segmentation_head(feats, dec["hs"][-1], memory, prompt, prompt_pad, mask_query, semantic=False)
         out = {"pred_logits": logits, "pred_masks": seg["pred_masks"], "presence_logit": dec["presence_logits"][-1]}
         if mask_query is not None:
             out["query"] = mask_query
         return out
+
+
+def compile_frozen(model: FrozenSAM3, backend: str = "inductor") -> FrozenSAM3:
+    """torch.compile the frozen path in place (MODEL.COMPILE_FROZEN, on by default on CUDA): image_features and
+    decode each become one static-shape graph (forward, and forward+backward to the embedding for the
+    student path); parameters and state dict are untouched. Keep prompt counts fixed (pad_prompts) or every
+    new count compiles again. backend "aot_eager" checks capture and autograd without code generation (tests)."""
+    opts = {"fullgraph": True, "dynamic": False, "backend": backend}
+    model.image_features = torch.compile(model.image_features, **opts)
+    model.decode = torch.compile(model.decode, **opts)
+    return model
 
 
 def load_frozen_sam3(model: FrozenSAM3, path: str, flag: str = "MODEL.SAM3_CHECKPOINT") -> None:

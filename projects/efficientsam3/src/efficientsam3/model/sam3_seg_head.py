@@ -71,12 +71,17 @@ class SegmentationHead(nn.Module):
         prompt: torch.Tensor,
         prompt_pad: torch.Tensor,
         query_index: torch.Tensor | None = None,
+        semantic: bool = True,
     ) -> dict[str, torch.Tensor]:
         """feats: FPN levels finest first (B, d, H_i, W_i), the last one's size is the memory's grid;
         queries (B, Q, d) from the last decoder layer; memory (H*W, B, d) sequence-first; prompt (S, B, d);
         prompt_pad (B, S) True = padding. -> pred_masks (B, Q, H_0, W_0), semantic_seg (B, 1, H_0, W_0).
         query_index (B,): only that query's mask per image, pred_masks (B, 1, H_0, W_0) (a mask depends on
-        its own query only, so this equals picking from all Q masks; the FT needs one, not 200)."""
+        its own query only, so this equals picking from all Q masks; the FT needs one, not 200).
+        semantic=False skips semantic_seg (the FT never reads it).
+
+        The 1x1 instance_seg_head is folded into the query side: <e, W p + b> = <W^T e, p> + <e, b>, so the
+        (B, d, H_0, W_0) instance map (a d x d conv at 288x288 and its backward) is never built."""
         q = self.cross_attn_norm(memory)
         memory = (
             memory + self.cross_attend_prompt(q, prompt, prompt, key_padding_mask=prompt_pad, need_weights=False)[0]
@@ -84,8 +89,14 @@ class SegmentationHead(nn.Module):
         b, d, h, w = feats[-1].shape
         grid = memory[: h * w].permute(1, 2, 0).reshape(b, d, h, w)
         pixels = self.pixel_decoder([*feats[:-1], grid])
-        inst = self.instance_seg_head(pixels)
         if query_index is not None:
             queries = queries[torch.arange(queries.shape[0], device=queries.device), query_index][:, None]
-        masks = torch.einsum("bqc,bchw->bqhw", self.mask_predictor.mask_embed(queries), inst)
-        return {"pred_masks": masks, "semantic_seg": self.semantic_seg_head(pixels)}
+        emb = self.mask_predictor.mask_embed(queries)  # (B, Q, d)
+        conv = self.instance_seg_head
+        folded = emb @ conv.weight.view(d, d)  # (B, Q, d): W^T e per query
+        offset = emb @ conv.bias.to(emb.dtype)  # (B, Q): <e, b>
+        masks = torch.einsum("bqc,bchw->bqhw", folded.to(pixels.dtype), pixels)
+        out = {"pred_masks": masks + offset[..., None, None].to(masks.dtype)}
+        if semantic:
+            out["semantic_seg"] = self.semantic_seg_head(pixels)
+        return out
