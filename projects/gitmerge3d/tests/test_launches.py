@@ -203,6 +203,7 @@ def test_launch_bench_profile_on_cpu(tmp_path, capsys):
     data = json.loads((tmp_path / "launch-bench.json").read_text())
     assert all(len(r["top_kernels"]) == 5 and "profile_table" not in r for r in data["rows"])
     assert all(0 < r["time_shares"]["attention_share"] < 1 for r in data["rows"])
+    assert all(0 < r["time_shares"]["attention_span_share"] < 1 for r in data["rows"])
     assert "time shares of one forward" in md
     assert [r["spconv"] for r in data["rows"]] == ["torch", "torch"]  # auto only when --backends names it
 
@@ -231,6 +232,7 @@ def test_time_shares_attribute_a_conv_only_forward_to_the_conv():
         shares = launch_bench.time_shares(lambda: model[0](x), model, torch.device("cpu"))
     finally:
         sc.set_backend("auto")
-    assert shares["clock"] == "cpu" and shares["attention_ms"] == 0
+    assert shares["clock"] == "cpu" and shares["attention_ms"] == 0 and shares["attention_span_ms"] == 0
     assert 0.9 <= shares["sparse_conv_share"] <= 1.0 and shares["forward_ms"] > 0
+    assert 0.9 <= shares["sparse_conv_span_share"] <= 1.0
     assert not model[0]._forward_pre_hooks and not model[0]._forward_hooks

@@ -82,25 +82,41 @@ def top_kernels(fn, device: torch.device, limit: int = 25) -> tuple[list[dict], 
 LABELLED = {"sparse_conv": (sc.SubMConv3d, sc.SparseConv3d), "attention": (SerializedAttention,)}
 
 
-def _enter_range(name: str, module, args) -> None:
-    rf = torch.autograd.profiler.record_function(name)
+def _mark(cuda: bool):
+    """A point on the device timeline (a recorded CUDA event) or on the host clock."""
+    if not cuda:
+        return time.perf_counter()
+    ev = torch.cuda.Event(enable_timing=True)
+    ev.record()
+    return ev
+
+
+def _elapsed_ms(a, b) -> float:
+    return a.elapsed_time(b) if isinstance(a, torch.cuda.Event) else (b - a) * 1e3
+
+
+def _enter_range(label: str, cuda: bool, module, args) -> None:
+    rf = torch.autograd.profiler.record_function(f"gitmerge3d::{label}")
     rf.__enter__()
-    module.__dict__.setdefault("_profile_ranges", []).append(rf)
+    module.__dict__.setdefault("_profile_ranges", []).append((rf, _mark(cuda)))
 
 
-def _exit_range(module, args, output) -> None:
-    module.__dict__["_profile_ranges"].pop().__exit__(None, None, None)
+def _exit_range(label: str, cuda: bool, spans: dict, module, args, output) -> None:
+    rf, start = module.__dict__["_profile_ranges"].pop()
+    spans.setdefault(label, []).append((start, _mark(cuda)))
+    rf.__exit__(None, None, None)
 
 
 @contextlib.contextmanager
-def labelled_ranges(model: torch.nn.Module):
-    """``gitmerge3d::<label>`` profiler ranges around every module of ``LABELLED`` (hooks removed after)."""
+def labelled_ranges(model: torch.nn.Module, cuda: bool, spans: dict):
+    """``gitmerge3d::<label>`` profiler ranges around every module of ``LABELLED``, and their (start, end)
+    marks appended to ``spans[label]`` (CUDA events on a GPU); hooks removed after."""
     handles = []
     for m in model.modules():
         for label, types in LABELLED.items():
             if isinstance(m, types):
-                handles.append(m.register_forward_pre_hook(functools.partial(_enter_range, f"gitmerge3d::{label}")))
-                handles.append(m.register_forward_hook(_exit_range))
+                handles.append(m.register_forward_pre_hook(functools.partial(_enter_range, label, cuda)))
+                handles.append(m.register_forward_hook(functools.partial(_exit_range, label, cuda, spans)))
     try:
         yield
     finally:
@@ -109,33 +125,38 @@ def labelled_ranges(model: torch.nn.Module):
 
 
 def time_shares(fn, model: torch.nn.Module, device: torch.device) -> dict:
-    """Share of one forward's time spent in the sparse convs and in attention, from profiler ranges.
+    """Share of one forward spent in the sparse convs and in attention, measured two ways.
 
-    On CUDA the device time of the kernels launched inside each range (spconv-triton's Triton kernels
-    included), over that of the whole forward; on a CPU the ranges' CPU time. Why: says whether the conv
-    backend or attention is worth optimising next on the latency-bound forward.
+    - ``*_share``: kernel time, i.e. the device time of the kernels launched inside each module's profiler
+      range (spconv-triton's Triton kernels included) over that of the whole forward (CPU time on a CPU).
+    - ``*_span_share``: timeline spans, i.e. CUDA events recorded when each module starts and ends, over the
+      forward's span (host clock on a CPU). On a host-bound forward the GPU idles while kernels are
+      launched, so spans say where the *latency* goes, kernel time where the GPU work goes.
+    Why: says whether the conv backend or attention is worth optimising next.
     """
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with labelled_ranges(model), profile(activities=acts) as prof:
+    spans: dict = {}
+    with labelled_ranges(model, cuda, spans), profile(activities=acts) as prof:
         with torch.autograd.profiler.record_function("gitmerge3d::forward"):
+            begin = _mark(cuda)
             fn()
+            end = _mark(cuda)
             if cuda:
                 torch.cuda.synchronize()
     attr = "device_time_total" if cuda else "cpu_time_total"
     cpu = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
     us = {k: sum(float(getattr(e, attr)) for e in cpu if e.name == f"gitmerge3d::{k}") for k in (*LABELLED, "forward")}
     total = max(us["forward"], 1e-9)
-    return {
-        "clock": "device" if cuda else "cpu",
-        "forward_ms": us["forward"] / 1e3,
-        "sparse_conv_ms": us["sparse_conv"] / 1e3,
-        "attention_ms": us["attention"] / 1e3,
-        "sparse_conv_share": us["sparse_conv"] / total,
-        "attention_share": us["attention"] / total,
-    }
+    span_ms = {k: sum(_elapsed_ms(a, b) for a, b in spans.get(k, [])) for k in LABELLED}
+    forward_span = max(_elapsed_ms(begin, end), 1e-9)
+    out = {"clock": "device" if cuda else "cpu", "forward_ms": us["forward"] / 1e3, "forward_span_ms": forward_span}
+    for k in LABELLED:
+        out.update({f"{k}_ms": us[k] / 1e3, f"{k}_share": us[k] / total, f"{k}_span_ms": span_ms[k],
+                    f"{k}_span_share": span_ms[k] / forward_span})  # fmt: skip
+    return out
 
 
 def run_case(model, inputs, row: str, backend: str, args, device, reference: dict) -> dict:
@@ -214,15 +235,18 @@ def markdown(result: dict) -> str:
         )
     shared = [r for r in result["rows"] if r.get("time_shares")]
     if shared:
-        lines += ["", "time shares of one forward (profiler ranges; device time on CUDA):", "",
-                  "| scene | row | spconv | forward ms | sparse conv ms (share) | attention ms (share) |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += ["", "time shares of one forward: kernel time inside the modules' profiler ranges (device time on "
+                  "CUDA), and timeline spans between CUDA events at module start/end (latency):", "",
+                  "| scene | row | spconv | kernel ms | sparse conv | attention | span ms | sparse conv span | "
+                  "attention span |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in shared:
             s = r["time_shares"]
             lines.append(
                 f"| {r['scene']} | {r['row']} | {r['spconv']} | {s['forward_ms']:.1f} | "
                 f"{s['sparse_conv_ms']:.1f} ({s['sparse_conv_share']:.0%}) | "
-                f"{s['attention_ms']:.1f} ({s['attention_share']:.0%}) |"
+                f"{s['attention_ms']:.1f} ({s['attention_share']:.0%}) | {s['forward_span_ms']:.1f} | "
+                f"{s['sparse_conv_span_ms']:.1f} ({s['sparse_conv_span_share']:.0%}) | "
+                f"{s['attention_span_ms']:.1f} ({s['attention_span_share']:.0%}) |"
             )
     for r in result["rows"]:
         if r.get("top_kernels"):
@@ -333,8 +357,10 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     if res.get("time_shares"):
                         sh = res["time_shares"]
-                        print(f"  {sh['clock']} time: sparse conv {sh['sparse_conv_share']:.0%}, attention "
-                              f"{sh['attention_share']:.0%} of {sh['forward_ms']:.1f} ms", flush=True)  # fmt: skip
+                        print(f"  {sh['clock']} kernel time: sparse conv {sh['sparse_conv_share']:.0%}, attention "
+                              f"{sh['attention_share']:.0%} of {sh['forward_ms']:.1f} ms; spans: sparse conv "
+                              f"{sh['sparse_conv_span_share']:.0%}, attention {sh['attention_span_share']:.0%} of "
+                              f"{sh['forward_span_ms']:.1f} ms", flush=True)  # fmt: skip
                     if res.get("profile_table"):
                         name = f"profile-{scene}-{row}-{label.replace(' ', '_')}.txt"
                         (out_dir / name).write_text(res["profile_table"] + "\n")
