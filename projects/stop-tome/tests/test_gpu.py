@@ -30,20 +30,6 @@ def test_fp16_merging_close_to_fp32(mode):
     assert (ref - half).abs().max() < 0.05
 
 
-def test_inductor_compile_matches_eager():
-    model = CLIP4Clip.from_pretrained(tiny_state_dict(), task_config(temporal_prompt="DGL", max_frames=4))
-    visual = model.cuda().eval().clip.visual
-    apply_tome_patch(visual, r=2)
-    visual.merge_policy = "force"
-    video = torch.randn(2, 4, 3, 64, 64, device="cuda")
-    with torch.no_grad():
-        _, local = model.encode_prompts()
-        local = local[:, None].expand(-1, 2, -1, -1, -1)
-        eager, _ = visual(video, local)
-        compiled, _ = torch.compile(visual, fullgraph=True)(video, local)
-    torch.testing.assert_close(compiled, eager, atol=1e-3, rtol=1e-3)
-
-
 def test_benchmark_tiny_cuda(tmp_path):
     out = tmp_path / "b.json"
     assert (
@@ -140,3 +126,17 @@ def test_prompter_bench_tiny_cuda(tmp_path):
     assert pb_main(argv) == 0
     result = json.loads((tmp_path / "prompter_bench.json").read_text())
     assert all("fwd_ms" in r for r in result["whole_prompter"]) and result["stop_tome_benchmark"]
+
+
+def test_inductor_compile_matches_eager():
+    model = CLIP4Clip.from_pretrained(tiny_state_dict(), task_config(temporal_prompt="DGL", max_frames=4))
+    visual = model.cuda().eval().clip.visual
+    apply_tome_patch(visual, r=2)
+    visual.merge_policy = "force"
+    video = torch.randn(2, 4, 3, 64, 64, device="cuda")
+    with torch.no_grad():
+        _, local = model.encode_prompts()
+        local = local[:, None].expand(-1, 2, -1, -1, -1)
+        eager, _ = visual(video, local)
+        compiled, _ = torch.compile(visual, fullgraph=True)(video, local)
+    torch.testing.assert_close(compiled, eager, atol=1e-3, rtol=1e-3)

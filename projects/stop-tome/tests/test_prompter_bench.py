@@ -15,14 +15,14 @@ def _bench_argv(out, *extra):
 def test_prompter_bench_cpu_smoke(tmp_path):
     from stop_tome.prompter_bench import main as pb_main
 
-    argv = _bench_argv(tmp_path, "--batches", "1", "--modes", "native,fold2d,auto", "--no_full", "--no_layers")
+    argv = _bench_argv(tmp_path, "--batches", "1", "--modes", "native,fold2d,fft,auto", "--no_full", "--no_layers")
     with torch.backends.mkldnn.flags(enabled=torch.backends.mkldnn.enabled):  # the smoke run turns oneDNN off
         assert pb_main(argv) == 0
     result = json.loads((tmp_path / "prompter_bench.json").read_text())
     rows = result["whole_prompter"]
-    assert [r["mode"] for r in rows] == ["native", "fold2d", "auto"]
+    assert [r["mode"] for r in rows] == ["native", "fold2d", "fft", "auto"]
     assert all(r["fwd_ms"] > 0 and r["train_ms"] > 0 and r["max_abs_diff_vs_native"] < 1e-4 for r in rows)
-    assert result["best_mode"] in ("native", "fold2d", "auto") and "per_layer" not in result
+    assert result["best_mode"] in ("native", "fold2d", "fft", "auto") and "per_layer" not in result
     assert "| path |" in (tmp_path / "prompter_bench.log").read_text()
 
 

@@ -146,7 +146,7 @@ def build_parser(prog: str = "stop-tome-main") -> argparse.ArgumentParser:
         choices=list(CONV_MODES),
         help="execution of STOP's prompter Conv3d layers (same weights, same result up to rounding; fastconv.py): "
         "auto (default: fastest path per layer shape on CUDA, fold2d on CPU), native (STOP's exact op order), "
-        "channels_last, padded, fold2d",
+        "channels_last, padded, fold2d, fft (rfft2 over H, W; taps and channels as a complex matmul)",
     )
     # merging
     a("--tome_r", type=_nonneg_int, default=0, help="tokens merged per frame per layer (0: off)")

@@ -4,10 +4,10 @@ Why: on an H200 STOP's Conv3d prompters were 97% of its GPU time, so token mergi
 times the whole prompter (pixel prompter + region mask + inter-frame prompter, ViT-B/32 shapes: 12 frames, 224 px,
 width 768, 7 x 7 patches) per path, forward (eval, fp16 weights) and forward + backward (train mode, fp32 weights
 under fp16 autocast, STOP's ``--precision amp``), at 16 videos (STOP's eval batch) and 1, with cuDNN autotuning off
-and on; each conv layer alone per path; the largest output difference to ``native``; then ``stop-tome-benchmark``
-rows for STOP group2-2 at tome_r 0..4 with the fastest path (cuDNN autotuning on, forced and automatic merge policy)
-and ``native`` at r = 0 and 2 for reference. CUDA events, warm-up, medians. Writes ``prompter_bench.json``, the
-benchmark JSONs and ``prompter_bench.log`` under ``--out_dir``.
+and on (``--cudnn_benchmark``); each conv layer alone per path (``fft`` included); the largest output difference to
+``native``; then ``stop-tome-benchmark`` rows for STOP group2-2 at tome_r 0..4 with the fastest path (cuDNN
+autotuning on, forced and automatic merge policy) and ``native`` at r = 0 and 2 for reference. CUDA events,
+warm-up, medians. Writes ``prompter_bench.json``, the benchmark JSONs and ``prompter_bench.log`` under ``--out_dir``.
 
 ``--device cpu --tiny`` is the smoke run of the test suite (tiny shapes, fp32).
 """
@@ -50,6 +50,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=float,
         default=300.0,
         help="seconds: measurements past 50%% of it (whole prompter), 85%% (benchmark rows), 100%% are skipped",
+    )
+    p.add_argument(
+        "--cudnn_benchmark",
+        default="both",
+        choices=["both", "on", "off"],
+        help="whole-prompter rows with cuDNN autotuning on and off (both), or one of them",
     )
     p.add_argument("--tiny", action="store_true", help="tiny shapes, fp32 (CPU smoke run)")
     p.add_argument("--no_full", action="store_true", help="skip the stop-tome-benchmark rows")
@@ -132,7 +138,9 @@ def _forward(tp: TemporalPrompt, video: torch.Tensor, frames: torch.Tensor) -> t
 def whole_prompter(b: Bench) -> list[dict[str, Any]]:
     """Forward and forward + backward of the whole prompter, per cuDNN setting, batch and path."""
     rows: list[dict[str, Any]] = []
-    cudnn_settings = (True, False) if b.cuda else (False,)  # on first: the setting stop-tome-benchmark uses
+    # on first: the setting stop-tome-benchmark uses
+    wanted = {"both": (True, False), "on": (True,), "off": (False,)}[b.args.cudnn_benchmark]
+    cudnn_settings = wanted if b.cuda else (False,)
     for cudnn in cudnn_settings:
         torch.backends.cudnn.benchmark = cudnn
         for batch in b.args.batch_list:
@@ -149,6 +157,8 @@ def whole_prompter(b: Bench) -> list[dict[str, Any]]:
                 clear_auto_cache()  # auto re-times under this cuDNN setting
                 _measure(b, row, tp_eval, video, frames, ref)
                 b.log(_whole_text(row))
+                if row.get("auto_choices"):
+                    b.log("  auto picked: " + "; ".join(f"{k} -> {v}" for k, v in row["auto_choices"].items()))
                 if b.cuda:
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats(b.device)
