@@ -167,3 +167,18 @@ def test_reader_survives_pickle_and_truncation(tmp_path):
     with pytest.raises(OSError, match="ends inside the record of 'r6'") as err:
         stale.get("r6")
     assert "\n" not in str(err.value)
+
+
+def test_bench_store_suite_tiny(tmp_path):
+    """The store suite's rows (memmap + pread per reader count, cold and warm) and the store deleted after."""
+    from efficientsam3.bench import main as bench_main
+
+    work = tmp_path / "w"
+    r = bench_main(["--tiny", "--device", "cpu", "--suite", "store", "--store-gb", "0.0005", "--store-readers", "1",
+                    "3", "--workdir", str(work), "--consumed-mb-s", "100"])  # fmt: skip
+    rows = r["store"]
+    assert [(x["path"], x["readers"], x["cache"]) for x in rows] == [
+        ("memmap", 1, "cold"), ("pread", 1, "cold"), ("pread", 1, "warm"), ("pread", 3, "cold"), ("pread", 3, "warm")
+    ]  # fmt: skip
+    assert all(x["read_mb_s"] > 0 and x["headroom"] == x["read_mb_s"] / 100 for x in rows)
+    assert rows[0]["records"] == 500_000 // (4 + 16 * 8 * 8 * 2) and not (work / "store_read_bench").exists()
