@@ -31,6 +31,11 @@ def test_bench_finetune_tiny_cpu(tmp_path):
     s = r["summary"]
     assert s["ft_step_cached_x_stage1"] == rows[("ft_step_cached", 72)]["ms"] / stage1["ms"]
     assert s["target_met"] == (s["ft_step_cached_x_stage1"] <= 1.5)
+    # the FLOP bound: the frozen path for the student against the student's own forward + backward
+    frozen, student = rows[("frozen_student", 72)], rows[("student_fwd_bwd", None)]
+    assert s["frozen_student_flop_x_student"] == frozen["gflop_per_img"] / student["gflop_per_img"]
+    assert s["frozen_student_x_stage1_at_best"] == frozen["ms"] / stage1["ms"]
+    assert all(row["frozen"] == "eager" for row in r["rows"] if "level" in row)
 
 
 @pytest.mark.gpu

@@ -1,8 +1,10 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from efficientsam3.config import ConfigError
+from efficientsam3.engine.geometry import frozen_compiled
 from efficientsam3.finetune.config import load_ft_config
 from efficientsam3.model.students import resolve_backbone
 
@@ -48,3 +50,12 @@ def test_config_errors_are_one_line(tmp_path):
         load_ft_config(None, ["DISTILL.MAX_PROMPTS", "0"])
     with pytest.raises(ConfigError, match="--cfg: config file not found"):
         load_ft_config(str(tmp_path / "none.yaml"))
+
+
+def test_compile_frozen_key_and_default():
+    """MODEL.COMPILE_FROZEN: auto (on CUDA only) / on / off; anything else is a one-line error."""
+    assert load_ft_config(None).MODEL.COMPILE_FROZEN == "auto"
+    assert frozen_compiled("auto", torch.device("cuda")) and not frozen_compiled("auto", torch.device("cpu"))
+    assert frozen_compiled("on", torch.device("cpu")) and not frozen_compiled("off", torch.device("cuda"))
+    with pytest.raises(ConfigError, match="MODEL.COMPILE_FROZEN: expected one of auto, on, off"):
+        load_ft_config(None, ["MODEL.COMPILE_FROZEN", "yes"])

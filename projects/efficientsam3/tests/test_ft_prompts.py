@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from efficientsam3.finetune.prompts import collate_prompts, jitter_boxes, sample_prompts
+from efficientsam3.finetune.prompts import collate_prompts, jitter_boxes, pad_prompts, sample_prompts
+from efficientsam3.model.sam3_frozen import TINY_DIMS, build_frozen_sam3
 
 
 def _ann(x, y, w, h, point=None):
@@ -68,3 +69,24 @@ def test_padding_mask_and_single_mode():
     assert kinds == {True, False}
     with pytest.raises(ValueError, match="no annotation"):
         sample_prompts([{"bbox": [0, 0, 0, 3]}], (10, 10))
+
+
+def test_pad_prompts_keeps_the_frozen_path_outputs():
+    """Padding a batch to more prompt slots (the compiled path's static shape) changes no output of the frozen
+    path: padded tokens are masked out of every attention and of the scoring mean."""
+    torch.manual_seed(0)
+    frozen = build_frozen_sam3(dims=TINY_DIMS)
+    p = {"points": torch.rand(2, 2, 2), "boxes": torch.cat([torch.rand(2, 2, 2) * 0.4 + 0.3,
+         torch.rand(2, 2, 2) * 0.2 + 0.1], -1), "point_pad": torch.tensor([[False, True], [False, False]]),
+         "box_pad": torch.tensor([[False, False], [True, True]])}  # fmt: skip
+    padded = pad_prompts(p, 5)
+    assert padded["boxes"].shape == (2, 5, 4) and padded["points"].shape == (2, 5, 2)
+    assert padded["box_pad"][:, 2:].all() and torch.equal(padded["box_pad"][:, :2], p["box_pad"])
+    assert pad_prompts(p, 2) is p
+    embed = torch.randn(2, TINY_DIMS.embed_dim, 8, 8)
+    args = lambda q: (q["points"], q["point_pad"], q["boxes"], q["box_pad"])  # noqa: E731
+    a, b = frozen(embed, *args(p), mask_query="best"), frozen(embed, *args(padded), mask_query="best")
+    for k in ("pred_logits", "pred_masks", "presence_logit", "query"):
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="DISTILL.MAX_PROMPTS: a batch has 2 prompts, more than 1"):
+        pad_prompts(p, 1)

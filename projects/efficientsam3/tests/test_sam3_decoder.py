@@ -94,3 +94,26 @@ def test_equals_pypi_sam3_decoder(monkeypatch):
     torch.testing.assert_close(got["hs"], hs.transpose(1, 2), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(got["ref_boxes"], ref_boxes.transpose(1, 2), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(got["presence_logits"], presence[:, 0], atol=1e-5, rtol=1e-4)
+
+
+def test_box_bias_by_hand():
+    """Row 0 (presence token) zero; row 1 + q at pixel (i, j), head k: MLP_y(log-scaled y distances of i/h to the
+    box's top/bottom)[k] + MLP_x(... of j/w to left/right)[k]; SAM3's log scale sign(8t) log2(|8t| + 1) / 3."""
+    torch.manual_seed(0)
+    dec = TransformerDecoder(16, 32, 2, 1, 3).eval()
+    boxes = torch.rand(3, 2, 4) * 0.5 + 0.2  # (Q, B, 4) cxcywh
+    h, w = 3, 4
+    bias = dec.box_bias(boxes, h, w)
+    assert bias.shape == (2 * 2, 4, h * w) and bias.is_contiguous()
+    scale = lambda t: torch.sign(8 * t) * torch.log2((8 * t).abs() + 1) / 3  # noqa: E731
+    for b in range(2):
+        for q in range(3):
+            cx, cy, bw, bh = boxes[q, b].tolist()
+            for i in range(h):
+                for j in range(w):
+                    dy = torch.tensor([i / h - (cy - bh / 2), i / h - (cy + bh / 2)])
+                    dx = torch.tensor([j / w - (cx - bw / 2), j / w - (cx + bw / 2)])
+                    want = dec.boxRPB_embed_y(scale(dy)) + dec.boxRPB_embed_x(scale(dx))  # (heads,)
+                    for k in range(2):
+                        assert bias[b * 2 + k, 0, i * w + j] == 0
+                        torch.testing.assert_close(bias[b * 2 + k, 1 + q, i * w + j], want[k], atol=1e-5, rtol=1e-5)

@@ -1,7 +1,9 @@
+import copy
+
 import pytest
 import torch
 
-from efficientsam3.model.sam3_frozen import PREFIXES, TINY_DIMS, FrozenSAM3, build_frozen_sam3
+from efficientsam3.model.sam3_frozen import PREFIXES, TINY_DIMS, FrozenSAM3, build_frozen_sam3, compile_frozen
 from run_kit import CheckpointError
 
 
@@ -88,3 +90,48 @@ def test_mask_query_equals_picking_from_all_masks(size):
     torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-4)
     with pytest.raises(ValueError, match="mask_query"):
         m(embed, pts, ppad, boxes, bpad, mask_query="all")
+
+
+@pytest.mark.parametrize("size", [72, 36])
+def test_image_features_reuse_and_unused_level_skipped(size):
+    """forward(features=image_features(x)) equals forward(x); at 72 the 36x36 FPN branch never runs (nothing
+    reads it), at 36 all four do."""
+    torch.manual_seed(0)
+    m = build_frozen_sam3(dims=TINY_DIMS, feature_size=size)
+    embed, pts, ppad, boxes, bpad = _inputs()
+    calls = []
+    m.neck.convs[3].register_forward_hook(lambda *_: calls.append(1))
+    a = m(embed, pts, ppad, boxes, bpad, mask_query="best")
+    assert len(calls) == (0 if size == 72 else 1)
+    feats, pos = m.image_features(embed)
+    assert [f.shape[-1] for f in feats] == ([32, 16, 8] if size == 72 else [32, 16, 8, 4])
+    b = m(None, pts, ppad, boxes, bpad, mask_query="best", features=(feats, pos))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k])
+    with pytest.raises(ValueError, match="mask_query: expected None, an index tensor or 'best'"):
+        m(embed, pts, ppad, boxes, bpad, mask_query="all")
+
+
+@pytest.mark.slow
+def test_compiled_frozen_path_equals_eager():
+    """compile_frozen (fullgraph, static shapes; aot_eager here: dynamo capture + AOTAutograd's forward/backward
+    graphs without code generation, which takes minutes on 2 CPU cores) gives the eager outputs and the same
+    gradient to the embedding; the teacher pass ("best", no grad) and the student pass (index, grad)."""
+    torch.manual_seed(0)
+    eager = build_frozen_sam3(dims=TINY_DIMS)
+    compiled = compile_frozen(copy.deepcopy(eager), backend="aot_eager")
+    embed, pts, ppad, boxes, bpad = _inputs()
+    with torch.no_grad():
+        a = eager(embed, pts, ppad, boxes, bpad, mask_query="best")
+        b = compiled(embed, pts, ppad, boxes, bpad, mask_query="best")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-5)
+    grads = []
+    for m in (eager, compiled):
+        e = embed.clone().requires_grad_(True)
+        out = m(e, pts, ppad, boxes, bpad, mask_query=a["query"])["pred_masks"]
+        out.sigmoid().mean().backward()
+        grads.append((out.detach(), e.grad))
+    torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[1][1], grads[0][1], atol=1e-6, rtol=1e-4)
+    assert all(p.grad is None for p in compiled.parameters())

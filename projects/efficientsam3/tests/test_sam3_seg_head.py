@@ -68,3 +68,24 @@ def test_equals_pypi_sam3_seg_head():
         got = mine(feats, hs[-1], memory, prompt, pad)
     torch.testing.assert_close(got["pred_masks"], want["pred_masks"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got["semantic_seg"], want["semantic_seg"], atol=1e-5, rtol=1e-5)
+
+
+def test_folded_instance_head_equals_conv_then_dot():
+    """Masks = <mask_embed(q), instance_seg_head(pixels)> (SAM3's order: a 1x1 conv over the whole map, then the
+    dot product) equal the folded form, for all queries and for one query per image."""
+    torch.manual_seed(0)
+    head = SegmentationHead(dim=8, stages=2, heads=2).eval()
+    feats = [torch.randn(2, 8, 8, 8), torch.randn(2, 8, 4, 4), torch.randn(2, 8, 2, 2)]
+    memory, prompt, queries = torch.randn(4, 2, 8), torch.randn(3, 2, 8), torch.randn(2, 5, 8)
+    pad = torch.tensor([[False, False, True], [False, False, False]])
+    out = head(feats, queries, memory, prompt, pad)
+    mem = memory + head.cross_attend_prompt(head.cross_attn_norm(memory), prompt, prompt, key_padding_mask=pad)[0]
+    pixels = head.pixel_decoder([*feats[:-1], mem.permute(1, 2, 0).reshape(2, 8, 2, 2)])
+    inst = torch.nn.functional.conv2d(pixels, head.instance_seg_head.weight, head.instance_seg_head.bias)
+    emb = head.mask_predictor.mask_embed(queries)
+    want = (emb[:, :, :, None, None] * inst[:, None]).sum(2)  # (B, Q, H, W)
+    torch.testing.assert_close(out["pred_masks"], want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["semantic_seg"], head.semantic_seg_head(pixels))
+    one = head(feats, queries, memory, prompt, pad, torch.tensor([3, 1]), semantic=False)
+    assert set(one) == {"pred_masks"}
+    torch.testing.assert_close(one["pred_masks"][:, 0], want[[0, 1], [3, 1]], atol=1e-5, rtol=1e-5)

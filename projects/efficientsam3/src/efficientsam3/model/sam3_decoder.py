@@ -138,7 +138,8 @@ class TransformerDecoder(nn.Module):
             ref_boxes.append(boxes)
             qpos = self.ref_point_head(sine_embed_boxes(boxes, self.d_model).to(x.dtype))
             bias = self.box_bias(boxes, h, w)
-            if not torch.is_autocast_enabled(bias.device.type):
+            dev = bias.device.type
+            if not (dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev)):
                 bias = bias.to(x.dtype)  # under autocast the attention casts the mask to its own dtype anyway
             out = layer(
                 torch.cat([presence, x]), torch.cat([torch.zeros_like(presence), qpos]),

@@ -118,7 +118,7 @@ class FrozenSAM3(nn.Module):
         prompt, prompt_pad = self.geometry_encoder(points, point_pad, boxes, box_pad, img, img_pos, point_labels)
         memory, memory_pos = self.encoder(img, img_pos, prompt, prompt_pad)
         dec = self.decoder(memory, memory_pos, tuple(img.shape[-2:]), prompt, prompt_pad)
-        logits = self.scoring(dec["hs"], prompt, prompt_pad)[-1, ..., 0]
+        logits = self.scoring(dec["hs"][-1:], prompt, prompt_pad)[0, ..., 0]  # only the last layer's are read
         if isinstance(mask_query, str):
             mask_query = logits.argmax(dim=1)
         seg = self.segmentation_head(feats, dec["hs"][-1], memory, prompt, prompt_pad, mask_query, semantic=False)
