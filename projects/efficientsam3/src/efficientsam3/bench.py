@@ -407,11 +407,12 @@ class FTBench:
         all_queries: the former way (all Q masks computed, then one picked) for comparison."""
         emb = self.target.detach().requires_grad_(True)
         idx = torch.zeros(len(self.keys), dtype=torch.long, device=self.device)
+        labels = torch.ones(self.prompts["points"].shape[:2], dtype=torch.long, device=self.device)  # as ft_loss
         with self.amp(self.frozen_dtype):
             if all_queries:
-                s_mask = pick(self.frozen(emb, *self._args())["pred_masks"], idx)
+                s_mask = pick(self.frozen(emb, *self._args(), point_labels=labels)["pred_masks"], idx)
             else:
-                s_mask = self.frozen(emb, *self._args(), mask_query=idx)["pred_masks"][:, 0]
+                s_mask = self.frozen(emb, *self._args(), point_labels=labels, mask_query=idx)["pred_masks"][:, 0]
         bce, dice = mask_terms(s_mask, torch.zeros_like(s_mask, dtype=torch.float32), self.mask_valid)
         self.scaler.scale(bce + dice).backward()
 

@@ -27,13 +27,13 @@ if [ "${TINY:-0}" = 1 ]; then  # CPU smoke test of this script (inductor on CPU 
 fi
 if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv | tee "$OUT_DIR/gpu.txt"; fi
 start=$SECONDS
-timeout "${FT72_TIMEOUT:-130}" "$PY" -m efficientsam3.bench "${COMMON[@]}" --ft-levels 72 --ft-frozen-dtypes fp16 bf16 \
+timeout "${FT72_TIMEOUT:-120}" "$PY" -m efficientsam3.bench "${COMMON[@]}" --ft-levels 72 --ft-frozen-dtypes fp16 bf16 \
   --ft-modes "${MODES[@]}" --out "$OUT_DIR/bench_finetune_72.json" 2>&1 | tee "$OUT_DIR/bench_finetune_72.log"
 echo "finetune 72: $((SECONDS - start)) s (exit ${PIPESTATUS[0]})"
 start=$SECONDS
 if [ "${TINY:-0}" != 1 ]; then
   T=projects/efficientsam3/tests
-  timeout "${TEST_TIMEOUT:-85}" "$PY" -m pytest -v -m gpu -p no:cacheprovider "$T/test_bench_finetune.py" \
+  timeout "${TEST_TIMEOUT:-95}" "$PY" -m pytest -v -m gpu -p no:cacheprovider "$T/test_bench_finetune.py" \
     "$T/test_ft_gpu.py" "$T/test_geometry_train.py" 2>&1 | tee "$OUT_DIR/pytest_gpu.log"
   echo "gpu tests: $((SECONDS - start)) s (exit ${PIPESTATUS[0]})"
 fi
