@@ -43,7 +43,8 @@ def test_merged_model_fp16_autocast(make_points, mode):
         state = merging.patch(model, {"tome": mode, "r": 0.9})
         out = model(pts)["feat"]
     assert out.shape == ref.shape and torch.isfinite(out).all()
-    assert state.layers and all(rec.kept[0] < rec.tokens for rec in state.layers)
+    layers = state.extra["layers"]
+    assert layers and all(rec.kept[0] < rec.tokens for rec in layers)
 
 
 @pytest.mark.parametrize("tune", ["fixed", "narrow"])
