@@ -57,6 +57,11 @@ def test_compile_and_overhead_suites_in_one_invocation(tmp_path):
         counts = (row["graphs"], row["graph_breaks"], row["graphs_second_call"], row["graphs_timed_calls"])
         assert counts == (1, 0, 0, 0)
         assert row["compile_mode"] == "default" and row["dynamic"] is None
+        # where the first call's time went: dynamo's timed phases (nested, re-entrant ones summed per call)
+        phases = row["compile_breakdown_s"]
+        assert phases and all(v > 0 for v in phases.values())
+        assert list(phases.values()) == sorted(phases.values(), reverse=True)
+        assert row["inductor_kernels"] == 0  # aot_eager generates no code
     assert rows["merge", False]["r"] == 4 and rows["timm", None]["speedup_compiled"] == 1.0
 
 

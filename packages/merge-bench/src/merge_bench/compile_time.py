@@ -55,25 +55,49 @@ def _counts_since(before: dict[str, int]) -> dict[str, int]:
     return {key: now[key] - before[key] for key in now}
 
 
+def _timed_totals() -> dict[str, tuple[int, float]]:
+    """(calls, seconds) so far of every phase dynamo/Inductor time with ``dynamo_timed`` (tracing, AOT, lowering,
+    code generation, Triton compilation waits, autotuning benchmarks, ...), process-wide."""
+    from torch._dynamo import utils
+
+    metrics = getattr(utils, "compilation_time_metrics", {})
+    return {key: (len(values), float(sum(values))) for key, values in metrics.items()}
+
+
+def compile_breakdown(before: dict[str, tuple[int, float]]) -> dict[str, float]:
+    """Seconds per phase since ``before``, largest first. Phases nest (outer ones include inner ones) and a
+    re-entrant phase sums its nested calls, so values do not add up to the wall time."""
+    after = _timed_totals()
+    spent = {key: after[key][1] - before.get(key, (0, 0.0))[1] for key in after}
+    return dict(sorted(((k, round(v, 3)) for k, v in spent.items() if v > 0), key=lambda kv: -kv[1]))
+
+
 def compile_row(model, x, backend: str, args, device) -> dict[str, Any]:
     """Time to first compiled output, graph / recompile counts, compiled and eager medians, output gap.
 
     Compiled first, on a model that has not run eagerly yet (what a user does: patch, set r, compile, call),
     so state an eager forward would leave behind cannot hide a recompile. ``graphs_second_call`` counts the
     graphs dynamo compiled during the second and third calls (0: no recompile); any recompile during the
-    timed calls would show up in ``graphs_timed_calls``.
+    timed calls would show up in ``graphs_timed_calls``. ``compile_breakdown_s`` tells where the first call's
+    time went (dynamo's ``compile_times`` phases); ``inductor_kernels`` counts the kernels Inductor generated.
     """
+    from torch._inductor import metrics as inductor_metrics
+
     mode = getattr(args, "compile_mode", "default")
     dynamic = {"auto": None, "on": True, "off": False}[getattr(args, "compile_dynamic", "auto")]
     row: dict[str, Any] = {"compile_mode": mode, "dynamic": dynamic}
     with torch.inference_mode():
         torch._dynamo.reset()
         before = _dynamo_counts()
+        timed_before = _timed_totals()
+        inductor_metrics.reset()
         compiled = torch.compile(model, backend=backend, mode=None if mode == "default" else mode, dynamic=dynamic)
         start = time.perf_counter()
         out = compiled(x).clone()  # reduce-overhead: later replays overwrite the graph's output buffer
         _sync(device)
         row["time_to_first_output_s"] = time.perf_counter() - start
+        row["inductor_kernels"] = int(inductor_metrics.generated_kernel_count)
+        row["compile_breakdown_s"] = compile_breakdown(timed_before)
         first = _counts_since(before)
         row.update(graphs=first["graphs"], graph_breaks=first["graph_breaks"])
         start = time.perf_counter()
@@ -162,6 +186,11 @@ def run_compile(device, dtype, args, log=print, checkpoint=lambda payload: None,
             _speedups(info["rows"])
             if "error" not in row:
                 log("  " + row_text(row))
+                top = list(row["compile_breakdown_s"].items())[:12]
+                log(
+                    f"    {row['inductor_kernels']} Inductor kernels; compile phases (s, nested): "
+                    + ", ".join(f"{k} {v:.1f}" for k, v in top)
+                )
             checkpoint(payload)
     finally:
         inductor_config.force_disable_caches = saved
