@@ -176,14 +176,15 @@ def test_missing_embeddings_is_one_line(tiny_cfg, sa1b, tmp_path):
         _train(tiny_cfg, sa1b, tmp_path / "nowhere", tmp_path / "o")
 
 
-def test_merged_export_checked_against_exact_teacher(tiny_cfg, sa1b, tmp_path):
+@pytest.mark.parametrize("mode", ["block", "span"])
+def test_merged_export_checked_against_exact_teacher(tiny_cfg, sa1b, tmp_path, mode):
     """A merged-teacher store, re-checked by the exact teacher: --check reports the merge's error."""
     store = tmp_path / "merged"
     tiny = ["--teacher-type", "sam3_tiny", "--opts", "DISTILL.EMBED_DIM", "32", "DATA.IMG_SIZE", "112"]
-    r = _export(tiny_cfg, sa1b, store, "--merge-r", "6", "--merge-global-r", "24", "--merge-mode", "block", *tiny)
+    r = _export(tiny_cfg, sa1b, store, "--merge-r", "6", "--merge-global-r", "24", "--merge-mode", mode, *tiny)
     assert r["written"] == 4
     exact = _export(tiny_cfg, sa1b, store, "--check", "4", *tiny)
     merged = _export(tiny_cfg, sa1b, store, "--check", "4", "--merge-r", "6", "--merge-global-r", "24",
-                     "--merge-mode", "block", *tiny)  # fmt: skip
+                     "--merge-mode", mode, *tiny)  # fmt: skip
     assert merged["max_abs_err"] < 1e-2  # the same merged teacher reproduces its records (fp16 rounding)
     assert exact["mean_abs_err"] > merged["mean_abs_err"]  # the exact teacher sees the merging error

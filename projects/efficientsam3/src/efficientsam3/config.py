@@ -50,7 +50,8 @@ _C.TEACHER.DTYPE = "bf16"
 _C.TEACHER.MERGE_R = 0
 _C.TEACHER.MERGE_GLOBAL_R = 0
 # "attn": merge inside attention, unmerge before the projection (the design);
-# "block": projection and MLP also run on the merged tokens (faster, see model/merged_teacher.py).
+# "block": projection and MLP also run on the merged tokens (faster, see model/merged_teacher.py);
+# "span": tokens stay merged per window across each run of windowed blocks (fastest).
 _C.TEACHER.MERGE_MODE = "attn"
 
 _C.DISTILL = CN()
@@ -95,7 +96,7 @@ _CHOICES = {
     "DATA.PREPROCESS": ("sam3", "letterbox"),
     "TEACHER.TYPE": ("sam3", "sam3_tiny", "standin"),
     "TEACHER.DTYPE": ("fp32", "bf16", "fp16"),
-    "TEACHER.MERGE_MODE": ("attn", "block"),
+    "TEACHER.MERGE_MODE": ("attn", "block", "span"),
     "AMP_DTYPE": ("fp16", "bf16"),
     "TRAIN.OPTIMIZER.NAME": ("adamw",),
 }

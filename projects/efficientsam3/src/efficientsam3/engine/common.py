@@ -60,7 +60,11 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--teacher-type", help="sam3 | sam3_tiny | standin (TEACHER.TYPE)")
     p.add_argument("--merge-r", type=int, help="merged teacher: tokens merged per window (TEACHER.MERGE_R)")
     p.add_argument("--merge-global-r", type=int, help="merged teacher: tokens merged in global blocks")
-    p.add_argument("--merge-mode", choices=("attn", "block"), help="merged teacher: attn | block (TEACHER.MERGE_MODE)")
+    p.add_argument(
+        "--merge-mode",
+        choices=("attn", "block", "span"),
+        help="merged teacher: attn | block | span (TEACHER.MERGE_MODE)",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--only-cpu", action="store_true", help="run on CPU with AMP off (reference flag)")
     p.add_argument("--disable-amp", action="store_true", help="AMP_ENABLE False")
