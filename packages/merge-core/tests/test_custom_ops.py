@@ -265,3 +265,18 @@ def test_gpu_inductor_compiled_patched_vit_equals_eager_without_recompiles():
         assert int(counters["stats"].get("unique_graphs", 0)) == 1
         expected = model(x)
     torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_auto_mode_traces_the_ops():
+    """Default dispatch (``auto``) on CUDA: the compiled graph calls both ops, one graph, equal to eager."""
+    model = _tiny().cuda()
+    mc.patch.timm(model, prop_attn=True)
+    model.r = 4
+    model.merge_policy = "force"
+    x = _images(2, "cuda")
+    out, _, ops, graphs = _compile_count_nodes(model, x, "auto")
+    assert graphs == 1
+    assert ops == {"merge_core.match_plan.default", "merge_core.merge_wavg.default"}
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x), atol=1e-4, rtol=1e-4)

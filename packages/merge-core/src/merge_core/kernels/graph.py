@@ -10,7 +10,7 @@ is never slower than the same model graphed without merging.
 The returned callable copies its input into the captured input buffer and returns the captured output
 tensor, which the next call overwrites (clone it to keep it). Inputs must match the example's shape, dtype
 and device. ``torch.compile(model, mode="reduce-overhead")`` is the compiler's equivalent (CUDA graphs over
-Inductor code); there the fused kernels step aside and the requested r always runs.
+Inductor code); there the fused kernels run as ``merge_core::*`` custom ops and the requested r always runs.
 """
 
 from __future__ import annotations
