@@ -48,7 +48,7 @@ def test_match_plan_and_merge_by_hand():
     """Four tokens, a = tokens (0, 2), b = tokens (1, 3). cos(t0, t1) = 1/sqrt(1.01) ~ 0.995 beats
     cos(t2, t3) = 1/sqrt(1.25) ~ 0.894, so with r = 1 token 0 merges into token 1 and token 2 stays."""
     metric = torch.tensor([[[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.5, 1.0]]])
-    plan = torch.ops.merge_core.match_plan(metric[:, ::2], metric[:, 1::2], 0, 0, 1, None, 0.0, "", False)
+    plan = torch.ops.merge_core.match_plan(metric, 0, 0, 1, None, 0.0, "", False)
     assert plan.tolist() == [[1, 0, 0]]  # [unm | src | dst] in a-row / b-row indices
     best, idx = torch.ops.merge_core.best_destinations(metric[:, ::2], metric[:, 1::2], 0, 0, None, 0.0, "")
     assert idx.tolist() == [[0, 1]]
@@ -67,7 +67,7 @@ def test_match_plan_and_merge_by_hand():
 def test_protected_prefix_stays_first():
     """A protected class token (a row 0) is never a source: with r = 2 of a's rows 1..2 both merge."""
     metric = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 1.0], [1.0, 0.1]]])
-    plan = torch.ops.merge_core.match_plan(metric[:, ::2], metric[:, 1::2], 1, 0, 2, None, 0.0, "", True)
+    plan = torch.ops.merge_core.match_plan(metric, 1, 0, 2, None, 0.0, "", True)
     # a = tokens (0, 2, 4), b = tokens (1, 3): token 2 -> b0 (cos 1), token 4 -> b1 (cos 0.77 > 0.1)
     assert plan.tolist() == [[0, 1, 2, 0, 1]]
 
@@ -76,22 +76,23 @@ def _plan_args(batch: int = 2, n: int = 11, c: int = 8, penalty: bool = False):
     g = torch.Generator().manual_seed(0)
     metric = torch.randn(batch, n, c, generator=g)
     phi = torch.rand(batch, n, generator=g) if penalty else None
-    return metric[:, ::2], metric[:, 1::2], phi
+    return metric, phi
 
 
 @pytest.mark.parametrize(("penalty", "sort_unm"), [(False, True), (True, False)])
 def test_opcheck_match_plan_and_best_destinations(penalty, sort_unm):
-    a, b, phi = _plan_args(penalty=penalty)
+    metric, phi = _plan_args(penalty=penalty)
     mode = "shifted" if penalty else ""
-    torch.library.opcheck(torch.ops.merge_core.match_plan.default, (a, b, 1, 0, 3, phi, 0.5, mode, sort_unm))
+    torch.library.opcheck(torch.ops.merge_core.match_plan.default, (metric, 1, 0, 3, phi, 0.5, mode, sort_unm))
+    a, b = metric[:, ::2], metric[:, 1::2]
     torch.library.opcheck(torch.ops.merge_core.best_destinations.default, (a, b, 1, 0, phi, 0.5, mode))
 
 
 @pytest.mark.parametrize("with_size", [False, True])
 def test_opcheck_merge_wavg(with_size):
-    a, b, _ = _plan_args()
-    plan = torch.ops.merge_core.match_plan(a, b, 1, 0, 3, None, 0.0, "", True)
-    unm, src, dst = kernels.ops.split_plan(plan, a.shape[1], 3)
+    metric, _ = _plan_args()
+    plan = torch.ops.merge_core.match_plan(metric, 1, 0, 3, None, 0.0, "", True)
+    unm, src, dst = kernels.ops.split_plan(plan, 6, 3)
     x = torch.randn(2, 11, 5)
     size = torch.rand(2, 11, 1) + 1 if with_size else None
     torch.library.opcheck(torch.ops.merge_core.merge_wavg.default, (x, size, unm, src, dst, 1, 0))
@@ -105,7 +106,7 @@ def test_op_path_equals_torch_path_in_eager_merging():
     with kernels.kernel_mode("never"):
         merge, _ = mc.bipartite_soft_matching(metric, 5, class_token=True)
         want_x, want_size = mc.merge_wavg(merge, x, size)
-    plan = torch.ops.merge_core.match_plan(metric[:, ::2], metric[:, 1::2], 1, 0, 5, None, 0.0, "", True)
+    plan = torch.ops.merge_core.match_plan(metric, 1, 0, 5, None, 0.0, "", True)
     got_x, got_size = torch.ops.merge_core.merge_wavg(x, size, *kernels.ops.split_plan(plan, 9, 5), 1, 0)
     torch.testing.assert_close(got_x, want_x)
     torch.testing.assert_close(got_size, want_size)
@@ -224,9 +225,8 @@ def test_gpu_ops_equal_cpu_reference(dtype):
     g = torch.Generator().manual_seed(5)
     metric, x = torch.randn(4, 197, 64, generator=g), torch.randn(4, 197, 96, generator=g)
     size = torch.randint(1, 4, (4, 197, 1), generator=g).float()
-    a, b = metric[:, ::2], metric[:, 1::2]
-    want = torch.ops.merge_core.match_plan(a, b, 1, 0, 16, None, 0.0, "", True)
-    got = torch.ops.merge_core.match_plan(a.cuda(), b.cuda(), 1, 0, 16, None, 0.0, "", True)
+    want = torch.ops.merge_core.match_plan(metric, 1, 0, 16, None, 0.0, "", True)
+    got = torch.ops.merge_core.match_plan(metric.cuda(), 1, 0, 16, None, 0.0, "", True)
     assert torch.equal(got.cpu(), want)  # fp32 metric: no near-ties on random inputs
     idx = kernels.ops.split_plan(want, 99, 16)
     want_x, want_s = torch.ops.merge_core.merge_wavg(x, size, *idx, 1, 0)
@@ -242,9 +242,9 @@ def test_gpu_opcheck():
     g = torch.Generator(device="cuda").manual_seed(0)
     metric = torch.randn(2, 37, 16, device="cuda", generator=g)
     a, b = metric[:, ::2], metric[:, 1::2]
-    torch.library.opcheck(torch.ops.merge_core.match_plan.default, (a, b, 1, 0, 5, None, 0.0, "", True))
+    torch.library.opcheck(torch.ops.merge_core.match_plan.default, (metric, 1, 0, 5, None, 0.0, "", True))
     torch.library.opcheck(torch.ops.merge_core.best_destinations.default, (a, b, 1, 0, None, 0.0, ""))
-    plan = torch.ops.merge_core.match_plan(a, b, 1, 0, 5, None, 0.0, "", True)
+    plan = torch.ops.merge_core.match_plan(metric, 1, 0, 5, None, 0.0, "", True)
     x = torch.randn(2, 37, 24, device="cuda", generator=g)
     args = (x, None, *kernels.ops.split_plan(plan, 19, 5), 1, 0)
     torch.library.opcheck(torch.ops.merge_core.merge_wavg.default, args)

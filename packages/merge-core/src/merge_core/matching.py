@@ -128,12 +128,12 @@ def bipartite_soft_matching(
         flat = _flatten(metric)
         from . import kernels
 
-        a, b = flat[..., ::2, :], flat[..., 1::2, :]
         if kernels.use_fused_plan(flat, score_mod):  # CUDA: matcher + ranking in two launches, no sort
             unm_idx, src_idx, dst_idx = kernels.fused_match_plan(
-                a, b, protected_a, protected_b, r, score_mod, bool(protected)
+                flat, protected_a, protected_b, r, score_mod, bool(protected)
             )
         else:
+            a, b = flat[..., ::2, :], flat[..., 1::2, :]
             node_max, node_idx = best_destinations(a, b, protected_a, protected_b, score_mod)
             unm_idx, src_idx, dst_idx = plan_from_scores(node_max, node_idx, r, bool(protected))
 

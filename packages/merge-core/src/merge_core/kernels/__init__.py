@@ -135,14 +135,15 @@ def use_fused_plan(a: torch.Tensor, score_mod: object | None) -> bool:
     return use_fused_match(a, score_mod) and (_compiling() or a.shape[-2] <= MAX_PLAN_ROWS)
 
 
-def fused_match_plan(a, b, protected_a: int, protected_b: int, r: int, score_mod=None, sort_unm: bool = True):
-    """(unm_idx, src_idx, dst_idx) of bipartite matching, equal to the torch path's (see ``_triton.match_plan``)."""
-    if _compiling():
-        plan = ops.match_plan(a, b, protected_a, protected_b, r, *ops.penalty_parts(score_mod), sort_unm)
-        return ops.split_plan(plan, a.shape[-2], r)
+def fused_match_plan(metric, protected_a: int, protected_b: int, r: int, score_mod=None, sort_unm: bool = True):
+    """(unm_idx, src_idx, dst_idx) of bipartite matching of (B, N, C) ``metric`` (even tokens onto odd ones),
+    equal to the torch path's (see ``_triton.match_plan``)."""
+    if _compiling():  # the op takes the whole metric: no strided views for Inductor to lay out
+        plan = ops.match_plan(metric, protected_a, protected_b, r, *ops.penalty_parts(score_mod), sort_unm)
+        return ops.split_plan(plan, (metric.shape[-2] + 1) // 2, r)
     from ._triton import match_plan
 
-    return match_plan(a, b, protected_a, protected_b, r, score_mod, sort_unm)
+    return match_plan(metric[:, ::2], metric[:, 1::2], protected_a, protected_b, r, score_mod, sort_unm)
 
 
 def use_fused_merge(x: torch.Tensor, size: torch.Tensor | None) -> bool:

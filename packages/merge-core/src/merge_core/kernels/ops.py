@@ -8,8 +8,10 @@ shapes are runtime arguments of one Triton program (a handful of block-size vari
 Inductor generates nothing for them.
 
 - ``merge_core::best_destinations(a, b, protected_a, protected_b, phi, alpha, score_mode) -> (best, index)``
-- ``merge_core::match_plan(a, b, protected_a, protected_b, r, phi, alpha, score_mode, sort_unm) -> plan``:
-  one (B, Na + r) int64 tensor ``[unm | src | dst]`` (``split_plan`` gives the three (B, n, 1) views).
+- ``merge_core::match_plan(metric, protected_a, protected_b, r, phi, alpha, score_mode, sort_unm) -> plan``:
+  bipartite matching of (B, N, C) ``metric``'s even tokens onto its odd ones (the op slices them, so Inductor
+  lays out no strided views), one (B, Na + r) int64 tensor ``[unm | src | dst]`` with Na = ceil(N / 2)
+  (``split_plan`` gives the three (B, n, 1) views).
 - ``merge_core::merge_wavg(x, size, unm, src, dst, protected_a, protected_b) -> (x', size')``: (n, T, C) in,
   (n, T - r, C) and (n, T - r, 1) out.
 
@@ -81,8 +83,7 @@ def _best_destinations_fake(a, b, protected_a, protected_b, phi, alpha, score_mo
 # ---------------------------------------------------------------------------------------------------- match_plan
 @torch.library.custom_op(f"{NAMESPACE}::match_plan", mutates_args=())
 def match_plan(
-    a: torch.Tensor,
-    b: torch.Tensor,
+    metric: torch.Tensor,
     protected_a: int,
     protected_b: int,
     r: int,
@@ -91,24 +92,26 @@ def match_plan(
     score_mode: str,
     sort_unm: bool,
 ) -> torch.Tensor:
-    """Bipartite matching plan (B, Na + r) int64 ``[unm | src | dst]`` of (B, Na, C) ``a`` onto (B, Nb, C) ``b``."""
+    """Bipartite matching plan (B, Na + r) int64 ``[unm | src | dst]`` of (B, N, C) ``metric`` (torch reference)."""
+    a, b = metric[:, ::2], metric[:, 1::2]
     score_mod = _penalty(phi, alpha, score_mode)
     return _plan_reference(a, b, protected_a, protected_b, r, score_mod, sort_unm, best_destinations_reference)
 
 
 @match_plan.register_kernel("cuda")
-def _match_plan_cuda(a, b, protected_a, protected_b, r, phi, alpha, score_mode, sort_unm):
+def _match_plan_cuda(metric, protected_a, protected_b, r, phi, alpha, score_mode, sort_unm):
     from . import MAX_PLAN_ROWS, _triton
 
+    a, b = metric[:, ::2], metric[:, 1::2]
     score_mod = _penalty(phi, alpha, score_mode)
-    if a.shape[1] <= MAX_PLAN_ROWS:  # sort-free: matcher + ranking kernels
+    if metric.shape[1] <= MAX_PLAN_ROWS:  # sort-free: matcher + ranking kernels (eager's rule)
         return _triton.match_plan_buffer(a, b, protected_a, protected_b, r, score_mod, sort_unm)
     return _plan_reference(a, b, protected_a, protected_b, r, score_mod, sort_unm, _triton.best_destinations)
 
 
 @match_plan.register_fake
-def _match_plan_fake(a, b, protected_a, protected_b, r, phi, alpha, score_mode, sort_unm):
-    return a.new_empty((a.shape[0], a.shape[1] + r), dtype=torch.int64)
+def _match_plan_fake(metric, protected_a, protected_b, r, phi, alpha, score_mode, sort_unm):
+    return metric.new_empty((metric.shape[0], (metric.shape[1] + 1) // 2 + r), dtype=torch.int64)
 
 
 # ----------------------------------------------------------------------------------------------------- merge_wavg
