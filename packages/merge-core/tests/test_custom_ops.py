@@ -227,12 +227,18 @@ def test_gpu_ops_equal_cpu_reference(dtype):
     size = torch.randint(1, 4, (4, 197, 1), generator=g).float()
     want = torch.ops.merge_core.match_plan(metric, 1, 0, 16, None, 0.0, "", True)
     got = torch.ops.merge_core.match_plan(metric.cuda(), 1, 0, 16, None, 0.0, "", True)
-    assert torch.equal(got.cpu(), want)  # fp32 metric: no near-ties on random inputs
+    got = got.cpu()
+    assert torch.equal(got[:, :83], want[:, :83])  # unmerged rows, in index order
+    # merged (src, dst) pairs as sets: two near-equal scores may rank in either order (fp32 dot vs CPU BLAS)
+    for plan in (got, want):
+        order = plan[:, 83:99].argsort(dim=-1)
+        plan[:, 83:99], plan[:, 99:] = plan[:, 83:99].gather(1, order), plan[:, 99:].gather(1, order)
+    assert torch.equal(got, want)
     idx = kernels.ops.split_plan(want, 99, 16)
     want_x, want_s = torch.ops.merge_core.merge_wavg(x, size, *idx, 1, 0)
     cuda_idx = [t.cuda() for t in idx]
     got_x, got_s = torch.ops.merge_core.merge_wavg(x.cuda().to(dtype), size.cuda().to(dtype), *cuda_idx, 1, 0)
-    tol = {"atol": 2e-3, "rtol": 2e-3} if dtype == torch.float16 else {}
+    tol = {"atol": 2e-3, "rtol": 2e-3} if dtype == torch.float16 else {"atol": 1e-5, "rtol": 1e-5}
     torch.testing.assert_close(got_x.float().cpu(), want_x, **tol)
     torch.testing.assert_close(got_s.float().cpu(), want_s)
 
@@ -252,19 +258,20 @@ def test_gpu_opcheck():
 
 @pytest.mark.gpu
 def test_gpu_inductor_compiled_patched_vit_equals_eager_without_recompiles():
-    """CUDA + Inductor (default mode): one graph holding the ops, no recompile, equal to eager merging."""
-    model = _tiny().cuda().half()
+    """CUDA + Inductor (default mode): one graph holding the ops, no recompile, equal to eager merging (fp32:
+    fp16 near-ties in the metric could flip a merge between Inductor's and eager's arithmetic)."""
+    model = _tiny().cuda()
     mc.patch.timm(model, prop_attn=True)
     model.r = 4
     model.merge_policy = "force"
-    x = _images(4, "cuda").half()
+    x = _images(4, "cuda")
     with torch.no_grad():
         compiled = torch.compile(model, fullgraph=True)
         got = compiled(x).clone()
         compiled(x)
         assert int(counters["stats"].get("unique_graphs", 0)) == 1
         expected = model(x)
-    torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-3)
 
 
 @pytest.mark.gpu
