@@ -22,8 +22,12 @@ forward can run one of these mathematically identical paths (only the summation 
   inputs of that call, forward under no_grad) and keeps the fastest; on CPU ``fold2d`` (oneDNN's CPU Conv3d costs
   ~2 s per call on these kernels whatever the size: a tiny group2-2 train step took 45-70 s native, 11 s fold2d);
   ``native`` elsewhere (meta). Inside CUDA-graph capture or ``torch.compile`` a CUDA shape not yet timed runs
-  ``AUTO_FALLBACK`` = ``fft``: by the estimate in ``conv3d_fft`` it beats the measured H200 winner ``fold2d``
-  (2026-12-02, fp16, 16 videos: whole prompter 226 ms native, 85 ms fold2d, 82 ms auto) on every STOP layer.
+  ``AUTO_FALLBACK`` = ``fft``, the measured winner on every STOP layer (H200, 2026-12-02 18:50 UTC, fp16,
+  16 videos, cuDNN autotuning on; ``results/stop-tome-prompter-NVIDIA-H200.*``, run 3): per layer forward ms fft
+  vs the best other path ``Conv.0`` 3.69 vs 8.09 (padded), ``Conv.1`` 6.80 vs 11.18, ``Conv.5`` 8.42 vs 11.38,
+  ``Cal_Net`` 1.59 vs 7.41, ``InterConv.0`` 2.50 vs 6.08, ``InterConv.2`` 2.52 vs 20.66, ``Cal_Net_Inter`` 0.64 vs
+  2.45 (fold2d); whole prompter forward 35.85 ms vs 85.06 fold2d and 225.88 native (6.3x), forward + backward
+  106.7 vs 265.4 and 573.6 ms (5.4x); ``auto``'s own timing picked ``fft`` for all 7 layer shapes.
 
 Gradients flow through padding, stacking and slicing, so training sees the same gradients as with ``native``.
 """
@@ -41,8 +45,10 @@ from torch import nn
 FIXED_MODES = ("native", "channels_last", "padded", "fold2d", "fft")
 MODES = (*FIXED_MODES, "auto")
 CHANNEL_MULTIPLE = 8
-DEFAULT_MODE = "auto"  # every device: CPU = fold2d, CUDA = timed per layer shape (H200: 2.8x over native)
-AUTO_FALLBACK = "fft"  # ``auto`` for untimed shapes where timing is impossible (graph capture, compile)
+DEFAULT_MODE = "auto"  # every device: CPU = fold2d, CUDA = timed per layer shape (H200: 6.3x over native, = fft)
+# ``auto`` for untimed shapes where timing is impossible (graph capture, compile): fft won all 7 STOP layer shapes
+# on the H200 (whole prompter fwd 35.9 ms vs 85.1 fold2d, 225.9 native; 16 videos, fp16, 2026-12-02)
+AUTO_FALLBACK = "fft"
 AUTO_CPU = "fold2d"  # what ``auto`` runs on CPU (timing there would cost seconds per native call)
 AUTO_WARMUP, AUTO_ITERS = 1, 3
 FFT_CHUNK_BYTES = 256 * 2**20  # ``fft``: output spectra per chunk of output frames (bounds the transient memory)
@@ -194,8 +200,10 @@ def conv3d_fft(
     Why it is fast for STOP (16 videos x 12 frames, fp16, H200): the direct paths do ``kt kh kw`` (363-1125) MACs
     per output pixel and channel pair on CUDA cores (~17 TFLOP/s); here each layer moves its spectra (input
     ``B C (T + 2pt)``, stacked ``B T kt C`` and output ``B T O`` planes of ``n1 x (n2 / 2 + 1)`` complex64; Conv.5
-    at 240 x 121: 0.5, 1.2 and 0.7 GB) a few times at memory bandwidth: est. 0.4-6 ms instead of 2.5-21 ms.
-    Autograd saves the stacked spectra (``kt x`` the input spectra) for the weight gradient.
+    at 240 x 121: 0.5, 1.2 and 0.7 GB) a few times at memory bandwidth: measured 0.64-8.4 ms per layer (est.
+    0.4-6) instead of 2.5-21 ms for the best direct path (H200, 2026-12-02). Autograd saves the stacked spectra
+    (``kt x`` the input spectra) for the weight gradient: whole-prompter training peak 10.2 GiB at 16 videos
+    (fold2d 7.2, native 4.2).
     """
     b, c, t, h, w = x.shape
     o, _, kt, kh, kw = weight.shape
