@@ -76,7 +76,7 @@ def build_parser():
     p.add_argument("--online-teacher", action="store_true", help="run the teacher trunk in the loop (no store)")
     p.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, default=None,
-        help="torch.compile the frozen SAM3 path (MODEL.COMPILE_FROZEN on / off; default auto = on CUDA)",
+        help="torch.compile the frozen SAM3 path (MODEL.COMPILE_FROZEN on / off / auto = on CUDA; default off)",
     )  # fmt: skip
     p.add_argument("--stop-after-epochs", type=int, default=0, help="leave after this many epochs (time-limited jobs)")
     return p

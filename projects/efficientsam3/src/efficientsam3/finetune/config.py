@@ -26,7 +26,7 @@ def ft_defaults() -> CN:
     c.MODEL.SAM3_DTYPE = ""
     # torch.compile the frozen path (static shapes, prompts padded to DISTILL.MAX_PROMPTS): "auto" = on CUDA
     # only (--compile / --no-compile set "on" / "off"); the compile costs ~1-2 min once per process.
-    c.MODEL.COMPILE_FROZEN = "auto"
+    c.MODEL.COMPILE_FROZEN = "off"  # "auto" = on CUDA; off until a GPU run measures the compiled path
     c.DATA.BATCH_SIZE = 4
     c.DATA.BOX_JITTER = True
     c.DATA.SORT_BY_AREA = True

@@ -129,8 +129,8 @@ class FrozenSAM3(nn.Module):
 
 
 def compile_frozen(model: FrozenSAM3, backend: str = "inductor") -> FrozenSAM3:
-    """torch.compile the frozen path in place (MODEL.COMPILE_FROZEN, on by default on CUDA): image_features and
-    decode each become one static-shape graph (forward, and forward+backward to the embedding for the
+    """torch.compile the frozen path in place (MODEL.COMPILE_FROZEN on; off by default until measured):
+    image_features and decode each become one static-shape graph (forward, and forward+backward to the embedding for the
     student path); parameters and state dict are untouched. Keep prompt counts fixed (pad_prompts) or every
     new count compiles again. backend "aot_eager" checks capture and autograd without code generation (tests)."""
     opts = {"fullgraph": True, "dynamic": False, "backend": backend}
