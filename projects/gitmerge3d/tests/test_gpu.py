@@ -29,7 +29,7 @@ def test_spconv_backend_equals_torch_backend():
     try:
         got = conv(sc.SparseTensor(feats, idx, [32, 32, 32], 2)).features
     finally:
-        sc.set_backend("auto")
+        sc.set_backend(sc.DEFAULT_BACKEND)
     torch.testing.assert_close(got, ref, atol=1e-3, rtol=1e-3)
 
 
@@ -78,5 +78,5 @@ def test_spconv_triton_narrowed_autotune_equals_torch_fp16(tune):
             tuned = [c for k, c in gemm._gather_gemm_kernel.cache.items() if k[1:3] == (width, width)]
             assert tuned and all(c in allowed for c in tuned)
     finally:
-        sc.set_backend("auto")
+        sc.set_backend(sc.DEFAULT_BACKEND)
         spconv_tune.set_tune_mode(before)

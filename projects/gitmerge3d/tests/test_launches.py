@@ -146,7 +146,7 @@ def test_spconv_path_keeps_indice_pairs_and_matches_torch(monkeypatch):
         y = sc.SparseTensor(x.features, x.indices, x.spatial_shape, 2)
         got = convs[1](convs[0](y))
     finally:
-        sc.set_backend("auto")
+        sc.set_backend(sc.DEFAULT_BACKEND)
     assert _FakeSpconv.builds == 1  # the second conv of the key reused the first one's pairs
     torch.testing.assert_close(got.features, ref.features)
 
@@ -231,7 +231,7 @@ def test_time_shares_attribute_a_conv_only_forward_to_the_conv():
     try:
         shares = launch_bench.time_shares(lambda: model[0](x), model, torch.device("cpu"))
     finally:
-        sc.set_backend("auto")
+        sc.set_backend(sc.DEFAULT_BACKEND)
     assert shares["clock"] == "cpu" and shares["attention_ms"] == 0 and shares["attention_span_ms"] == 0
     assert 0.9 <= shares["sparse_conv_share"] <= 1.0 and shares["forward_ms"] > 0
     assert 0.9 <= shares["sparse_conv_span_share"] <= 1.0

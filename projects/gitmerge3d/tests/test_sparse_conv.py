@@ -1,5 +1,9 @@
 """Sparse convs against a dense conv3d on a scattered grid (independent reference) and spconv if installed."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -51,6 +55,17 @@ def test_backend_switch_errors():
         sc.set_backend("cuda")
 
 
+def test_default_backend_is_torch_unless_env_says_otherwise():
+    """The H200 run of 2026-12-02 made ``torch`` the default (spconv-triton was slower); the env var still wins."""
+    code = "from gitmerge3d.models import sparse_conv as s; print(s.get_backend())"
+    env = {k: v for k, v in os.environ.items() if k != "GITMERGE3D_SPCONV"}
+    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert got.stdout.strip() == "torch"
+    env["GITMERGE3D_SPCONV"] = "auto"
+    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert got.stdout.strip() == "auto"
+
+
 def test_torch_equals_spconv_cpu():
     spconv = pytest.importorskip("spconv.pytorch")
     x = sparse_input()
@@ -61,6 +76,6 @@ def test_torch_equals_spconv_cpu():
         conv.eval()
         got = conv(sc.SparseTensor(x.features, x.indices, x.spatial_shape, x.batch_size)).features
     finally:
-        sc.set_backend("auto")
+        sc.set_backend(sc.DEFAULT_BACKEND)
     assert spconv is not None
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

@@ -5,9 +5,12 @@ so Pointcept/Sonata checkpoints load unchanged and a model can switch backend wi
 Output at voxel p = bias + sum_{a,b,c} W[:, a, b, c, :] @ x[p + (a, b, c) - k//2] (submanifold: only
 existing voxels are outputs and inputs).
 
-Backend choice (``set_backend`` / ``GITMERGE3D_SPCONV``): ``auto`` = spconv-triton for CUDA tensors
-when importable, else pure torch; ``torch``; ``spconv`` (whichever spconv API is importable, the
-CPU build included: it needs the bias added outside and a stream patch for backward, done here).
+Backend choice (``set_backend`` / ``GITMERGE3D_SPCONV``, default ``torch``): ``torch``; ``auto`` =
+spconv-triton for CUDA tensors when importable, else pure torch; ``spconv`` (whichever spconv API is
+importable, the CPU build included: it needs the bias added outside and a stream patch for backward, done
+here). The default is ``torch`` because on an H200 (2026-12-02, Sonata 0c, real scene, fp16 autocast)
+spconv-triton 1.0.0 was slower: its GEMM gets the fp32 features and runs IEEE fp32 (no tensor cores),
+74.8 ms of GPU time per forward against 17.6 ms for the torch conv, after a 64 s cold autotune.
 spconv-triton's autotune space is narrowed by ``spconv_tune`` (``GITMERGE3D_SPCONV_TUNE``=narrow|fixed|full)
 before its first kernel runs, so a bare GPU does not spend minutes autotuning.
 """
@@ -26,7 +29,8 @@ from torch import nn
 from . import spconv_tune
 
 BACKENDS = ("auto", "torch", "spconv")
-_backend = os.environ.get("GITMERGE3D_SPCONV", "auto")
+DEFAULT_BACKEND = "torch"
+_backend = os.environ.get("GITMERGE3D_SPCONV", DEFAULT_BACKEND)
 # elements of the gathered (N, k, Cin) neighbour block materialised at once by the torch backend
 _GATHER_BUDGET = 1 << 25
 

@@ -156,7 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-amp", dest="amp", action="store_false", help="fp32 instead of autocast (fp16 CUDA / bf16 CPU)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--spconv", default="auto", choices=sc.BACKENDS, help="sparse-conv backend")
+    p.add_argument(
+        "--spconv",
+        default=None,
+        choices=sc.BACKENDS,
+        help="sparse-conv backend (default: GITMERGE3D_SPCONV, else torch)",
+    )
     p.add_argument("--macs-only", action="store_true", help="count MACs (one forward per row), no timing")
     p.add_argument("--out", help="write the results as JSON here (and a .md table next to it)")
     p.add_argument("--seed", type=int, default=0)
@@ -169,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda but no CUDA device is available")
         os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
-        sc.set_backend(args.spconv)
+        if args.spconv is not None:
+            sc.set_backend(args.spconv)
         torch.manual_seed(args.seed)
         tmp = Path(args.out).parent if args.out else Path(".")
         scratch = tmp / ".gitmerge3d-bench-scene"
@@ -189,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         "weights": args.weights or "random",
         "points_raw": n_raw,
         "points_grid": int(inputs["coord"].shape[0]),
-        "spconv": args.spconv,
+        "spconv": sc.get_backend(),
         "rows": results,
     }
     table = markdown(result)
