@@ -59,7 +59,8 @@ def test_compile_and_overhead_suites_in_one_invocation(tmp_path):
         assert row["compile_mode"] == "default" and row["dynamic"] is None
         # where the first call's time went: dynamo's timed phases (nested, re-entrant ones summed per call)
         phases = row["compile_breakdown_s"]
-        assert phases and all(v > 0 for v in phases.values())
+        # seconds rounded to 1 ms: short phases may read 0.0, the whole compile must not
+        assert phases["_compile.compile_inner"] > 0 and all(v >= 0 for v in phases.values())
         assert list(phases.values()) == sorted(phases.values(), reverse=True)
         assert row["inductor_kernels"] == 0  # aot_eager generates no code
     assert rows["merge", False]["r"] == 4 and rows["timm", None]["speedup_compiled"] == 1.0
