@@ -7,6 +7,7 @@ from efficientsam3.model.merged_teacher import (
     apply_merging,
     attended_tokens,
     block_runs,
+    check_span_schedule,
     remove_merging,
     span_tokens,
     window_global_schedule,
@@ -212,11 +213,13 @@ def _ref_block(blk, x: torch.Tensor, freqs: torch.Tensor, size: torch.Tensor) ->
     return x + blk.mlp(blk.norm2(x))
 
 
-def _ref_span_trunk(m: SAM3ViT, img: torch.Tensor, window_r: int, global_r: int) -> torch.Tensor:
-    """Span merging written from the math, one image, one group (window or grid) at a time, float64: the
-    merge is an averaging matrix A = S / rowsum(S) from merge-core's source map S (the matching is
-    merge-core's, never re-implemented); a merged token's rotation is A @ rotations; the exit adds S^T of
-    each merged token's change to every member's own residual."""
+def _ref_span_trunk(m: SAM3ViT, img: torch.Tensor, steps: tuple[int, ...], global_r: int) -> torch.Tensor:
+    """Span merging written from the math, one image, one group (window or grid) at a time, float64. Windowed
+    runs merge steps[j] more tokens at their j-th block, global blocks global_r. Each merge is a 0/1 source map S
+    from merge-core's matching (never re-implemented) over the current tokens; sizes add (S @ size) and the
+    merge is the size-weighted average A = S diag(size) / (S @ size); a merged token's rotation is A @ rotations;
+    the exit undoes the steps last to first: every pre-merge token gets its own value plus S^T of its merged
+    token's change."""
     cfg = m.cfg
     g, ws = cfg.grid, cfg.window_size
     x = m.ln_pre(m.patch_embed(img) + m.abs_pos(g, g))[0]  # (g, g, C)
@@ -234,36 +237,39 @@ def _ref_span_trunk(m: SAM3ViT, img: torch.Tensor, window_r: int, global_r: int)
             while stop < len(m.blocks) and m.blocks[stop].window_size:
                 stop += 1
         groups = windows if blk.window_size else [list(range(g * g))]
-        r = window_r if blk.window_size else global_r
+        run_steps = steps if blk.window_size else (global_r,)
+        if not run_steps[0]:
+            run_steps = ()
         new = flat.clone()
         for idx in groups:
-            xs = flat[idx]
-            freqs = blk.attn.freqs_cis.to(torch.complex128)
-            if r == 0:
-                for b in m.blocks[i:stop]:
-                    xs = _ref_block(b, xs, freqs, torch.ones(len(idx), dtype=xs.dtype))
-                new[idx] = xs
-                continue
-            a = blk.attn
-            k = a.qkv(blk.norm1(xs)).reshape(len(idx), 3, a.num_heads, a.head_dim)[:, 1].transpose(0, 1)
-            metric = _rope(k, freqs).mean(0)
-            merge, _ = bipartite_soft_matching(metric[None], r, protected=0)
-            s = merge_source(merge, metric[None])[0]  # (m', m) 0/1
-            size = s.sum(-1)
-            avg = s / size[:, None]
-            xm0 = avg @ xs
-            # first block: q/k/v from every token, merged after RoPE
-            qkv = a.qkv(blk.norm1(xs)).reshape(len(idx), 3, a.num_heads, a.head_dim).permute(1, 2, 0, 3)
-            q, k, v = _rope(qkv[0], freqs), _rope(qkv[1], freqs), qkv[2]
-            q, k, v = (avg @ t for t in (q, k, v))
-            logits = q @ k.transpose(-1, -2) / a.head_dim**0.5 + size.log()
-            out = (logits.softmax(-1) @ v).transpose(0, 1).reshape(len(size), -1)
-            xm = xm0 + a.proj(out)
-            xm = xm + blk.mlp(blk.norm2(xm))
-            fm = avg.to(torch.complex128) @ freqs  # mean rotation of each merged token
-            for b in m.blocks[i + 1 : stop]:
-                xm = _ref_block(b, xm, fm, size)
-            new[idx] = xs + s.T @ (xm - xm0)
+            xm = flat[idx]
+            fm = blk.attn.freqs_cis.to(torch.complex128)
+            size = torch.ones(len(idx), dtype=xm.dtype)
+            undo = []
+            for j, b in enumerate(m.blocks[i:stop]):
+                a = b.attn
+                h, d = a.num_heads, a.head_dim
+                q, k, v = a.qkv(b.norm1(xm)).reshape(-1, 3, h, d).permute(1, 2, 0, 3)
+                q, k = _rope(q, fm), _rope(k, fm)
+                r = run_steps[j] if j < len(run_steps) else 0
+                if r:
+                    metric = k.mean(0)
+                    merge, _ = bipartite_soft_matching(metric[None], r, protected=0)
+                    src = merge_source(merge, metric[None])[0]  # (m', m) 0/1
+                    new_size = src @ size
+                    avg = src * size[None] / new_size[:, None]
+                    undo.append((xm, src, avg @ xm))
+                    xm = avg @ xm
+                    q, k, v = (avg @ t for t in (q, k, v))
+                    fm = avg.to(torch.complex128) @ fm  # mean rotation of each merged token
+                    size = new_size
+                logits = q @ k.transpose(-1, -2) / d**0.5 + size.log()
+                out = (logits.softmax(-1) @ v).transpose(0, 1).reshape(len(size), -1)
+                xm = xm + a.proj(out)
+                xm = xm + b.mlp(b.norm2(xm))
+            for pre, src, xm0 in reversed(undo):
+                xm = pre + src.T @ (xm - xm0)
+            new[idx] = xm
         flat = new
         i = stop
     return flat.reshape(g, g, -1).permute(2, 0, 1)[None]
@@ -276,7 +282,7 @@ def test_span_matches_independent_reference():
         apply_merging(m, window_r, global_r, mode="span")
         with torch.no_grad():
             got = m(img)
-            want = _ref_span_trunk(m, img, window_r, global_r)
+            want = _ref_span_trunk(m, img, (window_r,), global_r)
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
         remove_merging(m)
 
@@ -337,3 +343,136 @@ def test_span_errors_one_line():
     with pytest.raises(ValueError, match=r"blocks 0-1 need one r, got \[2, 3\]") as err, torch.no_grad():
         m(_inputs())
     assert "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------------------ span mode, progressive schedule
+# Two runs of three windowed blocks (0-2, 4-6) so a schedule can merge at up to three blocks; 3 and 7 are global.
+SCHED_VIT = ViTConfig(
+    img_size=112, pretrain_img_size=56, embed_dim=32, depth=8, num_heads=2, window_size=4, global_att_blocks=(3, 7)
+)
+
+
+def _build_sched() -> SAM3ViT:
+    torch.manual_seed(0)
+    m = SAM3ViT(SCHED_VIT).eval()
+    m.fast = False
+    return m
+
+
+def _sharp_sched() -> SAM3ViT:
+    m = _build_sched()
+    m.fast = True
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.Linear):
+                mod.weight.mul_(15)
+    return m
+
+
+_STEPS = (3, 2, 1)  # 16-token windows: 13, then 11, then 10
+
+
+class TestSam3TrunkSpanScheduleConformance(AdapterConformance):
+    cases = [
+        AdapterCase(
+            name="sam3_tiny_span_schedule",
+            build=_build_sched,
+            inputs=_inputs,
+            patch=lambda m: apply_merging(m, 0, 0, mode="span", span_schedule=list(_STEPS)),
+            num_tokens=64,
+            r=window_global_schedule(_build_sched(), 3, 8),
+            expected_tokens=lambda schedule: attended_tokens(_build_sched(), schedule, _STEPS),
+            atol=1e-4,
+            compile_marks=("slow",),
+        )
+    ]
+
+
+def test_span_schedule_zero_is_exact_bit_for_bit():
+    m = _sharp_sched()
+    x = _inputs()
+    with torch.no_grad():
+        exact = m(x)
+        apply_merging(m, 0, 0, mode="span", span_schedule=[0, 0, 0])
+        assert m.r == [0] * 8 and state_of(m).extra["span_schedule"] == ()
+        assert torch.equal(m(x), exact)
+
+
+@pytest.mark.parametrize(
+    ("steps", "global_r", "tokens"),
+    [
+        ([5, 2], 0, [11, 9, 9, 64, 11, 9, 9, 64]),
+        ([8, 4, 2], 0, [8, 4, 2, 64, 8, 4, 2, 64]),
+        ([6, 0, 3], 16, [10, 10, 7, 48, 10, 10, 7, 48]),
+    ],
+)
+def test_span_schedule_token_counts(steps, global_r, tokens):
+    m = apply_merging(_build_sched(), 0, global_r, mode="span", span_schedule=steps)
+    with torch.no_grad():
+        y = m(_inputs())
+    assert y.shape == (1, 32, 8, 8)
+    assert state_of(m).tokens == tokens
+    assert attended_tokens(m, m.r, steps) == tokens
+
+
+def test_span_schedule_matches_independent_reference():
+    m = _sharp_sched().double()
+    img = _inputs().double()
+    for steps, global_r in (((5, 3), 0), ((4, 0, 2), 12)):
+        apply_merging(m, 0, global_r, mode="span", span_schedule=list(steps))
+        with torch.no_grad():
+            got = m(img)
+            want = _ref_span_trunk(m, img, steps, global_r)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+        remove_merging(m)
+
+
+def test_span_schedule_twins_merge_exactly_in_two_steps():
+    """Columns 4j..4j+3 identical and RoPE the identity: step 1 (r = 8) merges each window's 16 tokens into
+    8 pairs, step 2 (r = 4) the pairs into 4 quads; proportional attention keeps every block exact, and the
+    composed unmerge restores all 64 tokens."""
+    m = _sharp_sched()
+    for blk in m.blocks:
+        blk.attn.freqs_cis = torch.ones_like(blk.attn.freqs_cis)
+        blk.attn.refresh_rope()
+    x = torch.randn(1, 8, 2, 32).repeat_interleave(4, dim=2)
+    t = to_window_major(x, 4)
+    with torch.no_grad():
+        exact = t
+        for blk in m.blocks:
+            exact = blk.forward_tokens(exact, 4)
+        apply_merging(m, 8, 0, mode="span", span_schedule=[8, 4])
+        state = state_of(m)
+        state.begin(len(m.blocks), m.r)
+        merged = span_tokens(m, t, 4, state)
+    assert state.tokens == [8, 4, 4, 64, 8, 4, 4, 64]
+    torch.testing.assert_close(merged, exact, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"span_schedule": [9]}, r"step 0 merges 9 of the 16 tokens left per window, at most half \(8\)"),
+        ({"span_schedule": [8, 5]}, r"step 1 merges 5 of the 8 tokens left per window, at most half \(4\)"),
+        ({"span_schedule": [4, 2.5]}, "expected a list of ints >= 0"),
+        ({"span_schedule": [4, True]}, "expected a list of ints >= 0"),
+        ({"span_schedule": "4+2"}, "expected a list of ints >= 0"),
+        ({"span_schedule": [4, -1]}, r"expected ints >= 0, got \[4, -1\]"),
+        ({"span_schedule": [2, 1, 1, 1]}, r"4 steps, longer than the shortest run of windowed blocks \(3\)"),
+        ({"span_schedule": [0, 4]}, "the first entry is the merge at each run's first block, expected > 0"),
+        ({"span_schedule": [4, 2], "mode": "block"}, "needs TEACHER.MERGE_MODE span, got 'block'"),
+        ({"span_schedule": [4, 2], "window_r": 3}, r"TEACHER.MERGE_R: .* expected 0 or 4, got 3"),
+    ],
+)
+def test_bad_span_schedule_one_line(kwargs, match):
+    kw = {"window_r": 0, "global_r": 0, "mode": "span", **kwargs}
+    with pytest.raises(ValueError, match=match) as err:
+        apply_merging(_build_sched(), kw.pop("window_r"), kw.pop("global_r"), **kw)
+    assert "\n" not in str(err.value)
+
+
+def test_span_schedule_checked_against_each_trunk():
+    assert check_span_schedule(_build_sched(), [8, 4, 2]) == (8, 4, 2)
+    assert check_span_schedule(_build_sched(), []) == ()
+    with pytest.raises(ValueError, match=r"2 steps, longer than the shortest run of windowed blocks \(1\)"):
+        check_span_schedule(_build_span(), [4, 2])  # SPAN_VIT: windowed runs 0-1 and 3

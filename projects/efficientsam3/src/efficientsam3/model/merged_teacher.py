@@ -24,7 +24,15 @@ members' rotations (rotation is linear in (cos, sin), so this is the mean of the
 agree). At the run's end each token gets its own pre-merge residual plus the change its merged token went
 through (x_i + unmerge(x_m - x_m0)), so what merging averaged away before the run is not lost. Global blocks
 run exactly (global r = 0) or as a run of one block merged over the whole grid. It runs on the trunk's fast
-layout (window-major tokens, compute-dtype RoPE tables): static shapes, fullgraph compile."""
+layout (window-major tokens, compute-dtype RoPE tables): static shapes, fullgraph compile.
+
+An optional progressive schedule (`span_schedule`, TEACHER.MERGE_SPAN_SCHEDULE: r per block of a windowed run,
+e.g. [288, 144]) merges again at later blocks of each run: block k matches the already-merged tokens on its own
+post-RoPE keys (merge-core, equal r per window) and size-weighted-merges the residual stream, q/k/v, the RoPE
+tables and the sizes once more. The exit composes the steps' unmerge maps from the last to the first:
+y <- pre_k + unmerge_k(y - merged_k), where pre_k are the tokens step k merged and merged_k what it made of them,
+so every token of every level keeps its own residual plus its merged token's change. The schedule's first entry
+is the run's r (`model.r`); the rest apply in every windowed run that merges. Absent: one merge per run."""
 
 from __future__ import annotations
 
@@ -163,6 +171,7 @@ def block_runs(model: SAM3ViT) -> list[tuple[int, int]]:
 
 def span_tokens(model: SAM3ViT, t: torch.Tensor, windows: int, state: MergeState) -> torch.Tensor:
     """All blocks over window-major tokens (B, N, C): runs with r > 0 merged, the others exact."""
+    tail = state.extra.get("span_schedule", ())[1:]
     for start, stop in block_runs(model):
         blocks = list(model.blocks[start:stop])
         r = state.r[start]
@@ -177,7 +186,13 @@ def span_tokens(model: SAM3ViT, t: torch.Tensor, windows: int, state: MergeState
                 t = blk.forward_tokens(t, windows)
                 state.tokens.append(t.shape[1] // groups)
         else:
-            t = _merged_run(blocks, start, t, groups, r, state)
+            steps = (r, *tail) if blocks[0].window_size else (r,)
+            if len(steps) > len(blocks):
+                raise ValueError(
+                    f"TEACHER.MERGE_SPAN_SCHEDULE: {len(steps)} steps, longer than the run of blocks "
+                    f"{start}-{stop - 1} ({len(blocks)} blocks)"
+                )
+            t = _merged_run(blocks, start, t, groups, steps, state)
     return t
 
 
@@ -190,36 +205,43 @@ def _attend_merged(attn: Attention, q, k, v, size: torch.Tensor, state: MergeSta
 
 
 def _merged_run(
-    blocks: list[Block], layer: int, t: torch.Tensor, groups: int, r: int, state: MergeState
+    blocks: list[Block], layer: int, t: torch.Tensor, groups: int, steps: tuple[int, ...], state: MergeState
 ) -> torch.Tensor:
-    """One run of blocks on tokens merged per group (window, or the whole grid): see the module docstring."""
+    """One run of blocks on tokens merged per group (window, or the whole grid), merging `steps[k]` more tokens
+    per group at the run's k-th block: see the module docstring."""
     b, n, c = t.shape
     x = t.reshape(b * groups, n // groups, c)
     bw, m = x.shape[0], x.shape[1]
     first = blocks[0]
-    attn = first.attn
-    heads, d = attn.num_heads, attn.head_dim
-    qkv = attn.qkv(first.norm1(x)).view(bw, m, 3, heads, d)
-    cos, sin = attn.rope_cos.view(m, 1, 1, d), attn.rope_sin.view(m, 1, 1, d)
-    qk = rotate_fast(qkv[:, :, :2], cos, sin)  # (bw, m, 2, heads, d)
-    v = qkv[:, :, 2].reshape(bw, m, c)
-    merge, unmerge = _match_metric(attn, state, layer, qk[:, :, 1].mean(dim=2), v, r)
-    tables = torch.cat([attn.rope_cos, attn.rope_sin], dim=-1).to(x.dtype).expand(bw, m, 2 * d)
-    merged, size = merge_wavg(merge, torch.cat([x, qk.reshape(bw, m, 2 * c), v, tables], dim=-1))
-    x0, q, k, v, cos_m, sin_m = merged.split([c, c, c, c, d, d], dim=-1)
-    mm = x0.shape[1]
-    x = x0 + _attend_merged(attn, q, k, v, size, state)
-    x = x + first.mlp(first.norm2(x))
-    state.tokens.append(mm)
-    cos_m, sin_m = cos_m.reshape(bw, mm, 1, 1, d), sin_m.reshape(bw, mm, 1, 1, d)
-    for blk in blocks[1:]:
-        qkv = blk.attn.qkv(blk.norm1(x)).view(bw, mm, 3, heads, d)
-        qk = rotate_fast(qkv[:, :, :2], cos_m, sin_m)
-        q, k, v = qk[:, :, 0].reshape(bw, mm, c), qk[:, :, 1].reshape(bw, mm, c), qkv[:, :, 2].reshape(bw, mm, c)
-        x = x + _attend_merged(blk.attn, q, k, v, size, state)
+    heads, d = first.attn.num_heads, first.attn.head_dim
+    cos, sin = first.attn.rope_cos.view(m, 1, 1, d), first.attn.rope_sin.view(m, 1, 1, d)
+    tables = torch.cat([first.attn.rope_cos, first.attn.rope_sin], dim=-1).to(x.dtype).expand(bw, m, 2 * d)
+    size = None
+    undo: list[tuple] = []  # per step: (tokens it merged, what it made of them, its unmerge)
+    for i, blk in enumerate(blocks):
+        attn = blk.attn
+        mm = x.shape[1]
+        qkv = attn.qkv(blk.norm1(x)).view(bw, mm, 3, heads, d)
+        qk = rotate_fast(qkv[:, :, :2], cos, sin)  # (bw, mm, 2, heads, d)
+        v = qkv[:, :, 2].reshape(bw, mm, c)
+        r = steps[i] if i < len(steps) else 0
+        if r > 0:
+            merge, unmerge = _match_metric(attn, state, layer + i, qk[:, :, 1].mean(dim=2), v, r)
+            merged, size = merge_wavg(merge, torch.cat([x, qk.reshape(bw, mm, 2 * c), v, tables], dim=-1), size)
+            x0, q, k, v, cos_m, sin_m = merged.split([c, c, c, c, d, d], dim=-1)
+            undo.append((x, x0, unmerge))
+            mm = x0.shape[1]
+            tables = torch.cat([cos_m, sin_m], dim=-1)
+            cos, sin = cos_m.reshape(bw, mm, 1, 1, d), sin_m.reshape(bw, mm, 1, 1, d)
+            x = x0
+        else:
+            q, k = qk[:, :, 0].reshape(bw, mm, c), qk[:, :, 1].reshape(bw, mm, c)
+        x = x + _attend_merged(attn, q, k, v, size, state)
         x = x + blk.mlp(blk.norm2(x))
         state.tokens.append(mm)
-    return t + unmerge(x - x0).reshape(b, n, c)  # each token keeps its own pre-merge residual
+    for pre, x0, unmerge in reversed(undo):  # each level keeps its own pre-merge residual
+        x = pre + unmerge(x - x0)
+    return x.reshape(b, n, c)
 
 
 class Sam3TrunkAdapter(MergeAdapter):
@@ -271,19 +293,78 @@ def window_global_schedule(model: SAM3ViT, window_r: int, global_r: int) -> list
     return [global_r if blk.window_size == 0 else window_r for blk in model.blocks]
 
 
-def attended_tokens(model: SAM3ViT, schedule: list[int]) -> list[int]:
-    """Tokens each block's attention runs on (per window in windowed blocks), ToMe's half clamp applied."""
+def check_span_schedule(model: SAM3ViT, schedule) -> tuple[int, ...]:
+    """The progressive schedule as a tuple of ints, each step at most half the tokens left in a window (the
+    bipartite maximum), no longer than the shortest windowed run; an all-zero schedule is ()."""
+    name = "TEACHER.MERGE_SPAN_SCHEDULE"
+    if not isinstance(schedule, (list, tuple)) or any(isinstance(r, bool) or not isinstance(r, int) for r in schedule):
+        raise ValueError(f"{name}: expected a list of ints >= 0 (r per block of a windowed run), got {schedule!r}")
+    steps = tuple(schedule)
+    if any(r < 0 for r in steps):
+        raise ValueError(f"{name}: expected ints >= 0, got {list(steps)}")
+    if not any(steps):
+        return ()
+    if steps[0] <= 0:
+        raise ValueError(
+            f"{name}: the first entry is the merge at each run's first block, expected > 0, got {list(steps)}"
+        )
+    ws = model.cfg.window_size
+    runs = [stop - start for start, stop in block_runs(model) if model.blocks[start].window_size]
+    if not ws or not runs:
+        raise ValueError(f"{name}: the trunk has no windowed blocks to merge progressively")
+    if len(steps) > min(runs):
+        raise ValueError(f"{name}: {len(steps)} steps, longer than the shortest run of windowed blocks ({min(runs)})")
+    n = ws * ws
+    for k, r in enumerate(steps):
+        if r > n // 2:
+            raise ValueError(
+                f"{name}: step {k} merges {r} of the {n} tokens left per window, at most half ({n // 2}), "
+                f"got {list(steps)}"
+            )
+        n -= r
+    return steps
+
+
+def attended_tokens(model: SAM3ViT, schedule: list[int], span_schedule=()) -> list[int]:
+    """Tokens each block's attention runs on (per window in windowed blocks), ToMe's half clamp applied; with
+    a progressive `span_schedule` (span mode) its later steps merge again at the later blocks of windowed runs."""
     out = []
     for blk, r in zip(model.blocks, schedule, strict=True):
         n = (blk.window_size or model.cfg.grid) ** 2
         out.append(n - min(r, n // 2))
+    tail = tuple(span_schedule)[1:]
+    for start, stop in block_runs(model) if tail else ():
+        if model.blocks[start].window_size and schedule[start] > 0:
+            n = out[start]
+            for i, r in enumerate(tail[: stop - start - 1], start=start + 1):
+                n -= min(r, n // 2)
+                out[i:stop] = [n] * (stop - i)
     return out
 
 
-def apply_merging(model: SAM3ViT, window_r: int, global_r: int, prop_attn: bool = True, mode: str = "attn") -> SAM3ViT:
-    """Patch in place and set the schedule; `remove_merging` undoes it."""
+def apply_merging(
+    model: SAM3ViT,
+    window_r: int,
+    global_r: int,
+    prop_attn: bool = True,
+    mode: str = "attn",
+    span_schedule=None,
+) -> SAM3ViT:
+    """Patch in place and set the schedule; `remove_merging` undoes it. `span_schedule` (mode "span"): r per block
+    of each windowed run, its first entry the window r (`window_r` must be 0 or equal to it)."""
+    steps = check_span_schedule(model, span_schedule) if span_schedule is not None else ()
+    if steps:
+        if mode != "span":
+            raise ValueError(f"TEACHER.MERGE_SPAN_SCHEDULE: needs TEACHER.MERGE_MODE span, got {mode!r}")
+        if window_r not in (0, steps[0]):
+            raise ValueError(
+                f"TEACHER.MERGE_R: the span schedule's first entry is the window r ({steps[0]}); "
+                f"expected 0 or {steps[0]}, got {window_r!r}"
+            )
+        window_r = steps[0]
     Sam3TrunkAdapter(mode).apply(model, prop_attn=prop_attn)
     model.r = window_global_schedule(model, window_r, global_r)
+    state_of(model).extra["span_schedule"] = steps
     return model
 
 
@@ -296,7 +377,9 @@ __all__ = [
     "apply_merging",
     "attended_tokens",
     "block_runs",
+    "check_span_schedule",
     "remove_merging",
+    "span_tokens",
     "state_of",
     "window_global_schedule",
 ]
