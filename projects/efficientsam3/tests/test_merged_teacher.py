@@ -3,6 +3,10 @@
 import pytest
 import torch
 
+from efficientsam3.bench import main as bench_main
+from efficientsam3.bench import parse_merge_spec
+from efficientsam3.config import ConfigError
+from efficientsam3.engine.common import base_parser, config_from_args, teacher_on
 from efficientsam3.model.merged_teacher import (
     apply_merging,
     attended_tokens,
@@ -458,6 +462,7 @@ def test_span_schedule_twins_merge_exactly_in_two_steps():
         ({"span_schedule": [4, True]}, "expected a list of ints >= 0"),
         ({"span_schedule": "4+2"}, "expected a list of ints >= 0"),
         ({"span_schedule": [4, -1]}, r"expected ints >= 0, got \[4, -1\]"),
+        ({"span_schedule": [2, 1, 1, 1, 0]}, r"4 steps, longer than the shortest run of windowed blocks \(3\)"),
         ({"span_schedule": [2, 1, 1, 1]}, r"4 steps, longer than the shortest run of windowed blocks \(3\)"),
         ({"span_schedule": [0, 4]}, "the first entry is the merge at each run's first block, expected > 0"),
         ({"span_schedule": [4, 2], "mode": "block"}, "needs TEACHER.MERGE_MODE span, got 'block'"),
@@ -474,5 +479,61 @@ def test_bad_span_schedule_one_line(kwargs, match):
 def test_span_schedule_checked_against_each_trunk():
     assert check_span_schedule(_build_sched(), [8, 4, 2]) == (8, 4, 2)
     assert check_span_schedule(_build_sched(), []) == ()
+    assert check_span_schedule(_build_sched(), [0, 0]) == ()
+    assert check_span_schedule(_build_sched(), [8, 4, 0]) == (8, 4)
     with pytest.raises(ValueError, match=r"2 steps, longer than the shortest run of windowed blocks \(1\)"):
         check_span_schedule(_build_span(), [4, 2])  # SPAN_VIT: windowed runs 0-1 and 3
+
+
+# ------------------------------------------------------------------------- config key, CLI flag, bench --merge
+def _cfg(tiny_cfg, *argv: str, opts: tuple[str, ...] = ()):
+    args = base_parser("t", "t").parse_args(
+        ["--cfg", str(tiny_cfg), "--teacher-type", "sam3_tiny", "--merge-mode", "span", *argv,
+         "--opts", "DISTILL.EMBED_DIM", "32", "DATA.IMG_SIZE", "112", *opts]
+    )  # fmt: skip
+    return config_from_args(args)[0]
+
+
+def test_span_schedule_config_key_and_flag(tiny_cfg):
+    t = teacher_on(_cfg(tiny_cfg, "--merge-span-schedule", "4"), torch.device("cpu"))
+    assert t.r == [4, 0, 4, 0] and state_of(t).extra["span_schedule"] == (4,)  # TINY_VIT: runs of one block
+    cfg = _cfg(tiny_cfg, opts=("TEACHER.MERGE_SPAN_SCHEDULE", "[0, 0]"))
+    assert list(cfg.TEACHER.MERGE_SPAN_SCHEDULE) == [0, 0]
+    assert not hasattr(teacher_on(cfg, torch.device("cpu")), "_merge_info")  # all zero: the exact teacher
+
+
+@pytest.mark.parametrize(
+    ("argv", "err", "match"),
+    [
+        (["--merge-span-schedule", "4", "-1"], ConfigError, r"MERGE_SPAN_SCHEDULE: expected a list of ints >= 0"),
+        (["--merge-mode", "attn", "--merge-span-schedule", "4"], ConfigError, "needs TEACHER.MERGE_MODE span"),
+        ([], ConfigError, "--opts TEACHER.MERGE_SPAN_SCHEDULE"),
+        (["--merge-span-schedule", "4", "2"], ValueError, r"2 steps, longer than the shortest run .*\(1\)"),
+    ],
+)
+def test_bad_span_schedule_config_one_line(tiny_cfg, argv, err, match):
+    opts = () if argv else ("TEACHER.MERGE_SPAN_SCHEDULE", "4")  # an int where a list belongs
+    with pytest.raises(err, match=match) as e:
+        teacher_on(_cfg(tiny_cfg, *argv, opts=opts), torch.device("cpu"))
+    assert "\n" not in str(e.value)
+
+
+def test_bench_merge_spec():
+    assert parse_merge_spec("288+144:0") == ([288, 144], 0)
+    assert parse_merge_spec("288+72+72:2592") == ([288, 72, 72], 2592)
+    assert parse_merge_spec("96:864") == ([96], 864)
+    for bad in ("288", "288+:0", "a:0", "1:2:3"):
+        with pytest.raises(ValueError, match="--merge: expected W:G or W1\\+W2"):
+            parse_merge_spec(bad)
+    with pytest.raises(SystemExit):
+        bench_main(["--tiny", "--device", "cpu", "--suite", "teacher", "--merge", "4+x:0"])
+
+
+def test_bench_teacher_reports_a_bad_schedule_row(capsys):
+    """TINY_VIT's windowed runs are one block long: a two-step schedule is a one-line skipped row, the
+    single merge beside it runs."""
+    r = bench_main(["--tiny", "--device", "cpu", "--suite", "teacher", "--merge", "4:0", "4+2:0",
+                    "--merge-modes", "span"])  # fmt: skip
+    rows = {row.get("merge"): row for row in r["teacher"]}
+    assert rows["4:0"]["attended"] == [12, 64, 12, 64] and rows["4:0"]["tflop_per_img"] > 0
+    assert "longer than the shortest run" in rows["4+2:0"]["skipped"] and rows["4+2:0"]["window_r"] == 4

@@ -2,8 +2,9 @@
 
 Suites (`--suite`, repeatable):
 - students: forward img/s of the 9 students at --img-size for each --batch, params and GMACs.
-- teacher: SAM3 trunk export img/s, exact and merged for each --merge W:G (window r : global r), with
-  fidelity (cosine / MSE / relative MSE of merged vs exact) and model-FLOP utilisation against --peak-tflops.
+- teacher: SAM3 trunk export img/s, exact and merged for each --merge W:G (window r : global r; span mode:
+  W may be a progressive schedule 288+144, r per block of each windowed run), with TFLOP/img, fidelity
+  (cosine / MSE / relative MSE of merged vs exact) and model-FLOP utilisation against --peak-tflops.
 - distill: a student trained on exact vs merged teacher embeddings for --distill-steps, both scored
   against the exact embeddings on held-out images (the stage-1 loss a user would get from each store).
 - train: stage-1 training img/s of --train-student reading a store written to --workdir, and the store's
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from merge_core.adapter import remove_patch
+from merge_core.adapter import remove_patch, state_of
 from merge_core.bench import measure
 from run_kit import OneLineArgumentParser, write_json_atomic
 
@@ -130,6 +131,26 @@ def _compiled(model, device, x) -> tuple[object, float]:
     return run, time.perf_counter() - t0
 
 
+def parse_merge_spec(spec: str) -> tuple[list[int], int]:
+    """--merge W:G -> ([window r, ...], global r); W = 288+144 is a progressive span schedule."""
+    try:
+        w, g = spec.split(":")
+        steps = [int(v) for v in w.split("+")]
+        gr = int(g)
+    except ValueError:
+        raise ValueError(
+            f"--merge: expected W:G or W1+W2+...:G with ints (e.g. 288:0, 288+144:0), got {spec!r}"
+        ) from None
+    return steps, gr
+
+
+def _apply_spec(model: SAM3ViT, spec: str, mode: str) -> tuple[int, int]:
+    """Patch `model` for one --merge spec; (window r, global r)."""
+    steps, gr = parse_merge_spec(spec)
+    apply_merging(model, steps[0], gr, mode=mode, span_schedule=steps if len(steps) > 1 else None)
+    return steps[0], gr
+
+
 def _why(e: Exception) -> str:
     """One line naming a failed row's exception."""
     msg = str(e).strip().splitlines()
@@ -188,40 +209,44 @@ def bench_teacher(args, device, dtype, save=lambda rows: None) -> list[dict]:
                 row["speedup"] = row["img_per_s"] / base
         save(rows)
         for spec, mode in [(sp, md) for md in args.merge_modes for sp in args.merge]:
-            wr, gr = (int(v) for v in spec.split(":"))
+            steps, gr = parse_merge_spec(spec)
+            wr = steps[0]
             name = f"merged-{mode}" + ("-compiled" if args.compile else "")
             left = args.time_budget - (time.perf_counter() - t_start) if args.time_budget else float("inf")
             if left < 1.5 * compile_s + 5:
                 print(json.dumps({"skipped": name, "merge": spec, "seconds_left": left}), flush=True)
-                rows.append({"teacher": name, "window_r": wr, "global_r": gr, "skipped": "time budget"})
+                rows.append({"teacher": name, "window_r": wr, "global_r": gr, "merge": spec, "skipped": "time budget"})
                 continue
-            apply_merging(model, wr, gr, mode=mode)
-            extra = {"attended": attended_tokens(model, model.r)[:8]}
+            extra = {"merge": spec}
             try:
+                _apply_spec(model, spec, mode)
+                extra["attended"] = attended_tokens(model, model.r, state_of(model).extra["span_schedule"])[:8]
                 run = model
                 if args.compile:
                     run, extra["compile_s"] = _compiled(model, device, x)
                 extra["tflop_per_img"] = _flops(lambda: model(x[:1])) / 1e12
                 add(name, run, run(x).float(), wr, gr, base=base, **extra)
             except Exception as e:  # noqa: BLE001  (one failed variant must not lose the others)
-                rows.append({"teacher": name, "window_r": wr, "global_r": gr, "skipped": _why(e)})
+                rows.append({"teacher": name, "window_r": wr, "global_r": gr, "merge": spec, "skipped": _why(e)})
                 print(json.dumps(rows[-1]), flush=True)
-            remove_patch(model)
+            if hasattr(model, "_merge_info"):
+                remove_patch(model)
     print_teacher_table(rows, args.peak_tflops)
     return rows
 
 
 def print_teacher_table(rows: list[dict], peak: float | None) -> None:
     """MFU = img/s x FLOP/img (2 FLOPs per MAC) / peak; the merged rows' MFU is left out (fewer FLOPs)."""
-    print(f"{'teacher':<24} {'r w:g':>9} {'img/s':>7} {'ms':>8} {'x exact':>7} {'TFLOP/img':>9} {'MFU':>6} "
+    print(f"{'teacher':<24} {'r w:g':>12} {'img/s':>7} {'ms':>8} {'x exact':>7} {'TFLOP/img':>9} {'MFU':>6} "
           f"{'cos mean':>8} {'cos min':>7} {'compile s':>9}")  # fmt: skip
     for r in rows:
+        spec = r.get("merge", f"{r['window_r']}:{r['global_r']}")
         if "skipped" in r:
-            print(f"{r['teacher']:<24} {r['window_r']:>4}:{r['global_r']:<4} skipped ({r['skipped']})")
+            print(f"{r['teacher']:<24} {spec:>12} skipped ({r['skipped']})")
             continue
         mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
         cs = f"{r['compile_s']:.0f}" if "compile_s" in r else "-"
-        print(f"{r['teacher']:<24} {r['window_r']:>4}:{r['global_r']:<4} {r['img_per_s']:7.1f} {r['ms']:8.2f} "
+        print(f"{r['teacher']:<24} {spec:>12} {r['img_per_s']:7.1f} {r['ms']:8.2f} "
               f"{r['speedup']:7.2f} {r['tflop_per_img']:9.3f} {mfu:>6} {r['cos_mean']:8.5f} {r['cos_min']:7.4f} "
               f"{cs:>9}")  # fmt: skip
     if peak:
@@ -240,8 +265,7 @@ def bench_distill(args, device, dtype) -> list[dict]:
     with torch.no_grad():
         targets = {"exact": teacher(imgs)}
         for spec, mode in [(sp, md) for md in args.merge_modes for sp in args.merge]:
-            wr, gr = (int(v) for v in spec.split(":"))
-            apply_merging(teacher, wr, gr, mode=mode)
+            _apply_spec(teacher, spec, mode)
             targets[f"{mode} {spec}"] = teacher(imgs)
             remove_patch(teacher)
     valid = valid_mask(torch.tensor([[size, size]] * len(imgs), device=device), size, teacher.embed_size)
@@ -621,7 +645,8 @@ def build_parser():
     p.add_argument("--embed-size", type=int, default=None)
     p.add_argument("--batch", type=int, nargs="+", default=None)
     p.add_argument("--teacher-batch", type=int, default=None)
-    p.add_argument("--merge", nargs="+", default=None, metavar="W:G", help="window r : global r pairs")
+    p.add_argument("--merge", nargs="+", default=None, metavar="W:G",
+                   help="window r : global r pairs; span mode: W may be a schedule, e.g. 288+144:0")  # fmt: skip
     p.add_argument("--merge-modes", nargs="+", default=["attn", "block"], choices=("attn", "block", "span"))
     p.add_argument("--compile", action="store_true", help="torch.compile the teacher (exact and merged)")
     p.add_argument("--time-budget", type=float, default=0.0, help="teacher suite: skip merged rows past this (s)")
@@ -685,8 +710,14 @@ def cpu_name() -> str:
 
 
 def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     _defaults(args)
+    for spec in args.merge:
+        try:
+            parse_merge_spec(spec)
+        except ValueError as e:
+            parser.error(str(e))
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))  # fmt: skip
     gpu = device.type == "cuda"

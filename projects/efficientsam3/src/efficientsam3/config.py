@@ -53,6 +53,9 @@ _C.TEACHER.MERGE_GLOBAL_R = 0
 # "block": projection and MLP also run on the merged tokens (faster, see model/merged_teacher.py);
 # "span": tokens stay merged per window across each run of windowed blocks (fastest).
 _C.TEACHER.MERGE_MODE = "attn"
+# span mode only: r per block of each windowed run, e.g. [288, 144] (merge 288 per window at the run's first
+# block, 144 more at its second); the first entry is the window r. [] = one merge per run (MERGE_R).
+_C.TEACHER.MERGE_SPAN_SCHEDULE = []
 
 _C.DISTILL = CN()
 _C.DISTILL.ENABLED = True
@@ -178,6 +181,11 @@ def validate(cfg: CN, choices: dict | None = None) -> None:
     for key, value in (("DATA.IMG_SIZE", cfg.DATA.IMG_SIZE), ("DISTILL.EMBED_SIZE", cfg.DISTILL.EMBED_SIZE)):
         if value <= 0:
             raise ConfigError(f"{key}: expected a positive integer, got {value}")
+    sched = cfg.TEACHER.MERGE_SPAN_SCHEDULE
+    if any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in sched):
+        raise ConfigError(f"TEACHER.MERGE_SPAN_SCHEDULE: expected a list of ints >= 0, got {list(sched)!r}")
+    if any(sched) and cfg.TEACHER.MERGE_MODE != "span":
+        raise ConfigError(f"TEACHER.MERGE_SPAN_SCHEDULE: needs TEACHER.MERGE_MODE span, got {cfg.TEACHER.MERGE_MODE!r}")
     if cfg.TRAIN.ACCUMULATION_STEPS < 1:
         raise ConfigError(f"TRAIN.ACCUMULATION_STEPS: expected >= 1, got {cfg.TRAIN.ACCUMULATION_STEPS}")
 

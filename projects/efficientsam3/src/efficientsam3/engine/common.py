@@ -42,6 +42,7 @@ FLAG_KEYS = {
     "merge_r": "TEACHER.MERGE_R",
     "merge_global_r": "TEACHER.MERGE_GLOBAL_R",
     "merge_mode": "TEACHER.MERGE_MODE",
+    "merge_span_schedule": "TEACHER.MERGE_SPAN_SCHEDULE",
 }
 
 
@@ -65,6 +66,13 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
         choices=("attn", "block", "span"),
         help="merged teacher: attn | block | span (TEACHER.MERGE_MODE)",
     )
+    p.add_argument(
+        "--merge-span-schedule",
+        type=int,
+        nargs="+",
+        metavar="R",
+        help="merged teacher, span mode: r per block of each windowed run, e.g. 288 144 (TEACHER.MERGE_SPAN_SCHEDULE)",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--only-cpu", action="store_true", help="run on CPU with AMP off (reference flag)")
     p.add_argument("--disable-amp", action="store_true", help="AMP_ENABLE False")
@@ -85,7 +93,7 @@ def config_from_args(args: argparse.Namespace) -> tuple:
 
 
 def teacher_on(cfg, device: torch.device) -> nn.Module:
-    """The configured teacher (merged if TEACHER.MERGE_R / MERGE_GLOBAL_R > 0) on `device` in its dtype.
+    """The configured teacher (merged if TEACHER.MERGE_R / MERGE_GLOBAL_R / MERGE_SPAN_SCHEDULE > 0) on `device`.
     On CPU it runs in fp32 whatever TEACHER.DTYPE says (bf16 matmuls on CPU are slow)."""
     # A teacher without a checkpoint has random weights: seed them so every rank and every run (export,
     # --check, online training) gets the same teacher, without touching the caller's RNG stream.
@@ -95,10 +103,17 @@ def teacher_on(cfg, device: torch.device) -> nn.Module:
             cfg.TEACHER.TYPE, cfg.TEACHER.CHECKPOINT, cfg.DISTILL.EMBED_DIM, cfg.DISTILL.EMBED_SIZE, cfg.DATA.IMG_SIZE
         )
     check_teacher_shape(t, cfg.DISTILL.EMBED_DIM, cfg.DISTILL.EMBED_SIZE, cfg.DATA.IMG_SIZE)
-    if cfg.TEACHER.MERGE_R or cfg.TEACHER.MERGE_GLOBAL_R:
+    schedule = list(cfg.TEACHER.MERGE_SPAN_SCHEDULE)
+    if cfg.TEACHER.MERGE_R or cfg.TEACHER.MERGE_GLOBAL_R or any(schedule):
         if cfg.TEACHER.TYPE == "standin":
             raise ConfigError("TEACHER.MERGE_R: the stand-in teacher has no attention to merge; use sam3 or sam3_tiny")
-        apply_merging(t, cfg.TEACHER.MERGE_R, cfg.TEACHER.MERGE_GLOBAL_R, mode=cfg.TEACHER.MERGE_MODE)
+        apply_merging(
+            t,
+            cfg.TEACHER.MERGE_R,
+            cfg.TEACHER.MERGE_GLOBAL_R,
+            mode=cfg.TEACHER.MERGE_MODE,
+            span_schedule=schedule if any(schedule) else None,
+        )
     dtype = DTYPES[cfg.TEACHER.DTYPE] if device.type == "cuda" else torch.float32
     return t.to(device=device, dtype=dtype)
 

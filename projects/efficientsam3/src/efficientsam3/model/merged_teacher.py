@@ -295,14 +295,16 @@ def window_global_schedule(model: SAM3ViT, window_r: int, global_r: int) -> list
 
 def check_span_schedule(model: SAM3ViT, schedule) -> tuple[int, ...]:
     """The progressive schedule as a tuple of ints, each step at most half the tokens left in a window (the
-    bipartite maximum), no longer than the shortest windowed run; an all-zero schedule is ()."""
+    bipartite maximum), no longer than the shortest windowed run; trailing zeros dropped (all-zero: ())."""
     name = "TEACHER.MERGE_SPAN_SCHEDULE"
     if not isinstance(schedule, (list, tuple)) or any(isinstance(r, bool) or not isinstance(r, int) for r in schedule):
         raise ValueError(f"{name}: expected a list of ints >= 0 (r per block of a windowed run), got {schedule!r}")
     steps = tuple(schedule)
     if any(r < 0 for r in steps):
         raise ValueError(f"{name}: expected ints >= 0, got {list(steps)}")
-    if not any(steps):
+    while steps and not steps[-1]:  # trailing zeros merge nothing: [288, 0] is [288]
+        steps = steps[:-1]
+    if not steps:
         return ()
     if steps[0] <= 0:
         raise ValueError(
