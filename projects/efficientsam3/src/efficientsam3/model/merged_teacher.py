@@ -177,8 +177,8 @@ def span_tokens(model: SAM3ViT, t: torch.Tensor, windows: int, state: MergeState
         r = state.r[start]
         if any(state.r[i] != r for i in range(start, stop)):
             raise ValueError(
-                f"model.r: span mode merges once per run of windowed blocks; blocks {start}-{stop - 1} need one r, "
-                f"got {state.r[start:stop]}"
+                f"model.r: span mode takes one r per run of windowed blocks (later merges: "
+                f"TEACHER.MERGE_SPAN_SCHEDULE); blocks {start}-{stop - 1} need one r, got {state.r[start:stop]}"
             )
         groups = windows if blocks[0].window_size else 1
         if r <= 0:
