@@ -161,6 +161,39 @@ def test_op_counter_counts_launches_views_and_syncs():
     assert isinstance(OpCounter().count.launches, dict)
 
 
+@pytest.mark.parametrize(
+    "fn, syncs",
+    [
+        (lambda a, m, r: a[m], 1),  # bool-mask index: a nonzero inside aten::index
+        (lambda a, m, r: a[r], 0),  # integer index: no sync
+        (lambda a, m, r: a.clone().index_put_((m,), torch.tensor(0.0)), 1),
+        (lambda a, m, r: a.clone().masked_fill_(m, 0.0), 0),  # a[m] = 0 dispatches here: no sync
+        (lambda a, m, r: torch.repeat_interleave(r), 1),  # output length = sum(r)
+        (lambda a, m, r: torch.arange(3).repeat_interleave(r), 1),
+        (lambda a, m, r: torch.arange(3).repeat_interleave(r, output_size=3), 0),
+        (lambda a, m, r: torch.arange(3).repeat_interleave(2), 0),
+        (lambda a, m, r: torch.bincount(r), 1),  # output length = max(r) + 1
+    ],
+)
+def test_op_counter_sees_hidden_syncs(fn, syncs):
+    """Data-dependent output sizes that do not show up as a nonzero/item op of their own."""
+    a, r = torch.randn(6), torch.tensor([1, 2, 0])
+    counts, _ = count_ops(fn, a, a > 0, r)
+    assert counts.total_syncs == syncs
+
+
+def test_merged_forward_adds_no_host_sync(make_points):
+    """patch merging (the official no_rand path) is sync-free: same syncs per forward as the unmerged model."""
+    model = PointTransformerV3(**reduced_config("0c", patch=64)).eval()
+    pts = make_points(800)
+    with torch.no_grad():
+        base, _ = count_ops(lambda: model(dict(pts)))
+        merging.patch(model, {"tome": "patch", "r": 0.9})
+        merged, _ = count_ops(lambda: model(dict(pts)))
+    assert merged.total_syncs == base.total_syncs > 0
+    assert not [s for s in merged.syncs if "merging" in s or "merge_core" in s]
+
+
 def test_neighbour_search_is_a_few_launches_per_key(make_points):
     model = PointTransformerV3(**reduced_config("0c", patch=64)).eval()
     pts = make_points(800)

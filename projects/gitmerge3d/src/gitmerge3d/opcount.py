@@ -8,8 +8,10 @@ several launches (sort, unique, SDPA) or library-internal copies.
 
 - ``launch`` ops: every aten op that is not a view/alias (``OpOverload.is_view``) and not a bare
   allocation (``empty*``); each is at least one kernel on a GPU.
-- ``sync`` ops: ops whose output shape depends on data (``nonzero``, ``unique``, ``masked_select``, ...)
-  or that read a value back (``_local_scalar_dense`` = ``.item()``, device-to-host copies); each stalls the
+- ``sync`` ops: ops whose output shape depends on data (``nonzero``, ``unique``, ``masked_select``,
+  ``bincount`` without ``minlength`` covering the data, ``repeat_interleave`` without ``output_size``, and
+  ``index`` / ``index_put_`` with a bool mask, whose internal ``nonzero`` runs below the dispatch mode) or
+  that read a value back (``_local_scalar_dense`` = ``.item()``, device-to-host copies); each stalls the
   host on a GPU. ``tensor.tolist()`` on a CPU tensor does not dispatch and is not seen on a CPU.
 
 Attribution: the innermost Python frame inside ``gitmerge3d`` or ``merge_core`` (this module excluded),
@@ -37,7 +39,9 @@ _SYNC = {
     "masked_select",
     "is_nonzero",
     "equal",
+    "bincount",  # output length max(data) + 1 (CUDA reads the max back)
 }
+_MASK_INDEX = {"index", "index_put", "index_put_", "_index_put_impl_", "_unsafe_index", "_unsafe_index_put"}
 _ROOTS = ("gitmerge3d", "merge_core")
 
 # (file, function) prefix -> category; first match wins, "" matches any function of the file
@@ -75,9 +79,22 @@ def is_launch(func) -> bool:
     return not (getattr(func, "is_view", False) or _op_name(func) in _ALLOC)
 
 
-def is_sync(func) -> bool:
-    """True for ops that need the data on the host (data-dependent shapes, value reads)."""
-    return _op_name(func) in _SYNC
+def is_sync(func, args=(), kwargs=None) -> bool:
+    """True for ops that need the data on the host (data-dependent shapes, value reads).
+
+    With ``args``: also ``index``/``index_put_`` with a bool/uint8 index (a hidden ``nonzero``) and
+    ``repeat_interleave`` with a tensor of repeats and no ``output_size`` (a hidden sum).
+    """
+    name = _op_name(func)
+    if name in _SYNC:
+        return True
+    kwargs = kwargs or {}
+    if name in _MASK_INDEX and len(args) > 1 and isinstance(args[1], (list, tuple)):
+        return any(isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8) for t in args[1])
+    if name == "repeat_interleave" and func._overloadname in ("Tensor", "self_Tensor"):
+        size = kwargs.get("output_size", args[-1] if len(args) >= 4 else None)
+        return size is None
+    return False
 
 
 def is_device_to_host(func, args, kwargs) -> bool:
@@ -157,7 +174,7 @@ class OpCounter(TorchDispatchMode):
             src = _source(self._self_file)
             self.count.launches[src] += 1
             self.count.ops[_op_name(func)] += 1
-            if is_sync(func) or is_device_to_host(func, args, kwargs or {}):
+            if is_sync(func, args, kwargs) or is_device_to_host(func, args, kwargs or {}):
                 self.count.syncs[src] += 1
         else:
             self.count.views += 1
