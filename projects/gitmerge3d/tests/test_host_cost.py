@@ -1,0 +1,64 @@
+"""The host-cost tool (issue 11): row parsing, ablations that restore what they change, the CPU run."""
+
+from __future__ import annotations
+
+import gc
+import json
+
+import pytest
+import torch
+
+from gitmerge3d import merging
+from gitmerge3d.models.point_transformer_v3m2 import SerializedAttention
+from gitmerge3d.tools import host_cost
+from merge_core import kernels
+
+from .conftest import DATA
+
+SCENE = DATA / "mmdet3d-tests" / "scannet" / "points" / "scene0000_00.bin"
+
+
+def test_parse_row():
+    assert host_cost.parse_row("r0") == (None, 0.0, set())
+    assert host_cost.parse_row("patch@0.9+torchmatch+nogc") == ("patch", 0.9, {"torchmatch", "nogc"})
+    with pytest.raises(ValueError, match="unknown ablation 'fast'"):
+        host_cost.parse_row("patch@0.9+fast")
+    with pytest.raises(ValueError, match="expected r0 or"):
+        host_cost.parse_row("patch@1.5")
+
+
+def test_ablations_restore_state():
+    plain, merged = SerializedAttention.__dict__["attend"], merging.MergedSerializedAttention.__dict__["attend"]
+    mode, gc_on = kernels.get_mode(), gc.isenabled()
+    with host_cost.ablated({"torchmatch", "nogc", "skipattn"}):
+        assert kernels.get_mode() == "never" and not gc.isenabled()
+        assert SerializedAttention.__dict__["attend"] is not plain
+    assert kernels.get_mode() == mode and gc.isenabled() == gc_on
+    times: list[float] = []
+    with host_cost.attend_timer(times):
+        assert merging.MergedSerializedAttention.__dict__["attend"] is not merged
+    assert SerializedAttention.__dict__["attend"] is plain
+    assert merging.MergedSerializedAttention.__dict__["attend"] is merged
+
+
+def test_timed_calls_on_cpu_equal_enqueue():
+    lat, enq = host_cost.timed_calls(lambda: torch.ones(3).sum(), torch.device("cpu"), 3)
+    assert lat == enq and len(lat) == 3 and all(t >= 0 for t in lat)
+
+
+def test_host_cost_cli_on_cpu(tmp_path, capsys):
+    if not SCENE.exists():
+        pytest.skip(f"sample scene not found at {SCENE}")
+    args = ["--scene", str(SCENE), "--reduced", "--device", "cpu", "--rounds", "1", "--iters", "1", "--warmup", "0"]
+    rows = "r0,patch@0.9,patch@0.9+skipattn"
+    assert host_cost.main(args + ["--rows", rows, "--profiler-check", "--out-dir", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "host-cost.json").read_text())
+    by = {r["row"]: r for r in data["rows"]}
+    assert list(by) == rows.split(",")
+    assert by["r0"]["attend_calls"] == by["patch@0.9"]["attend_calls"] == 9  # 5 encoder + 4 decoder blocks
+    assert by["patch@0.9"]["syncs"] == by["r0"]["syncs"]  # merging adds no host sync
+    assert by["patch@0.9"]["aten_ops"] > by["r0"]["aten_ops"] > by["patch@0.9+skipattn"]["aten_ops"]
+    assert all(r["latency_after_profiler_ms"] > 0 and r["triton_launches"] is None for r in data["rows"])
+    assert "| patch@0.9 |" in (tmp_path / "host-cost.md").read_text()
+    assert host_cost.main(args + ["--rows", "r0+x", "--out-dir", str(tmp_path)]) == 2
+    assert "unknown ablation 'x'" in capsys.readouterr().err
