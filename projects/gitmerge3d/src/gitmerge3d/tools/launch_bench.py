@@ -167,7 +167,8 @@ def time_shares(fn, model: torch.nn.Module, device: torch.device) -> dict:
     return out
 
 
-def run_case(model, inputs, row: str, backend: str, args, device, reference: dict) -> dict:
+def case_forward(model, inputs, row: str, backend: str, args, device):
+    """Set the backend and the row's merging on ``model``; returns the row's no-grad autocast forward."""
     sc.set_backend(backend)
     merging.remove_patch(model)
     if ROWS[row] is not None:
@@ -179,6 +180,12 @@ def run_case(model, inputs, row: str, backend: str, args, device, reference: dic
         with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp):
             return model(dict(inputs))["feat"]
 
+    return forward
+
+
+def run_case(model, inputs, row: str, backend: str, args, device, reference: dict) -> dict:
+    """Latency, peak memory, aten ops and syncs of one case; no torch.profiler session (see ``profile_case``)."""
+    forward = case_forward(model, inputs, row, backend, args, device)
     t0 = time.perf_counter()
     torch.manual_seed(0)
     out = forward().float()  # first call: spconv-triton autotunes / compiles here
@@ -194,19 +201,13 @@ def run_case(model, inputs, row: str, backend: str, args, device, reference: dic
         torch.cuda.reset_peak_memory_stats(device)
     times = time_calls(forward, device, args.warmup, args.iters)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    kernels = gpu_kernels(forward) if device.type == "cuda" else None
-    counts, _ = count_ops(forward)
-    top, table = top_kernels(forward, device, args.profile) if args.profile else (None, None)
-    shares = time_shares(forward, model, device) if args.profile else None
+    counts, _ = count_ops(forward)  # a dispatch mode: no CUPTI
     return {
-        "top_kernels": top,
-        "time_shares": shares,
-        "profile_table": table,
         "row": row,
         "spconv": backend,
         "latency_ms": sorted(times)[len(times) // 2],
         "peak_mem_gib": peak,
-        "gpu_kernels": kernels,
+        "gpu_kernels": None,
         "aten_launch_ops": counts.total_launches,
         "host_syncs": counts.total_syncs,
         "by_category": dict(counts.by_category()),
@@ -215,7 +216,30 @@ def run_case(model, inputs, row: str, backend: str, args, device, reference: dic
         # output scale, so the diff above can be read relative to it (fp16 rounding vs a real mismatch)
         "out_max_abs": float(out.abs().max()),
         "out_rms": float(out.pow(2).mean().sqrt()),
+        "top_kernels": None,
+        "time_shares": None,
+        "latency_after_profiler_ms": None,
     }
+
+
+def profile_case(model, inputs, res: dict, args, device) -> None:
+    """The torch.profiler measurements of a timed case (GPU kernels, ``--profile`` tables and shares), then
+    its latency again (``latency_after_profiler_ms``).
+
+    Why separate: a profiler session with CUDA activity may leave CUPTI attached (pytorch/pytorch#144455),
+    slowing every later kernel launch; launch_bench used to time r0-flash in a clean process and every later
+    row after the previous rows' sessions. All cases are now timed before the first session.
+    """
+    forward = case_forward(model, inputs, res["row"], res["spconv"], args, device)
+    forward()
+    if device.type == "cuda":
+        res["gpu_kernels"] = gpu_kernels(forward)
+    if args.profile:
+        top, res["profile_table"] = top_kernels(forward, device, args.profile)
+        res["top_kernels"] = top
+        res["time_shares"] = time_shares(forward, model, device)
+    times = time_calls(forward, device, args.warmup, args.iters)
+    res["latency_after_profiler_ms"] = sorted(times)[len(times) // 2]
 
 
 def markdown(result: dict) -> str:
@@ -224,8 +248,8 @@ def markdown(result: dict) -> str:
         f"spconv-triton: {result['spconv_triton']}",
         "",
         "| scene | row | spconv | latency ms | peak GiB | GPU kernels | aten launch ops | host syncs | "
-        "vs r0 (same backend) | max abs diff vs torch |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "vs r0 (same backend) | max abs diff vs torch | latency ms after a profiler session |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         base = next(
@@ -240,9 +264,11 @@ def markdown(result: dict) -> str:
         peak = "n/a" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}"
         kern = "n/a" if r["gpu_kernels"] is None else str(r["gpu_kernels"])
         diff = "-" if r["max_abs_diff_vs_torch"] is None else f"{r['max_abs_diff_vs_torch']:.3g}"
+        after = r.get("latency_after_profiler_ms")
+        after = "-" if after is None else f"{after:.1f}"
         lines.append(
             f"| {r['scene']} ({r['points']} pts) | {r['row']} | {r['spconv']} | {r['latency_ms']:.1f} | {peak} | "
-            f"{kern} | {r['aten_launch_ops']} | {r['host_syncs']} | {ratio} | {diff} |"
+            f"{kern} | {r['aten_launch_ops']} | {r['host_syncs']} | {ratio} | {diff} | {after} |"
         )
     shared = [r for r in result["rows"] if r.get("time_shares")]
     if shared:
@@ -352,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         cases = [(b, False) for b in backends if b == "torch"]
         cases += [("torch", True)] if args.legacy else []
         cases += [(b, False) for b in backends if b != "torch"]
+        timed = []  # (case context, scene inputs, result): every case is timed before any profiler session
         for backend, old in cases:
             for scene, inputs in scenes.items():
                 for row in rows:
@@ -361,27 +388,41 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     with legacy_paths() if old else contextlib.nullcontext():
                         res = run_case(model, inputs, row, backend, args, device, references[scene])
-                    res.update(scene=scene, points=int(inputs["coord"].shape[0]), spconv=label)
-                    results.append(res)
+                    res.update(scene=scene, points=int(inputs["coord"].shape[0]))
+                    timed.append((old, inputs, res))
+                    results.append(dict(res, spconv=label))
                     print(
-                        f"{scene} {row} {backend}: {res['latency_ms']:.1f} ms, kernels {res['gpu_kernels']}, "
-                        f"aten ops {res['aten_launch_ops']}, syncs {res['host_syncs']}, first call "
-                        f"{res['first_call_s']:.1f} s",
+                        f"{scene} {row} {backend}: {res['latency_ms']:.1f} ms, aten ops {res['aten_launch_ops']}, "
+                        f"syncs {res['host_syncs']}, first call {res['first_call_s']:.1f} s",
                         flush=True,
                     )
-                    if res.get("time_shares"):
-                        sh = res["time_shares"]
-                        print(f"  {sh['clock']} kernel time: sparse conv {sh['sparse_conv_share']:.0%}, attention "
-                              f"{sh['attention_share']:.0%} of {sh['forward_ms']:.1f} ms; spans: sparse conv "
-                              f"{sh['sparse_conv_span_share']:.0%}, attention {sh['attention_span_share']:.0%} of "
-                              f"{sh['forward_span_ms']:.1f} ms", flush=True)  # fmt: skip
-                    if res.get("profile_table"):
-                        name = f"profile-{scene}-{row}-{label.replace(' ', '_')}.txt"
-                        (out_dir / name).write_text(res["profile_table"] + "\n")
-                        print(f"top {args.profile} by self {'CUDA' if device.type == 'cuda' else 'CPU'} time, "
-                              f"{scene} {row} {label}:\n{res['profile_table']}", flush=True)  # fmt: skip
-                    res.pop("profile_table", None)
                     write(out_dir, meta, notes, results, start)  # partial results survive a timeout
+        for i, (old, inputs, res) in enumerate(timed):
+            label = results[i]["spconv"]
+            if time.perf_counter() - start > args.time_budget:
+                notes.append(f"profiling of {res['scene']} {res['row']} {label} skipped: time budget spent")
+                continue
+            with legacy_paths() if old else contextlib.nullcontext():
+                profile_case(model, inputs, res, args, device)
+            table = res.pop("profile_table", None)
+            results[i] = dict(res, spconv=label)
+            print(
+                f"{res['scene']} {res['row']} {label}: kernels {res['gpu_kernels']}, latency after a profiler "
+                f"session {res['latency_after_profiler_ms']:.1f} ms (before: {res['latency_ms']:.1f} ms)",
+                flush=True,
+            )
+            if res.get("time_shares"):
+                sh = res["time_shares"]
+                print(f"  {sh['clock']} kernel time: sparse conv {sh['sparse_conv_share']:.0%}, attention "
+                      f"{sh['attention_share']:.0%} of {sh['forward_ms']:.1f} ms; spans: sparse conv "
+                      f"{sh['sparse_conv_span_share']:.0%}, attention {sh['attention_span_share']:.0%} of "
+                      f"{sh['forward_span_ms']:.1f} ms", flush=True)  # fmt: skip
+            if table:
+                name = f"profile-{res['scene']}-{res['row']}-{label.replace(' ', '_')}.txt"
+                (out_dir / name).write_text(table + "\n")
+                print(f"top {args.profile} by self {'CUDA' if device.type == 'cuda' else 'CPU'} time, "
+                      f"{res['scene']} {res['row']} {label}:\n{table}", flush=True)  # fmt: skip
+            write(out_dir, meta, notes, results, start)
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"gitmerge3d-launch-bench: error: {exc}", file=sys.stderr)
         return 2
