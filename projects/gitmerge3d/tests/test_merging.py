@@ -11,7 +11,9 @@ from gitmerge3d import merging
 from gitmerge3d.models import PointTransformerV3
 from gitmerge3d.models.point_transformer_v3m2 import SerializedAttention
 from gitmerge3d.models.presets import reduced_config
+from gitmerge3d.opcount import count_ops
 from merge_core.binned import kept_tokens
+from merge_core.patch_energy import weighted_patch_groups
 
 
 def build(seed=0, **kw):
@@ -89,6 +91,42 @@ def test_weighted_patch_groups_in_a_layer():
     rec = merging.layer_records(model)[-1]
     assert rec.group_patches == [5, 7] and rec.kept == [kept_tokens(64, 0.9, 10), 32]
     assert out.shape == v.shape
+
+
+@pytest.mark.parametrize("pattern", ["random", "all_low", "none_low", "first", "last"])
+def test_split_groups_equals_nonzero(pattern):
+    g = torch.Generator().manual_seed(1)
+    low = {
+        "random": torch.rand(37, generator=g) < 0.4,
+        "all_low": torch.ones(9, dtype=torch.bool),
+        "none_low": torch.zeros(9, dtype=torch.bool),
+        "first": torch.arange(9) == 0,
+        "last": torch.arange(9) == 8,
+    }[pattern]
+    hi, lo = merging.split_groups(low)
+    assert hi.tolist() == [i for i, x in enumerate(low.tolist()) if not x]
+    assert lo.tolist() == [i for i, x in enumerate(low.tolist()) if x]
+
+
+def test_weighted_patch_layer_equals_per_group_reference_with_one_sync():
+    """The weighted_patch split: each group merged on its own (boolean-mask selection, written out here) gives
+    the layer's output bit for bit; the adapter adds one host sync (merge-core's grouping has its own)."""
+    attn = SerializedAttention(16, 2, 64)
+    model = torch.nn.Sequential(attn)
+    merging.patch(model, {"tome": "weighted_patch", "r": 0.9, "stride": 10})
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(12, 2, 64, 8, generator=g)
+    v[3:11] = torch.randn(8, 1, 1, 8, generator=g).expand(8, 2, 64, 8)
+    q, k = torch.randn_like(v), torch.randn_like(v)
+    counts, out = count_ops(attn.attend, q, k, v, None, None)
+    low = weighted_patch_groups(v)
+    assert low is not None and 0 < int(low.sum()) < 12
+    ref = torch.empty_like(v)
+    for mask, r, stride in ((~low, int(64 * 0.9), 10), (low, 64 - 32, 2)):
+        ref[mask] = attn._merged(q[mask], k[mask], v[mask], None, r, stride)[0]
+    assert torch.equal(out, ref)
+    adapter_syncs = sum(n for src, n in counts.syncs.items() if src.startswith("merging.py"))
+    assert adapter_syncs == 1
 
 
 @pytest.mark.parametrize(
