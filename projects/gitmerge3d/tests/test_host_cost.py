@@ -62,3 +62,16 @@ def test_host_cost_cli_on_cpu(tmp_path, capsys):
     assert "| patch@0.9 |" in (tmp_path / "host-cost.md").read_text()
     assert host_cost.main(args + ["--rows", "r0+x", "--out-dir", str(tmp_path)]) == 2
     assert "unknown ablation 'x'" in capsys.readouterr().err
+
+
+def test_graph_check_needs_cuda():
+    assert host_cost.graph_check(torch.device("cpu")) == {"captured": None, "error": "needs CUDA"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_merged_attend_captures_in_a_cuda_graph():
+    """The merged attention path is sync-free with static shapes per scene, so a CUDA graph can hold it."""
+    res = host_cost.graph_check(torch.device("cuda"), patches=4)
+    assert res["captured"], res.get("error")
+    assert res["replay_equal"]

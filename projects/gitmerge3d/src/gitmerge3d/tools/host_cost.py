@@ -15,6 +15,10 @@ the rows *interleaved* (``--rounds`` passes over all rows, so drift hits every r
   every later row after the previous row's profiler sessions; Kineto may leave CUPTI attached after a
   session (pytorch/pytorch#144455: 10-20% slower training afterwards), which slows every later launch.
 
+``--graph-check`` (CUDA): captures one merged ``attend`` (patch@0.9, fp16, real stage-0 shapes) in a CUDA
+graph and reports whether it captures, whether the replay equals eager bit for bit, and the latency of
+eager calls vs replays (``graph_check``).
+
 Row suffixes are ablations of ``patch@r``: ``+torchmatch`` (merge-core's torch matcher instead of its Triton
 kernel), ``+nogc`` (Python's garbage collector off while timing), ``+skipattn`` (``attend`` returns v: the
 cost of everything but patch attention). Example (H200, real scene):
@@ -235,6 +239,41 @@ def measure(
     return out
 
 
+def graph_check(device: torch.device, patches: int = 40, heads: int = 3, tokens: int = 1024, dim: int = 16) -> dict:
+    """Capture one merged ``attend`` (patch@0.9, fp16) in a CUDA graph: captured?, replay == eager?, and
+    milliseconds per eager call vs per replay (CUDA events, 20 calls each). Defaults: stage 0 of Sonata on
+    the real scene (40 patches of 1024 tokens, 3 heads of 16 channels)."""
+    if device.type != "cuda":
+        return {"captured": None, "error": "needs CUDA"}
+    attn = SerializedAttention(heads * dim, heads, tokens).to(device, torch.float16).eval()
+    merging.patch(torch.nn.Sequential(attn), {"tome": "patch", "r": 0.9, "no_rand": True})
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(patches, heads, tokens, dim, generator=g).to(device, torch.float16) for _ in range(3))
+
+    def call():
+        return attn.attend(q, k, v, None, None)
+
+    with torch.no_grad():
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                eager = call()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                static = call()
+        except Exception as exc:  # the reason is the result
+            return {"captured": False, "error": f"{type(exc).__name__}: {exc}"[:400]}
+        graph.replay()
+        torch.cuda.synchronize(device)
+        equal = bool(torch.equal(static, eager))
+        eager_ms = statistics.median(timed_calls(call, device, 20)[0])
+        replay_ms = statistics.median(timed_calls(graph.replay, device, 20)[0])
+    return {"captured": True, "replay_equal": equal, "eager_ms": eager_ms, "replay_ms": replay_ms}
+
+
 def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [
         f"{meta['device']}, torch {meta['torch']}, {meta['points']} points, {meta['model']}, amp={meta['amp']}, "
@@ -270,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--profiler-check", action="store_true", help="time again after one torch.profiler session")
+    p.add_argument("--graph-check", action="store_true", help="capture one merged attend in a CUDA graph")
     p.add_argument("--out-dir", default="/tmp/o")
     args = p.parse_args(argv)
     try:
@@ -307,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
         "iters": args.iters,
     }
     table = markdown(meta, results)
+    if args.graph_check:
+        meta["graph_check"] = graph_check(device)
+        table += f"\n\nCUDA graph of one merged attend (patch@0.9, 40 x 3 x 1024 x 16 fp16): {meta['graph_check']}"
     (out_dir / "host-cost.json").write_text(json.dumps(dict(meta, rows=results), indent=2))
     (out_dir / "host-cost.md").write_text(table + "\n")
     print(table)
