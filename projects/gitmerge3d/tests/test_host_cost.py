@@ -59,7 +59,9 @@ def test_host_cost_cli_on_cpu(tmp_path, capsys):
     assert by["patch@0.9"]["syncs"] == by["r0"]["syncs"]  # merging adds no host sync
     assert by["patch@0.9"]["aten_ops"] > by["r0"]["aten_ops"] > by["patch@0.9+skipattn"]["aten_ops"]
     assert all(r["latency_after_profiler_ms"] > 0 and r["triton_launches"] is None for r in data["rows"])
-    assert "| patch@0.9 |" in (tmp_path / "host-cost.md").read_text()
+    md = (tmp_path / "host-cost.md").read_text()
+    assert "| patch@0.9 |" in md and "aten ops of patch@0.9 vs r0: " in md and "scatter_add_ +9" in md
+    assert by["patch@0.9"]["aten_ops_by_name"]["sort"] == by["r0"]["aten_ops_by_name"].get("sort", 0) + 9
     assert host_cost.main(args + ["--rows", "r0+x", "--out-dir", str(tmp_path)]) == 2
     assert "unknown ablation 'x'" in capsys.readouterr().err
 

@@ -231,6 +231,8 @@ def measure(
             "attend_calls": blocks,
             "syncs": counts.total_syncs,
             "aten_ops": counts.total_launches,
+            "aten_ops_by_name": dict(counts.ops),
+            "syncs_by_source": dict(counts.syncs),
             "triton_launches": launches[0] if device.type == "cuda" else None,
             "samples": len(lat),
             "latency_after_profiler_ms": None if after is None else statistics.median(after[row]["latency"]),
@@ -293,6 +295,12 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             f"({r['enqueue_min_ms']:.1f}) | {r['attend_host_us']:.0f} | {r['attend_host_sum_ms']:.2f} "
             f"| {r['attend_calls']} | {r['syncs']} | {r['aten_ops']} | {tl} | {prof} |"
         )
+    base = rows[0]["aten_ops_by_name"]
+    for r in rows[1:]:
+        names = set(base) | set(r["aten_ops_by_name"])
+        diff = {n: r["aten_ops_by_name"].get(n, 0) - base.get(n, 0) for n in sorted(names)}
+        text = ", ".join(f"{n} {d:+d}" for n, d in diff.items() if d)
+        lines.append(f"\naten ops of {r['row']} vs {rows[0]['row']}: {text or 'none'}")
     return "\n".join(lines)
 
 
