@@ -30,10 +30,10 @@ def test_parse_row():
 def test_ablations_restore_state():
     plain, merged = SerializedAttention.__dict__["attend"], merging.MergedSerializedAttention.__dict__["attend"]
     mode, gc_on = kernels.get_mode(), gc.isenabled()
-    with host_cost.ablated({"torchmatch", "nogc", "skipattn"}):
-        assert kernels.get_mode() == "never" and not gc.isenabled()
+    with host_cost.ablated({"torchmatch", "nogc", "skipattn", "graph"}):
+        assert kernels.get_mode() == "never" and not gc.isenabled() and merging._GRAPHS_ON
         assert SerializedAttention.__dict__["attend"] is not plain
-    assert kernels.get_mode() == mode and gc.isenabled() == gc_on
+    assert kernels.get_mode() == mode and gc.isenabled() == gc_on and not merging._GRAPHS_ON
     times: list[float] = []
     with host_cost.attend_timer(times):
         assert merging.MergedSerializedAttention.__dict__["attend"] is not merged
@@ -50,7 +50,7 @@ def test_host_cost_cli_on_cpu(tmp_path, capsys):
     if not SCENE.exists():
         pytest.skip(f"sample scene not found at {SCENE}")
     args = ["--scene", str(SCENE), "--reduced", "--device", "cpu", "--rounds", "1", "--iters", "1", "--warmup", "0"]
-    rows = "r0,patch@0.9,patch@0.9+skipattn"
+    rows = "r0,patch@0.9,patch@0.9+skipattn,patch@0.9+graph"
     assert host_cost.main(args + ["--rows", rows, "--profiler-check", "--out-dir", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "host-cost.json").read_text())
     by = {r["row"]: r for r in data["rows"]}
@@ -76,4 +76,5 @@ def test_merged_attend_captures_in_a_cuda_graph():
     """The merged attention path is sync-free with static shapes per scene, so a CUDA graph can hold it."""
     res = host_cost.graph_check(torch.device("cuda"), patches=4)
     assert res["captured"], res.get("error")
-    assert res["replay_equal"]
+    # the groups are replayed exactly; the merged fp16 sums only up to CUDA scatter_add_'s atomic order
+    assert res["slots_equal"] and res["replay_close"] and res["cached_close"]

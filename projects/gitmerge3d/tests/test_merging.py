@@ -248,3 +248,53 @@ def test_launch_light_merge_with_rpe_bias_equals_former_path():
     got, _ = attn._merged(q, k, v, bias, 48, 5)
     want, _ = legacy.merged_via_patch_match(attn, q, k, v, bias, 48, 5)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_base_loads_qkv_with_one_view():
+    """The unbind of SerializedAttention.forward's qkv is one strided view; anything else is refused."""
+    p, k_, h, d = 3, 20, 2, 4
+    qkv = torch.randn(p * k_, 3 * h * d)[torch.randperm(p * k_)]
+    q, k, v = qkv.reshape(-1, k_, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+    base = merging._shared_base(q, k, v)
+    assert base is not None and torch.equal(base, torch.stack([q, k, v]))
+    assert merging._shared_base(q, v, k) is None  # not in storage order
+    assert merging._shared_base(q, k.clone(), v) is None  # another storage
+    assert merging._shared_base(q, k, v[:, :1]) is None  # another shape
+
+
+def test_attend_graphs_switch_is_eager_on_cpu():
+    """Graphs are CUDA-only: on a CPU the switch changes nothing (bit-equal, nothing cached)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 100, 4, generator=g) for _ in range(3))
+    attn = SerializedAttention(12, 3, 100).eval()
+    merging.patch(torch.nn.Sequential(attn), {"tome": "patch", "r": 0.9})
+    with torch.no_grad():
+        ref = attn.attend(q, k, v, None, None)
+        with merging.attend_graphs(True):
+            got = attn.attend(q, k, v, None, None)
+    assert torch.equal(got, ref) and "attend_graphs" not in attn._merge_info.extra
+    assert not merging._GRAPHS_ON  # restored
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        merging.set_attend_graphs("yes")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_attend_graph_cache_matches_eager_on_cuda():
+    """Replays give the eager groups (kept count) and outputs within fp16 rounding (CUDA scatter_add_ sums in
+    no fixed order, so not bit-equal); one graph per shape; the output buffer is the graph's static tensor."""
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    attn = SerializedAttention(48, 3, 1024).to(dev, torch.float16).eval()
+    merging.patch(torch.nn.Sequential(attn), {"tome": "patch", "r": 0.9})
+    with torch.no_grad():
+        for p in (4, 4, 6):
+            qkv = torch.randn(p * 1024, 144, generator=g).to(dev, torch.float16)
+            q, k, v = qkv.reshape(-1, 1024, 3, 3, 16).permute(2, 0, 3, 1, 4).unbind(0)
+            ref, kept = attn._merged(q, k, v, None, 921, 10)
+            with merging.attend_graphs(True):
+                got = attn.attend(q, k, v, None, None)
+                got2 = attn.attend(q, k, v, None, None)
+            assert got.data_ptr() == got2.data_ptr() and attn._merge_info.tokens[-1] == kept
+            torch.testing.assert_close(got, ref, atol=2e-3, rtol=2e-3)
+    assert len(attn._merge_info.extra["attend_graphs"]) == 2  # one per shape

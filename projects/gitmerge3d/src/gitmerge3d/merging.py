@@ -16,13 +16,16 @@ Config keys follow the official ``additional_info`` dict (see ``parse_merge_conf
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from merge_core import kernels
 from merge_core.adapter import MergeAdapter, MergeState, state_of
 from merge_core.adapter import remove_patch as kit_remove_patch
 from merge_core.binned import PatchMatch, official_head_offsets, patch_match
@@ -162,6 +165,23 @@ def _spread_layout(heads: int, n: int, stride: int, r_eff: int, device: torch.de
     return _LAYOUTS[key]
 
 
+_PLANS: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _spread_plan(b: int, h: int, n: int, c: int, stride: int, r_eff: int, device: torch.device):
+    """``_spread_layout`` already expanded to the call's shapes: (dst gather index (B, H, n_bins, C), is_dst
+    (H, N), rank_slot (B*H, N - r_eff)). Why: one dict lookup per call instead of a lookup and two expands
+    (host time is what a merged forward on a GPU waits for)."""
+    key = (b, h, n, c, stride, r_eff, device)
+    plan = _PLANS.get(key)
+    if plan is None:
+        dst, is_dst, rank_slot = _spread_layout(h, n, stride, r_eff, device)
+        plan = (dst[None, :, :, None].expand(b, h, n // stride, c), is_dst, rank_slot.expand(b * h, n - r_eff))
+        if len(_PLANS) < 4096:  # shapes are few per scene; bound the cache for shape-varying callers
+            _PLANS[key] = plan
+    return plan
+
+
 def spread_slots(metric: torch.Tensor, r: int, stride: int) -> tuple[torch.Tensor, int] | None:
     """GitMerge3D's ``no_rand`` patch matching as one slot map, in 5 kernels per call.
 
@@ -182,14 +202,14 @@ def spread_slots(metric: torch.Tensor, r: int, stride: int) -> tuple[torch.Tenso
     r_eff = min(n - n_bins, r)
     if r_eff <= 0 or n_bins == 0:
         return None
-    dst, is_dst, rank_slot = _spread_layout(h, n, stride, r_eff, metric.device)
+    dst_index, is_dst, rank_slot = _spread_plan(b, h, n, c, stride, r_eff, metric.device)
     with torch.no_grad():
-        dst_metric = metric.gather(2, dst[None, :, :, None].expand(b, h, n_bins, c)).view(b * h, n_bins, c)
+        dst_metric = metric.gather(2, dst_index).view(b * h, n_bins, c)
         best, slot = best_destinations(metric.reshape(b * h, n, c), dst_metric)
         best.view(b, h, n).masked_fill_(is_dst, float("-inf"))  # destinations rank last, in bin order
         rank = torch.sort(best, dim=-1, descending=True, stable=True).indices
         # merged sources keep their match (= destination slot); the rest get their own slot
-        slot.scatter_(1, rank[:, r_eff:], rank_slot.expand(b * h, n - r_eff))
+        slot.scatter_(1, rank[:, r_eff:], rank_slot)
     return slot, n - r_eff
 
 
@@ -241,6 +261,103 @@ def split_groups(low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n_low = int(low.sum())
     order = torch.sort(low.to(torch.uint8), stable=True).indices
     return order[: low.shape[0] - n_low], order[low.shape[0] - n_low :]
+
+
+_GRAPHS_ON = os.environ.get("GITMERGE3D_ATTEND_GRAPHS", "0") == "1"
+MAX_ATTEND_GRAPHS = 64  # distinct (shape, settings) keys; a scene has ~9 (one per stage and head count)
+
+
+def set_attend_graphs(enabled: bool) -> None:
+    """Opt in (or out) of CUDA-graph replay of the merged attend (``GITMERGE3D_ATTEND_GRAPHS=1`` at import).
+
+    Why: a merged attend is ~12 small launches and is host-bound (each launch costs host time the GPU waits
+    for); a graph replays them from one launch. Inference only (CUDA, no autograd, no RPE bias, ``no_rand``
+    ``patch`` mode); each new input shape is captured once (a synchronize + capture, tens of ms). The
+    returned tensor is the graph's static output: valid until the next attend of the same shape, which is
+    how ``SerializedAttention.forward`` uses it (it gathers the output right away).
+    """
+    global _GRAPHS_ON
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    _GRAPHS_ON = enabled
+
+
+@contextlib.contextmanager
+def attend_graphs(enabled: bool = True) -> Iterator[None]:
+    """Context form of ``set_attend_graphs`` (restores the previous setting)."""
+    previous = _GRAPHS_ON
+    set_attend_graphs(enabled)
+    try:
+        yield
+    finally:
+        set_attend_graphs(previous)
+
+
+def _shared_base(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """q, k, v as one (3, *q.shape) strided view when they are equally strided slices of one storage (the
+    ``unbind`` of ``SerializedAttention.forward``'s qkv), so the graph's input is loaded with one copy."""
+    if not (q.shape == k.shape == v.shape and q.stride() == k.stride() == v.stride() and q.dtype == k.dtype == v.dtype):
+        return None
+    if not (q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()):
+        return None
+    step = k.storage_offset() - q.storage_offset()
+    if step <= 0 or v.storage_offset() - k.storage_offset() != step:
+        return None
+    return q.as_strided((3, *q.shape), (step, *q.stride()), q.storage_offset())
+
+
+class AttendGraph:
+    """One merged attend (``MergedSerializedAttention._merged``) captured in a CUDA graph for fixed shapes.
+
+    Input: a static (3, P, H, N, D) buffer loaded by one ``copy_`` (three when q, k, v do not share a base);
+    output: the captured (P, H, N, D) unmerged tensor (overwritten by the next replay). The captured ops are
+    the eager ones, so the groups are identical; the merged sums may differ from an eager call in the last
+    bit, as two eager calls do (``scatter_add_`` on CUDA adds with atomics in no fixed order).
+    """
+
+    def __init__(self, fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.qkv = torch.empty((3, *q.shape), dtype=q.dtype, device=q.device)
+        self.load(q, k, v)
+        sq, sk, sv = self.qkv.unbind(0)
+        side = torch.cuda.Stream(q.device)
+        side.wait_stream(torch.cuda.current_stream(q.device))
+        with torch.cuda.stream(side):  # warm up: Triton compile, layout caches, allocator
+            for _ in range(2):
+                fn(sq, sk, sv)
+        torch.cuda.current_stream(q.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out, self.kept = fn(sq, sk, sv)
+
+    def load(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        base = _shared_base(q, k, v)
+        if base is not None:
+            self.qkv.copy_(base)
+        else:
+            for dst, src in zip(self.qkv.unbind(0), (q, k, v), strict=True):
+                dst.copy_(src)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, int]:
+        self.load(q, k, v)
+        self.graph.replay()
+        return self.out, self.kept
+
+
+def _attend_graph(attn, q, k, v, bias, r: int, cfg: MergeConfig) -> AttendGraph | None:
+    """The cached graph for this call when graphs are on and the call qualifies (else None: run eager)."""
+    if not _GRAPHS_ON or bias is not None or not q.is_cuda or not cfg.no_rand or attn.training:
+        return None
+    if torch.is_grad_enabled() or q.shape[0] == 0 or torch.cuda.is_current_stream_capturing():
+        return None
+    graphs = attn._merge_info.extra.setdefault("attend_graphs", {})
+    autocast = torch.is_autocast_enabled(q.device.type)
+    key = (tuple(q.shape), q.dtype, q.device, r, cfg, attn.scale, autocast, kernels.get_mode())
+    graph = graphs.get(key)
+    if graph is None:
+        if len(graphs) >= MAX_ATTEND_GRAPHS:
+            return None
+        graph = graphs[key] = AttendGraph(lambda a, b, c: attn._merged(a, b, c, None, r, cfg.stride), q, k, v)
+    return graph
 
 
 @dataclass
@@ -307,7 +424,8 @@ class MergedSerializedAttention(SerializedAttention):
         if cfg.tome == "weighted_patch":
             low = weighted_patch_groups(v, threshold=cfg.wp_threshold, rule=cfg.wp_rule)
         if low is None:
-            out, kept = self._merged(q, k, v, bias, r, cfg.stride)
+            graph = _attend_graph(self, q, k, v, bias, r, cfg)
+            out, kept = graph(q, k, v) if graph is not None else self._merged(q, k, v, bias, r, cfg.stride)
             self._record(b, n, [kept], [b], [cfg.stride])
             return out
         hi_idx, lo_idx = split_groups(low)
@@ -354,9 +472,9 @@ class MergedSerializedAttention(SerializedAttention):
         slot, n_out = plan
         size = None if exact else group_sizes(slot, n_out)
         merged = merge_tokens(x.view(p * h, n, x.shape[-1]), slot, n_out, size).view(p, h, n_out, -1)
-        qm, km, vm = merged[..., :d], merged[..., d : 2 * d], merged[..., 2 * d : 3 * d]
+        qm, km, vm, pad = merged.split((d, d, d, x.shape[-1] - 3 * d), -1)  # one call for the four views
         if size is None and (cfg.prop_attn != "off" or bias is not None):
-            size = merged[..., 3 * d].reshape(p * h, n_out).float()
+            size = pad[..., 0].reshape(p * h, n_out).float()
         dropout = self.attn_drop if self.training else 0.0
         if bias is None:
             sizes = None if size is None else size.view(p, h, n_out)

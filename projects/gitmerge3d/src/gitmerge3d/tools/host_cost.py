@@ -16,12 +16,14 @@ the rows *interleaved* (``--rounds`` passes over all rows, so drift hits every r
   session (pytorch/pytorch#144455: 10-20% slower training afterwards), which slows every later launch.
 
 ``--graph-check`` (CUDA): captures one merged ``attend`` (patch@0.9, fp16, real stage-0 shapes) in a CUDA
-graph and reports whether it captures, whether the replay equals eager bit for bit, and the latency of
-eager calls vs replays (``graph_check``).
+graph and reports whether it captures, eager vs eager and replay vs eager (bitwise and max difference), the
+matching's slot map replayed vs eager, the same under deterministic algorithms, the latency of eager calls
+vs replays, and the opt-in graph cache's host time per call (``graph_check``).
 
 Row suffixes are ablations of ``patch@r``: ``+torchmatch`` (merge-core's torch matcher instead of its Triton
 kernel), ``+nogc`` (Python's garbage collector off while timing), ``+skipattn`` (``attend`` returns v: the
-cost of everything but patch attention). Example (H200, real scene):
+cost of everything but patch attention), ``+graph`` (the opt-in CUDA-graph cache of the merged attend,
+``merging.attend_graphs``; eager on a CPU). Example (H200, real scene):
 
     python3 -m gitmerge3d.tools.host_cost --scene projects/gitmerge3d/data_src/scene0000_00.bin \\
         --rows r0,patch@0.9,patch@0.9+torchmatch,patch@0.9+nogc,r0+skipattn --profiler-check --out-dir $OUT_DIR
@@ -52,7 +54,7 @@ from ..opcount import count_ops
 from ..profiling import attention_skipped
 from .bench import load_inputs
 
-ABLATIONS = ("torchmatch", "nogc", "skipattn")
+ABLATIONS = ("torchmatch", "nogc", "skipattn", "graph")
 
 
 def parse_row(item: str) -> tuple[str | None, float, set[str]]:
@@ -81,6 +83,8 @@ def ablated(ablations: set[str]) -> Iterator[None]:
             stack.enter_context(kernels.kernel_mode("never"))
         if "skipattn" in ablations:
             stack.enter_context(attention_skipped())
+        if "graph" in ablations:
+            stack.enter_context(merging.attend_graphs(True))
         was_enabled = gc.isenabled()
         if "nogc" in ablations:
             gc.collect()
@@ -242,38 +246,105 @@ def measure(
 
 
 def graph_check(device: torch.device, patches: int = 40, heads: int = 3, tokens: int = 1024, dim: int = 16) -> dict:
-    """Capture one merged ``attend`` (patch@0.9, fp16) in a CUDA graph: captured?, replay == eager?, and
-    milliseconds per eager call vs per replay (CUDA events, 20 calls each). Defaults: stage 0 of Sonata on
-    the real scene (40 patches of 1024 tokens, 3 heads of 16 channels)."""
+    """One merged ``attend`` (patch@0.9, fp16) and CUDA graphs. Defaults: stage 0 of Sonata on the real scene
+    (40 patches of 1024 tokens, 3 heads of 16 channels). Reports:
+
+    - ``eager_equal``: two eager calls bit-equal? (False: ``scatter_add_`` on CUDA sums with atomics in no
+      fixed order, so fp16 sums differ in the last bit from call to call: why ``replay_equal`` was False);
+    - ``slots_equal``: the matching (slot map of ``spread_slots``) replayed from a graph == eager (it has no
+      atomics, so the groups must be identical);
+    - ``replay_equal`` / ``replay_max_diff``: the captured attend vs an eager call; ``replay_close``: within
+      fp16 rounding (2e-3);
+    - ``deterministic``: the same with ``torch.use_deterministic_algorithms(True)`` (eager twice, replay);
+    - ``eager_ms`` / ``replay_ms``: CUDA-event latency per eager call vs per raw replay (20 each);
+    - ``cached_*``: the opt-in graph cache (``merging.attend_graphs``): close to eager, latency, and the host
+      microseconds per call (median enqueue time, device idle at each start) eager vs cached.
+    """
     if device.type != "cuda":
         return {"captured": None, "error": "needs CUDA"}
     attn = SerializedAttention(heads * dim, heads, tokens).to(device, torch.float16).eval()
     merging.patch(torch.nn.Sequential(attn), {"tome": "patch", "r": 0.9, "no_rand": True})
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(patches, heads, tokens, dim, generator=g).to(device, torch.float16) for _ in range(3))
+    r, stride = int(tokens * 0.9), attn._merge_info.extra["gitmerge3d"].stride
 
     def call():
         return attn.attend(q, k, v, None, None)
 
-    with torch.no_grad():
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                eager = call()
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
+    def slots():
+        return merging.spread_slots(v, r, stride)[0]
+
+    def diff(a, b) -> float:
+        return float((a.float() - b.float()).abs().max())
+
+    res: dict = {}
+    with torch.no_grad(), merging.attend_graphs(False):
+        e1, e2 = call().clone(), call().clone()
+        res["eager_equal"] = bool(torch.equal(e1, e2))
+        res["eager_max_diff"] = diff(e1, e2)
         try:
-            with torch.cuda.graph(graph):
-                static = call()
+            graph, static = _capture(call, device)
+            slot_graph, static_slot = _capture(slots, device)
         except Exception as exc:  # the reason is the result
-            return {"captured": False, "error": f"{type(exc).__name__}: {exc}"[:400]}
+            return dict(res, captured=False, error=f"{type(exc).__name__}: {exc}"[:400])
+        graph.replay()
+        slot_graph.replay()
+        torch.cuda.synchronize(device)
+        res.update(captured=True, replay_equal=bool(torch.equal(static, e1)), replay_max_diff=diff(static, e1))
+        res["replay_close"] = bool(torch.allclose(static.float(), e1.float(), atol=2e-3, rtol=2e-3))
+        res["slots_equal"] = bool(torch.equal(static_slot, slots()))
+        res["eager_ms"] = statistics.median(timed_calls(call, device, 20)[0])
+        res["replay_ms"] = statistics.median(timed_calls(graph.replay, device, 20)[0])
+        eager_lat, eager_host = timed_calls(call, device, 50)
+        with merging.attend_graphs(True):
+            try:
+                first = call().clone()  # captures
+                cached = call()
+                res["cached_close"] = bool(torch.allclose(cached.float(), e1.float(), atol=2e-3, rtol=2e-3))
+                res["cached_first_max_diff"] = diff(first, e1)
+                cached_lat, cached_host = timed_calls(call, device, 50)
+            except Exception as exc:
+                res["cached_error"] = f"{type(exc).__name__}: {exc}"[:400]
+                cached_lat = cached_host = [float("nan")]
+        res["eager_call_ms"] = statistics.median(eager_lat)
+        res["cached_call_ms"] = statistics.median(cached_lat)
+        res["eager_host_us"] = statistics.median(eager_host) * 1e3
+        res["cached_host_us"] = statistics.median(cached_host) * 1e3
+        res["deterministic"] = _deterministic_check(call, device)  # last: a failed capture ends the check
+    return res
+
+
+def _capture(fn, device: torch.device):
+    """(graph, static output) of ``fn`` captured after 3 warm-up calls on a side stream (the documented recipe)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = fn()
+    return graph, static
+
+
+def _deterministic_check(call, device: torch.device) -> dict:
+    """Eager twice and one replay under ``torch.use_deterministic_algorithms(True)`` (restored after)."""
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        a, b = call().clone(), call().clone()
+        out = {"eager_equal": bool(torch.equal(a, b))}
+        graph, static = _capture(call, device)
         graph.replay()
         torch.cuda.synchronize(device)
-        equal = bool(torch.equal(static, eager))
-        eager_ms = statistics.median(timed_calls(call, device, 20)[0])
-        replay_ms = statistics.median(timed_calls(graph.replay, device, 20)[0])
-    return {"captured": True, "replay_equal": equal, "eager_ms": eager_ms, "replay_ms": replay_ms}
+        out["replay_equal"] = bool(torch.equal(static, a))
+        out["eager_ms"] = statistics.median(timed_calls(call, device, 20)[0])
+    except Exception as exc:  # e.g. an op without a deterministic CUDA implementation
+        out = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    finally:
+        torch.use_deterministic_algorithms(was)
+    return out
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
