@@ -57,6 +57,8 @@ def test_host_cost_cli_on_cpu(tmp_path, capsys):
     assert list(by) == rows.split(",")
     assert by["r0"]["attend_calls"] == by["patch@0.9"]["attend_calls"] == 9  # 5 encoder + 4 decoder blocks
     assert by["patch@0.9"]["syncs"] == by["r0"]["syncs"]  # merging adds no host sync
+    assert by["patch@0.9+graph"]["out_max_diff_vs_plain"] == 0.0  # graphs are CUDA-only: eager on a CPU
+    assert by["r0"]["out_max_diff_vs_plain"] is None
     assert by["patch@0.9"]["aten_ops"] > by["r0"]["aten_ops"] > by["patch@0.9+skipattn"]["aten_ops"]
     assert all(r["latency_after_profiler_ms"] > 0 and r["triton_launches"] is None for r in data["rows"])
     md = (tmp_path / "host-cost.md").read_text()

@@ -207,10 +207,12 @@ def measure(
         setup(rows[0])
         profile_once(forward, device)
         after = interleaved()
-    out = []
+    out, feats = [], {}
     for row in rows:
         with ablated(setup(row)):
             forward()
+            torch.manual_seed(0)  # the same serialization-order shuffle in every row
+            feats[row] = forward().float()
             counts, _ = count_ops(forward)
             launches = [0]
             with triton_launch_counter(launches):
@@ -239,10 +241,20 @@ def measure(
             "syncs_by_source": dict(counts.syncs),
             "triton_launches": launches[0] if device.type == "cuda" else None,
             "samples": len(lat),
+            "out_max_diff_vs_plain": _diff_vs_plain(row, feats),
             "latency_after_profiler_ms": None if after is None else statistics.median(after[row]["latency"]),
             "enqueue_after_profiler_ms": None if after is None else statistics.median(after[row]["enqueue"]),
         })  # fmt: skip
     return out
+
+
+def _diff_vs_plain(row: str, feats: dict) -> float | None:
+    """Max |output - output of the same row without ablations| (None when that row was not run): shows that
+    ``+graph`` (or ``+torchmatch``) computes the same forward up to rounding."""
+    plain = row.split("+")[0]
+    if plain == row or plain not in feats:
+        return None
+    return float((feats[row] - feats[plain]).abs().max())
 
 
 def graph_check(device: torch.device, patches: int = 40, heads: int = 3, tokens: int = 1024, dim: int = 16) -> dict:
@@ -366,6 +378,9 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             f"({r['enqueue_min_ms']:.1f}) | {r['attend_host_us']:.0f} | {r['attend_host_sum_ms']:.2f} "
             f"| {r['attend_calls']} | {r['syncs']} | {r['aten_ops']} | {tl} | {prof} |"
         )
+    diffs = [f"{r['row']} {r['out_max_diff_vs_plain']:.3g}" for r in rows if r.get("out_max_diff_vs_plain") is not None]
+    if diffs:
+        lines.append("\noutput max |diff| vs the row without ablations: " + ", ".join(diffs))
     base = rows[0]["aten_ops_by_name"]
     for r in rows[1:]:
         names = set(base) | set(r["aten_ops_by_name"])
