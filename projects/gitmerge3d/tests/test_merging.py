@@ -298,3 +298,25 @@ def test_attend_graph_cache_matches_eager_on_cuda():
             assert got.data_ptr() == got2.data_ptr() and attn._merge_info.tokens[-1] == kept
             torch.testing.assert_close(got, ref, atol=2e-3, rtol=2e-3)
     assert len(attn._merge_info.extra["attend_graphs"]) == 2  # one per shape
+
+
+@pytest.mark.parametrize("dtype,n", [(torch.float32, 30), (torch.float16, 300), (torch.bfloat16, 1024)])
+def test_scatter_reduce_merge_equals_reference_and_default(dtype, n):
+    """``merge_op('scatter_reduce')`` (one dispatch for the group means) against the step-by-step reference and
+    bit-equal to the default scatter_add path on a CPU (same sums in the same order, same division)."""
+    g = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(2, 3, n, 4, generator=g).to(dtype) for _ in range(3))
+    v[0, :, 3:12] = v[0, :, 2:3]  # tied scores
+    attn = SerializedAttention(12, 3, n).eval()
+    merging.patch(torch.nn.Sequential(attn), {"tome": "patch", "r": 0.8, "stride": 4})
+    with torch.no_grad():
+        ref = attn.attend(q, k, v, None, None)
+        with merging.merge_op("scatter_reduce"):
+            got = attn.attend(q, k, v, None, None)
+    assert torch.equal(got, ref)
+    if dtype == torch.float32:
+        want = official_attention_reference(q, k, v, int(n * 0.8), 4, attn.scale)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert merging._MERGE_OP == "scatter_add"
+    with pytest.raises(ValueError, match="op must be one of"):
+        merging.set_merge_op("sum")

@@ -263,6 +263,32 @@ def split_groups(low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order[: low.shape[0] - n_low], order[low.shape[0] - n_low :]
 
 
+MERGE_OPS = ("scatter_add", "scatter_reduce")
+_MERGE_OP = "scatter_add"
+
+
+def set_merge_op(op: str) -> None:
+    """How the ``no_rand`` path averages the groups: ``scatter_add`` (default: zeros, scatter_add_, div_; 3 ops)
+    or ``scatter_reduce`` (one ``scatter_reduce_(mean, include_self=False)`` dispatch, which runs ~8 kernels
+    from C++; bit-equal on a CPU; used only with prop_attn off, no RPE bias, no autograd). Why: on a host-bound
+    GPU the dispatch count is the cost; which of the two is cheaper there is measured (``host_cost +srmean``)."""
+    global _MERGE_OP
+    if op not in MERGE_OPS:
+        raise ValueError(f"op must be one of {MERGE_OPS}, got {op!r}")
+    _MERGE_OP = op
+
+
+@contextlib.contextmanager
+def merge_op(op: str) -> Iterator[None]:
+    """Context form of ``set_merge_op`` (restores the previous op)."""
+    previous = _MERGE_OP
+    set_merge_op(op)
+    try:
+        yield
+    finally:
+        set_merge_op(previous)
+
+
 _GRAPHS_ON = os.environ.get("GITMERGE3D_ATTEND_GRAPHS", "0") == "1"
 MAX_ATTEND_GRAPHS = 64  # distinct (shape, settings) keys; a scene has ~9 (one per stage and head count)
 
@@ -460,7 +486,10 @@ class MergedSerializedAttention(SerializedAttention):
             return v, n
         if not cfg.no_rand:
             return self._merged_generic(q, k, v, bias, r, stride)
-        exact = n <= _EXACT_COUNT.get(q.dtype, 0)
+        # one-dispatch mean (no sizes needed): only plain attention, no RPE, no autograd
+        reduce_mean = _MERGE_OP == "scatter_reduce" and cfg.prop_attn == "off" and bias is None
+        reduce_mean = reduce_mean and not torch.is_grad_enabled()
+        exact = n <= _EXACT_COUNT.get(q.dtype, 0) and not reduce_mean
         parts = [q, k, v] + ([_ones_pad(q.dtype, q.device).expand(p, h, n, PAD)] if exact else [])
         x = torch.cat(parts, dim=-1)  # (P, H, N, 3D [+ PAD]), contiguous
         metric = x[..., 2 * d : 3 * d]
@@ -470,8 +499,14 @@ class MergedSerializedAttention(SerializedAttention):
         if plan is None:
             return SerializedAttention.attend(self, q, k, v, bias, None), n
         slot, n_out = plan
-        size = None if exact else group_sizes(slot, n_out)
-        merged = merge_tokens(x.view(p * h, n, x.shape[-1]), slot, n_out, size).view(p, h, n_out, -1)
+        size = None if exact or reduce_mean else group_sizes(slot, n_out)
+        if reduce_mean:
+            w, xf = x.shape[-1], x.view(p * h, n, x.shape[-1])
+            index = slot[..., None].expand(p * h, n, w)
+            merged = xf.new_empty(p * h, n_out, w).scatter_reduce_(1, index, xf, "mean", include_self=False)
+            merged = merged.view(p, h, n_out, w)
+        else:
+            merged = merge_tokens(x.view(p * h, n, x.shape[-1]), slot, n_out, size).view(p, h, n_out, -1)
         qm, km, vm, pad = merged.split((d, d, d, x.shape[-1] - 3 * d), -1)  # one call for the four views
         if size is None and (cfg.prop_attn != "off" or bias is not None):
             size = pad[..., 0].reshape(p * h, n_out).float()

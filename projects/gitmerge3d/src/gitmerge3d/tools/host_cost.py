@@ -23,7 +23,8 @@ vs replays, and the opt-in graph cache's host time per call (``graph_check``).
 Row suffixes are ablations of ``patch@r``: ``+torchmatch`` (merge-core's torch matcher instead of its Triton
 kernel), ``+nogc`` (Python's garbage collector off while timing), ``+skipattn`` (``attend`` returns v: the
 cost of everything but patch attention), ``+graph`` (the opt-in CUDA-graph cache of the merged attend,
-``merging.attend_graphs``; eager on a CPU). Example (H200, real scene):
+``merging.attend_graphs``; eager on a CPU), ``+srmean`` (the group mean as one ``scatter_reduce_`` dispatch,
+``merging.merge_op``). Example (H200, real scene):
 
     python3 -m gitmerge3d.tools.host_cost --scene projects/gitmerge3d/data_src/scene0000_00.bin \\
         --rows r0,patch@0.9,patch@0.9+torchmatch,patch@0.9+nogc,r0+skipattn --profiler-check --out-dir $OUT_DIR
@@ -54,7 +55,7 @@ from ..opcount import count_ops
 from ..profiling import attention_skipped
 from .bench import load_inputs
 
-ABLATIONS = ("torchmatch", "nogc", "skipattn", "graph")
+ABLATIONS = ("torchmatch", "nogc", "skipattn", "graph", "srmean")
 
 
 def parse_row(item: str) -> tuple[str | None, float, set[str]]:
@@ -85,6 +86,8 @@ def ablated(ablations: set[str]) -> Iterator[None]:
             stack.enter_context(attention_skipped())
         if "graph" in ablations:
             stack.enter_context(merging.attend_graphs(True))
+        if "srmean" in ablations:
+            stack.enter_context(merging.merge_op("scatter_reduce"))
         was_enabled = gc.isenabled()
         if "nogc" in ablations:
             gc.collect()
