@@ -320,3 +320,48 @@ def test_scatter_reduce_merge_equals_reference_and_default(dtype, n):
     assert merging._MERGE_OP == "scatter_add"
     with pytest.raises(ValueError, match="op must be one of"):
         merging.set_merge_op("sum")
+
+
+class _ReplayByRecompute:
+    """CPU stand-in for a CUDA graph: replay recomputes the captured function into the same static output."""
+
+    def __init__(self, fn, args, out):
+        self.fn, self.args, self.out = fn, args, out
+
+    def replay(self):
+        self.out.copy_(self.fn(*self.args)[0])
+
+    @classmethod
+    def capture(cls, fn, q, k, v):
+        out, kept = fn(q, k, v)
+        return cls(fn, (q, k, v), out), out, kept
+
+
+def test_attend_graph_cache_bookkeeping_in_a_forward(make_points, monkeypatch):
+    """The cache's wiring on a CPU (graph = recompute into the static output): one entry per attend shape, inputs
+    loaded through the shared qkv view, static outputs reused by blocks of the same shape without corrupting the
+    forward (bit-equal to eager), and nothing cached with autograd on."""
+    monkeypatch.setattr(merging, "_graph_device", lambda q: True)
+    monkeypatch.setattr(merging.AttendGraph, "capture", staticmethod(_ReplayByRecompute.capture))
+    loads, shared_base = [], merging._shared_base
+
+    def recorded(q, k, v):
+        loads.append(shared_base(q, k, v))
+        return loads[-1]
+
+    monkeypatch.setattr(merging, "_shared_base", recorded)
+    model, pts = build(), make_points(1500)
+    state = merging.patch(model, {"tome": "patch", "r": 0.9})
+    with torch.no_grad():
+        ref = run(model, pts)
+        with merging.attend_graphs(True):
+            got1, got2 = run(model, pts), run(model, pts)
+    graphs = state.extra["attend_graphs"]
+    shapes = {key[0] for key in graphs}
+    assert len(graphs) == len(shapes) >= 2 and len(shapes) < len(merging.layer_records(model))
+    assert torch.equal(got1, ref) and torch.equal(got2, ref)
+    assert loads and all(b is not None for b in loads)  # one copy per call: q, k, v share the qkv tensor
+    state.extra.pop("attend_graphs")
+    with merging.attend_graphs(True):
+        run(model, pts).sum()  # autograd on: eager
+    assert "attend_graphs" not in state.extra

@@ -344,16 +344,22 @@ class AttendGraph:
     def __init__(self, fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         self.qkv = torch.empty((3, *q.shape), dtype=q.dtype, device=q.device)
         self.load(q, k, v)
-        sq, sk, sv = self.qkv.unbind(0)
+        self.graph, self.out, self.kept = self.capture(fn, *self.qkv.unbind(0))
+
+    @staticmethod
+    def capture(fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """(graph, static output, kept) of ``fn(q, k, v)``: two warm-up calls on a side stream (Triton compile,
+        layout caches, allocator), then the capture."""
         side = torch.cuda.Stream(q.device)
         side.wait_stream(torch.cuda.current_stream(q.device))
-        with torch.cuda.stream(side):  # warm up: Triton compile, layout caches, allocator
+        with torch.cuda.stream(side):
             for _ in range(2):
-                fn(sq, sk, sv)
+                fn(q, k, v)
         torch.cuda.current_stream(q.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out, self.kept = fn(sq, sk, sv)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out, kept = fn(q, k, v)
+        return graph, out, kept
 
     def load(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         base = _shared_base(q, k, v)
@@ -369,11 +375,17 @@ class AttendGraph:
         return self.out, self.kept
 
 
+def _graph_device(q: torch.Tensor) -> bool:
+    """CUDA tensors outside another capture (a test swaps this, with ``AttendGraph.capture``, to run the cache's
+    bookkeeping on a CPU)."""
+    return q.is_cuda and not torch.cuda.is_current_stream_capturing()
+
+
 def _attend_graph(attn, q, k, v, bias, r: int, cfg: MergeConfig) -> AttendGraph | None:
     """The cached graph for this call when graphs are on and the call qualifies (else None: run eager)."""
-    if not _GRAPHS_ON or bias is not None or not q.is_cuda or not cfg.no_rand or attn.training:
+    if not _GRAPHS_ON or bias is not None or not _graph_device(q) or not cfg.no_rand or attn.training:
         return None
-    if torch.is_grad_enabled() or q.shape[0] == 0 or torch.cuda.is_current_stream_capturing():
+    if torch.is_grad_enabled() or q.shape[0] == 0:
         return None
     graphs = attn._merge_info.extra.setdefault("attend_graphs", {})
     autocast = torch.is_autocast_enabled(q.device.type)
