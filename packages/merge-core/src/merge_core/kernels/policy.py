@@ -21,8 +21,9 @@ decision for one shape in this process (on CPU too, where nothing is calibrated)
 
 Cost per forward of a known shape: a few attribute reads and one dict lookup on a tuple key (shape, dtype,
 device, schedule, kernel mode); a decision to run r = 0 then runs the library's own classes (the adapter kit's
-zero-cost path, ``merge_core.adapter.MergeState.step_out``), so an unmerged forward costs what the unpatched
-model costs.
+zero-cost path, ``merge_core.adapter.MergeState.run_plain``). The timm adapter skips even that lookup on a
+repeated r = 0 forward: it remembers the forward's key, which includes ``generation`` (bumped by every
+``record``, ``set_decision`` and ``clear_cache``) and ``$MERGE_CORE_POLICY`` (``env_policy``).
 """
 
 from __future__ import annotations
@@ -51,6 +52,13 @@ _memory: dict[str, dict[str, Any]] = {}
 _disk_loaded: set[str] = set()
 # per model: a memo of decisions by cheap key (no attribute is added to the model) and the last decision
 _per_model: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# bumped whenever a decision may change (set_decision, record, clear_cache): adapters that remember "this shape
+# runs r = 0" (the timm fast path) compare it instead of re-running ``resolve_r``
+generation = 0
+# $MERGE_CORE_POLICY read without Python frames (``os.environ.get`` costs 3 frames per call): os.environ keeps
+# its encoded copy in ``_data``, updated by every ``os.environ[...] = ...`` (monkeypatch.setenv included)
+_ENV_DATA: dict = getattr(os.environ, "_data", None) or {}
+_ENV_KEY: Any = os.environ.encodekey("MERGE_CORE_POLICY") if hasattr(os.environ, "encodekey") else "MERGE_CORE_POLICY"
 
 
 def last_decision(model: Any) -> dict[str, Any] | None:
@@ -145,8 +153,19 @@ def cached_decision(key: str) -> dict[str, Any] | None:
     return _memory.get(key)
 
 
+def _bump() -> None:
+    global generation
+    generation += 1
+
+
+def env_policy() -> Any:
+    """``$MERGE_CORE_POLICY`` (encoded; None when unset) at the cost of one dict lookup, for fast-path keys."""
+    return _ENV_DATA.get(_ENV_KEY)
+
+
 def record(key: str, merge: bool, ms_merged: float, ms_plain: float, how: str) -> dict[str, Any]:
     """Store one decision in memory and on disk; returns the entry."""
+    _bump()
     entry = {"merge": bool(merge), "ms_merged": ms_merged, "ms_plain": ms_plain, "how": how}
     _memory[key] = entry
     _save_disk(cache_path(), key, entry)
@@ -155,6 +174,7 @@ def record(key: str, merge: bool, ms_merged: float, ms_plain: float, how: str) -
 
 def clear_cache(disk: bool = False) -> None:
     """Forget decisions (in this process; also on disk with ``disk=True``)."""
+    _bump()
     _memory.clear()
     _disk_loaded.clear()
     _per_model.clear()
@@ -205,6 +225,7 @@ def set_decision(model: Any, x: torch.Tensor, r_list: Sequence[int], merge: bool
     Applies on any device under the ``auto`` policy (CPU included, where nothing is calibrated): a deployment
     that knows its small batches should run unmerged, and tests and benchmarks of the r = 0 path on CPU.
     """
+    _bump()
     entry = {"key": "set_decision", "merge": bool(merge), "ms_merged": None, "ms_plain": None, "how": "set_decision"}
     _slot(model)["memo"][_fast_key(x, r_list)] = entry
     return entry
@@ -292,6 +313,8 @@ __all__ = [
     "cache_path",
     "cached_decision",
     "clear_cache",
+    "env_policy",
+    "generation",
     "get_policy",
     "last_decision",
     "override",

@@ -7,7 +7,9 @@ Built on ``merge_core.adapter``. What differs from ToMe's timm 0.4.12 patch, and
   its keys, so merged tokens count for the patches they hold.
 - At r=0 (``model.r == 0``, an all-zero schedule, or the merge policy choosing r = 0) timm's
   ``forward_features``, ``Block.forward`` and fused SDPA ``Attention.forward`` run with no adapter frame inside
-  the blocks (``merge_core.adapter.MergeState.run_plain``), bit-exact and at the unpatched model's host cost.
+  the blocks (``merge_core.adapter.MergeState.run_plain``), bit-exact. From the second ``model(x)`` of the same
+  (r, shape, dtype, device, policy state) ``forward`` calls timm's ``VisionTransformer.forward`` directly with
+  timm's forwards on the instances: two Python calls more than the unpatched model (issue 9 target 1).
   Under ``torch.compile`` the merging classes' own r = 0 branch calls the same timm forwards.
 - timm's API stays: ``forward_features``/``forward_head``/``forward``, ``forward_intermediates`` and
   ``features_only=True`` models (intermediates are unmerged back onto the patch grid, so dense users get a
@@ -22,13 +24,25 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 from timm.models._features import FeatureGetterNet, feature_take_indices
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
-from ..adapter import MatchFn, MergeAdapter, MergeState, mask_to_bias, remove_patch, size_bias, weighted_mean
+from .. import kernels as _kernels
+from ..adapter import (
+    MatchFn,
+    MergeAdapter,
+    MergeState,
+    _schedule_key,
+    mask_to_bias,
+    remove_patch,
+    size_bias,
+    weighted_mean,
+)
 from ..attention import proportional_attention
+from ..kernels import policy as _policy
 from ..kernels.policy import resolve_r
 from ..kernels.prop_attn import qkv_channel_attention, qkv_channel_supported
 from ..merge import unmerge_to_source
@@ -129,12 +143,139 @@ class MergeBlock(Block):
         return x
 
 
+_guards_tls = getattr(getattr(torch, "_guards", None), "_TLS", None)
+
+
+def _tracing_any() -> bool:
+    """Whether torch.compile / torch.export is tracing (the fast path's class-free writes are eager only).
+
+    One Python frame in eager (``torch.compiler.is_compiling`` costs two: it calls ``torch.jit.is_scripting``).
+    Dynamo calls it for real at trace time (``assume_constant_result``, no guard), when its TracingContext is
+    set; non-strict export sets ``torch.compiler._is_compiling_flag``.
+    """
+    return torch.compiler._is_compiling_flag or getattr(_guards_tls, "tracing_context", None) is not None
+
+
+if _guards_tls is not None and hasattr(torch._dynamo, "assume_constant_result"):
+    _is_compiling = torch._dynamo.assume_constant_result(_tracing_any)
+else:  # pragma: no cover - older torch: two frames instead of one
+    _is_compiling = torch.compiler.is_compiling
+_dispatch_depth = torch._C._len_torch_dispatch_stack
+_grad_enabled = torch.is_grad_enabled
+_cuda_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None)
+
+
+def _plain_key(model: Any, x: torch.Tensor) -> tuple:
+    """What a remembered r = 0 forward depends on; the fast path in ``forward`` builds the same tuple inline."""
+    return (
+        model.r,
+        x.shape,
+        x.dtype,
+        x.device,
+        _kernels._mode,
+        _policy.generation,
+        _policy._override.get(),
+        model.__dict__.get("merge_policy"),
+        getattr(type(model), "merge_policy", None),
+        _policy._ENV_DATA.get(_policy._ENV_KEY),
+        _grad_enabled(),
+        _dispatch_depth(),
+    )
+
+
 class _MergeVisionTransformer:
     """Mixin placed in front of the model's own class; resets merge state on every forward."""
 
     r: Any
     _merge_info: MergeState
     _merge_num_layers: int
+    _merge_plain: tuple | None
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        """timm's ``forward``; a forward known to run r = 0 goes straight to timm's code (issue 9 target 1).
+
+        Why: at batch 1 a ViT forward is host-bound, and the r = 0 path through ``forward_features`` cost ~19
+        Python calls (schedule, policy lookup, class writes). Once a forward for this (``r``, shape, dtype,
+        device, policy state) ran r = 0, the next one checks one tuple (C-level reads only), puts timm's own
+        forwards on the model's and layers' instances (no class write: on Python 3.13 repeated class writes
+        disable the type cache, 4x slower attribute reads) and calls the model class's ``forward``: two Python
+        calls more than the unpatched model (this one and ``_tracing_any``). Anything else (a
+        new key, extra arguments, tracing, capture) takes the full path below, which also calibrates.
+        """
+        plain = self.__dict__.get("_merge_plain")
+        if (
+            plain is not None
+            and not args
+            and not kwargs
+            and not _is_compiling()  # first: dynamo must not trace the key below (C calls break fullgraph)
+            and plain[0]
+            == (
+                self.r,
+                x.shape,
+                x.dtype,
+                x.device,
+                _kernels._mode,
+                _policy.generation,
+                _policy._override.get(),
+                self.__dict__.get("merge_policy"),
+                getattr(type(self), "merge_policy", None),
+                _policy._ENV_DATA.get(_policy._ENV_KEY),
+                _grad_enabled(),
+                _dispatch_depth(),
+            )
+            and not (x.is_cuda and _cuda_capturing())
+        ):
+            _, zeros, tokens, forward, slots, slot, entry = plain
+            state = self._merge_info
+            state.r, state.merging, state.tokens = list(zeros), False, list(tokens)
+            state.size = state.source = state.source_index = state.attn_bias = None
+            state.need_index = state.checkpointing = False
+            state._entries, state._matches = {}, {}
+            if slot is not None:
+                slot["last"] = entry
+            for module, name, bound in slots:
+                module.__dict__[name] = bound
+            try:
+                return forward(self, x)
+            finally:
+                for module, name, _ in slots:
+                    module.__dict__.pop(name, None)
+        out = super().forward(x, *args, **kwargs)
+        if not args and not kwargs and not self._merge_info.merging and not _is_compiling():
+            self._remember_plain(x)
+        return out
+
+    def _remember_plain(self, x: torch.Tensor) -> None:
+        """After a full-path r = 0 forward: remember its key so the next one takes the fast path."""
+        state = self._merge_info
+        depth = self._merge_num_layers
+        if _schedule_key(depth, self.r) is None or len(state.tokens) != depth or (x.is_cuda and _cuda_capturing()):
+            return
+        if not state.stepping:  # stepping out disabled (merge-bench's "r = 0 branch" row): the merging classes run
+            return
+        requested_zero = not any(state.schedule(depth, self.r))
+        slot = entry = None
+        if not requested_zero:  # the policy chose r = 0: only for inference (training runs the requested r)
+            if _grad_enabled() or _policy._override.get() is not None:
+                return
+            slot = _policy._per_model.get(self)
+            entry = slot and slot["last"]
+            if not entry or entry["merge"]:
+                return
+        key = list(_plain_key(self, x))
+        key[0] = list(self.r) if isinstance(self.r, list) else self.r  # a copy: in-place edits must miss
+        originals = {id(module): original for module, original in state.patched}
+        model_class = originals[id(self)]
+        slots = [
+            (self, name, getattr(model_class, name).__get__(self))
+            for name in ("forward_features", "forward_head", "pool")
+            if hasattr(model_class, name)
+        ]
+        for block in self.blocks:
+            for module in (block, block.attn):
+                slots.append((module, "forward", originals[id(module)].forward.__get__(module)))
+        record = (tuple(key), list(state.r), list(state.tokens), model_class.forward, slots, slot, entry)
+        self.__dict__["_merge_plain"] = record
 
     def _begin(self, need_index: bool = False, r: Any = None) -> MergeState:
         """Reset the per-forward state with ``self.r`` (or an already resolved ``r`` list)."""
@@ -299,6 +440,7 @@ class TimmAdapter(MergeAdapter):
         vit = self._vit(model)
         self.swap(vit, _MergeVisionTransformer, state)
         self.attach_attr(vit, "_merge_num_layers", len(vit.blocks), state)
+        self.attach_attr(vit, "_merge_plain", None, state)
         for i, block in enumerate(vit.blocks):
             self.swap(block, MergeBlock, state, steps_out=True)
             self.swap(block.attn, MergeAttention, state, steps_out=True)
