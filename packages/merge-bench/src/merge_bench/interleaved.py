@@ -1,0 +1,134 @@
+"""Issue 9 target 1: plain timm vs the patched model under the automatic policy vs forced merging, interleaved.
+
+Why interleaved: the bs1 rows are host-bound 3-14 ms forwards whose single-run medians moved by several
+percent between runs (ViT-S bs1 came out at 1.02x in the run where ViT-B bs1 was 0.93x). Each round times
+every variant back to back (``iters`` CUDA-event-timed forwards each), so clock and host drift hit all alike;
+the report is the median of the round medians and the minimum. Run: ``python -m merge_bench.interleaved``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from typing import Any
+
+import torch
+
+import merge_core as mc
+from merge_core.kernels import policy
+
+from .common import DTYPES, build_model, environment, write_json
+
+MODELS = {  # name -> (timm model, kwargs, r)
+    "vit_s_224": ("vit_small_patch16_224", {}, 16),
+    "vit_b_224": ("vit_base_patch16_224", {}, 16),
+    "vit_l_224": ("vit_large_patch16_224", {}, 8),
+    "vit_l_512": ("vit_large_patch16_224", {"img_size": 512}, 40),
+    "tiny": ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 4, "embed_dim": 32, "num_heads": 2}, 2),
+}
+
+
+def _time(fn, iters: int, cuda: bool) -> float:
+    """Median milliseconds of ``iters`` calls (CUDA events on a GPU, perf_counter on CPU)."""
+    times = []
+    for _ in range(iters):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def build(key: str, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Plain, automatic and forced copies of one model (one random init, copied: ViT-L init takes seconds)."""
+    name, kwargs, r = MODELS[key]
+    plain = build_model(name, device, dtype, **kwargs)
+    auto, forced = copy.deepcopy(plain), copy.deepcopy(plain)
+    for model in (auto, forced):
+        mc.patch.timm(model)
+        model.r = r
+    forced.merge_policy = "force"
+    return {"plain": plain, "auto": auto, "forced": forced, "img": kwargs.get("img_size", 224), "r": r, "name": name}
+
+
+def bench(key: str, models: dict[str, Any], batch: int, args, device: torch.device, dtype: torch.dtype):
+    """One row: every variant timed in each round, back to back."""
+    x = torch.randn(batch, 3, models["img"], models["img"], device=device, dtype=dtype)
+    cuda = device.type == "cuda"
+    runs = {k: (lambda m=models[k]: m(x)) for k in ("plain", "auto", "forced")}
+    with torch.inference_mode():
+        runs["auto"]()  # the policy calibrates here (CUDA), so the rounds time its decision
+        for _ in range(args.warmup):
+            for fn in runs.values():
+                fn()
+        if cuda:
+            torch.cuda.synchronize()
+        rounds: dict[str, list[float]] = {k: [] for k in runs}
+        for _ in range(args.rounds):
+            for k, fn in runs.items():
+                rounds[k].append(_time(fn, args.iters, cuda))
+    decision = policy.last_decision(models["auto"])
+    row: dict[str, Any] = {"model": key, "timm": models["name"], "batch": batch, "r": models["r"], "rounds": rounds}
+    for k, values in rounds.items():
+        row[f"{k}_ms"] = statistics.median(values)
+        row[f"{k}_min_ms"] = min(values)
+    row["auto_speedup"] = row["plain_ms"] / row["auto_ms"]
+    row["auto_speedup_min"] = row["plain_min_ms"] / row["auto_min_ms"]
+    row["forced_speedup"] = row["plain_ms"] / row["forced_ms"]
+    row["auto_merges"] = None if decision is None else decision["merge"]
+    return row
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="vit_s_224,vit_b_224,vit_l_224,vit_l_512")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="issue9_target1.json")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.iters < 1:
+        raise ValueError(f"--rounds and --iters must be >= 1, got {args.rounds}, {args.iters}")
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype] if device.type == "cuda" else torch.float32
+    payload: dict[str, Any] = {"environment": environment(device), "args": vars(args), "rows": []}
+    header = ("model", "bs", "plain ms", "auto ms", "forced ms", "auto x", "min x")
+    print("{:10s} {:>3s} {:>9s} {:>9s} {:>9s} {:>7s} {:>6s} merges".format(*header))
+    keys = args.models.split(",")
+    for key in keys:
+        if key not in MODELS:
+            raise ValueError(f"--models: unknown {key!r}, choose from {sorted(MODELS)}")
+    for key in keys:
+        models = build(key, device, dtype)
+        for batch in (int(b) for b in args.batches.split(",")):
+            row = bench(key, models, batch, args, device, dtype)
+            payload["rows"].append(row)
+            print(
+                f"{key:10s} {batch:3d} {row['plain_ms']:9.3f} {row['auto_ms']:9.3f} {row['forced_ms']:9.3f} "
+                f"{row['auto_speedup']:7.3f} {row['auto_speedup_min']:6.3f} {row['auto_merges']}",
+                flush=True,
+            )
+            write_json(args.out, payload, log=lambda _m: None)
+        del models
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    ok = all(row["auto_speedup"] >= 0.98 for row in payload["rows"])
+    print(f"target 1 (every automatic row >= 0.98x by median of round medians): {'met' if ok else 'MISSED'}")
+    write_json(args.out, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
