@@ -10,7 +10,7 @@ mkdir -p "$OUT_DIR"
 export MERGE_CORE_CACHE_DIR="$OUT_DIR/policy-cache"  # fresh calibration, no decision from earlier runs
 PY=${PYTHON:-python3}
 if [ "${TINY:-0}" = "1" ]; then
-  ARGS=(--models tiny --batches 1,2 --rounds 3 --iters 5 --warmup 2 --device cpu)
+  ARGS=(--models tiny --batches 1,2 --rounds 3 --iters 5 --warmup 2 --device cpu --pin-zero)
 else
   ARGS=(--models vit_s_224,vit_b_224,vit_l_224,vit_l_512 --batches 1,8 --rounds 5 --iters 20 --warmup 5)
 fi

@@ -20,7 +20,9 @@ import merge_core as mc
 from merge_core.kernels import policy
 
 from .common import DTYPES, build_model, environment, write_json
+from .profile import python_calls
 
+VARIANTS = ("plain", "plain_copy", "auto", "forced")  # plain_copy: a second unpatched copy (noise floor)
 MODELS = {  # name -> (timm model, kwargs, r)
     "vit_s_224": ("vit_small_patch16_224", {}, 16),
     "vit_b_224": ("vit_base_patch16_224", {}, 16),
@@ -52,20 +54,24 @@ def build(key: str, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """Plain, automatic and forced copies of one model (one random init, copied: ViT-L init takes seconds)."""
     name, kwargs, r = MODELS[key]
     plain = build_model(name, device, dtype, **kwargs)
-    auto, forced = copy.deepcopy(plain), copy.deepcopy(plain)
+    plain_copy, auto, forced = copy.deepcopy(plain), copy.deepcopy(plain), copy.deepcopy(plain)
     for model in (auto, forced):
         mc.patch.timm(model)
         model.r = r
     forced.merge_policy = "force"
-    return {"plain": plain, "auto": auto, "forced": forced, "img": kwargs.get("img_size", 224), "r": r, "name": name}
+    models = {"plain": plain, "plain_copy": plain_copy, "auto": auto, "forced": forced}
+    return {**models, "img": kwargs.get("img_size", 224), "r": r, "name": name}
 
 
 def bench(key: str, models: dict[str, Any], batch: int, args, device: torch.device, dtype: torch.dtype):
     """One row: every variant timed in each round, back to back."""
     x = torch.randn(batch, 3, models["img"], models["img"], device=device, dtype=dtype)
     cuda = device.type == "cuda"
-    runs = {k: (lambda m=models[k]: m(x)) for k in ("plain", "auto", "forced")}
+    runs = {k: (lambda m=models[k]: m(x)) for k in VARIANTS}
     with torch.inference_mode():
+        if args.pin_zero:  # CPU smoke test of the r = 0 fast path (CPU is never calibrated)
+            r_list = [models["r"]] * len(models["auto"].blocks)
+            policy.set_decision(models["auto"], x, r_list, merge=False)
         runs["auto"]()  # the policy calibrates here (CUDA), so the rounds time its decision
         for _ in range(args.warmup):
             for fn in runs.values():
@@ -76,6 +82,8 @@ def bench(key: str, models: dict[str, Any], batch: int, args, device: torch.devi
         for _ in range(args.rounds):
             for k, fn in runs.items():
                 rounds[k].append(_time(fn, args.iters, cuda))
+        runs["auto"]()
+        calls = {k: python_calls(fn)[0] for k, fn in runs.items()}
     decision = policy.last_decision(models["auto"])
     row: dict[str, Any] = {"model": key, "timm": models["name"], "batch": batch, "r": models["r"], "rounds": rounds}
     for k, values in rounds.items():
@@ -84,7 +92,10 @@ def bench(key: str, models: dict[str, Any], batch: int, args, device: torch.devi
     row["auto_speedup"] = row["plain_ms"] / row["auto_ms"]
     row["auto_speedup_min"] = row["plain_min_ms"] / row["auto_min_ms"]
     row["forced_speedup"] = row["plain_ms"] / row["forced_ms"]
+    row["plain_copy_speedup"] = row["plain_ms"] / row["plain_copy_ms"]  # the noise floor: two identical models
     row["auto_merges"] = None if decision is None else decision["merge"]
+    row["python_calls"] = calls
+    row["auto_python_calls_extra"] = calls["auto"] - calls["plain"]
     return row
 
 
@@ -98,14 +109,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="issue9_target1.json")
+    parser.add_argument("--pin-zero", action="store_true", help="pin the automatic model's decision to r = 0")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.iters < 1:
         raise ValueError(f"--rounds and --iters must be >= 1, got {args.rounds}, {args.iters}")
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype] if device.type == "cuda" else torch.float32
     payload: dict[str, Any] = {"environment": environment(device), "args": vars(args), "rows": []}
-    header = ("model", "bs", "plain ms", "auto ms", "forced ms", "auto x", "min x")
-    print("{:10s} {:>3s} {:>9s} {:>9s} {:>9s} {:>7s} {:>6s} merges".format(*header))
+    header = ("model", "bs", "plain ms", "auto ms", "forced ms", "auto x", "min x", "copy x", "+calls")
+    print("{:10s} {:>3s} {:>9s} {:>9s} {:>9s} {:>7s} {:>6s} {:>6s} {:>6s} merges".format(*header))
     keys = args.models.split(",")
     for key in keys:
         if key not in MODELS:
@@ -117,7 +129,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             payload["rows"].append(row)
             print(
                 f"{key:10s} {batch:3d} {row['plain_ms']:9.3f} {row['auto_ms']:9.3f} {row['forced_ms']:9.3f} "
-                f"{row['auto_speedup']:7.3f} {row['auto_speedup_min']:6.3f} {row['auto_merges']}",
+                f"{row['auto_speedup']:7.3f} {row['auto_speedup_min']:6.3f} {row['plain_copy_speedup']:6.3f} "
+                f"{row['auto_python_calls_extra']:6d} {row['auto_merges']}",
                 flush=True,
             )
             write_json(args.out, payload, log=lambda _m: None)
