@@ -166,6 +166,7 @@ def test_exception_in_the_fast_path_leaves_no_instance_forward():
 
 def test_compile_after_fast_r0_forwards_traces_the_merging_path():
     import torch._dynamo
+    from torch._dynamo.utils import counters
 
     model, x = _tiny(), _images()
     mc.patch.timm(model)
@@ -177,9 +178,12 @@ def test_compile_after_fast_r0_forwards_traces_the_merging_path():
         model(x)
         model(x)  # the fast path is armed
         torch._dynamo.reset()
+        counters.clear()
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
         got = compiled(x)
         compiled(x)
+        compiled(x)
+    assert counters["stats"]["unique_graphs"] == 1  # the eager-only check is folded without a guard: no recompile
     torch.testing.assert_close(got, merged, atol=1e-5, rtol=1e-5)
     assert model._merge_info.tokens == TOKENS_R4
     torch._dynamo.reset()

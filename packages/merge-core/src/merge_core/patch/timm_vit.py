@@ -156,7 +156,11 @@ def _tracing_any() -> bool:
     return torch.compiler._is_compiling_flag or getattr(_guards_tls, "tracing_context", None) is not None
 
 
-if _guards_tls is not None and hasattr(torch._dynamo, "assume_constant_result"):
+if (
+    _guards_tls is not None
+    and hasattr(torch.compiler, "_is_compiling_flag")
+    and hasattr(torch._dynamo, "assume_constant_result")
+):
     _is_compiling = torch._dynamo.assume_constant_result(_tracing_any)
 else:  # pragma: no cover - older torch: two frames instead of one
     _is_compiling = torch.compiler.is_compiling
