@@ -57,5 +57,5 @@ def test_compile_frozen_key_and_default():
     assert load_ft_config(None).MODEL.COMPILE_FROZEN == "off"  # compiled path not yet measured on a GPU
     assert frozen_compiled("auto", torch.device("cuda")) and not frozen_compiled("auto", torch.device("cpu"))
     assert frozen_compiled("on", torch.device("cpu")) and not frozen_compiled("off", torch.device("cuda"))
-    with pytest.raises(ConfigError, match="MODEL.COMPILE_FROZEN: expected one of auto, on, off"):
+    with pytest.raises(ConfigError, match="MODEL.COMPILE_FROZEN: expected one of auto, on, off, reduce-overhead"):
         load_ft_config(None, ["MODEL.COMPILE_FROZEN", "yes"])

@@ -10,6 +10,7 @@ import torch
 from efficientsam3.config import ConfigError
 from efficientsam3.engine.export import export
 from efficientsam3.engine.geometry import main, teacher_targets, train
+from efficientsam3.finetune.cache import HostTeacherCache
 from efficientsam3.finetune.config import load_ft_config
 from efficientsam3.finetune.convert import extract_student
 from efficientsam3.model.sam3_frozen import TINY_DIMS, build_frozen_sam3
@@ -122,6 +123,19 @@ def test_teacher_cache_gives_the_same_training(ft_setup, tmp_path):
         torch.testing.assert_close(b[k], v, atol=1e-4, rtol=1e-3)
 
 
+def test_device_teacher_cache_gives_the_host_cache_training(ft_setup, tmp_path):
+    """DISTILL.CACHE_TEACHER_DEVICE_GB (here on the CPU 'device', capped at one 32x32 mask so the other images
+    spill to the host): the same weights as the host cache."""
+    cfg, sa1b, store = ft_setup
+    fixed = ["DISTILL.FIXED_PROMPTS", "True", "DISTILL.CACHE_TEACHER", "True"]
+    _run(cfg, sa1b, store, tmp_path / "host", "--opts", *fixed)
+    _run(cfg, sa1b, store, tmp_path / "dev", "--opts", *fixed, "DISTILL.CACHE_TEACHER_DEVICE_GB", "0.000003")
+    a = load_checkpoint(tmp_path / "host" / "ckpt_epoch_1.pth")["model"]
+    b = load_checkpoint(tmp_path / "dev" / "ckpt_epoch_1.pth")["model"]
+    for k, v in a.items():
+        torch.testing.assert_close(b[k], v, atol=0, rtol=0)
+
+
 def test_teacher_cache_maps_images_to_their_own_targets():
     torch.manual_seed(0)
     frozen = build_frozen_sam3(dims=TINY_DIMS)
@@ -129,9 +143,9 @@ def test_teacher_cache_maps_images_to_their_own_targets():
     pts = torch.rand(3, 2, 2)
     boxes = torch.cat([torch.rand(3, 2, 2) * 0.5 + 0.25, torch.full((3, 2, 2), 0.2)], -1)
     pad = torch.zeros(3, 2, dtype=torch.bool)
-    cache: dict = {}
+    cache = HostTeacherCache()
     idx, mask = teacher_targets(frozen, emb, (pts, pad, boxes, pad), ["a", "b", "c"], cache)
-    assert set(cache) == {"a", "b", "c"}
+    assert len(cache) == 3 and all(k in cache for k in "abc")
     order = [2, 0]  # a later batch with images c and a: served from the cache, in that order
     idx2, mask2 = teacher_targets(frozen, emb[order], (pts[order], pad[order], boxes[order], pad[order]), ["c", "a"],
                                   cache)  # fmt: skip

@@ -17,9 +17,11 @@ Suites (`--suite`, repeatable):
   cached, at the 72x72 and 36x36 FPN level; its parts (student fwd+bwd, frozen path for the student with
   backward, frozen path for the teacher); an EdgeSAM-style step (1 prompt, 2 decode iterations); and a
   stage-1 step of the same student at the same batch for the ratio (target: FT step <= 1.5x stage-1).
-  --ft-modes eager compiled: the same rows with the frozen path under torch.compile (the trainer's CUDA
-  default; compile seconds in the summary); the summary also holds the FLOP bound (frozen path for the
-  student vs the student's own fwd+bwd, counted FLOPs).
+  --ft-modes eager compiled graphed: the same rows with the frozen path under torch.compile (MODEL.COMPILE_FROZEN
+  on) and with CUDA graphs (reduce-overhead; compile seconds, graphs compiled and CUDA-graph skips in the
+  summary); the cached step with the host and the GPU-resident teacher cache; the summary also holds the FLOP
+  bound (frozen path for the student vs the student's own fwd+bwd, counted FLOPs). --ft-profile: the stage-1
+  step and one cached FT step per mode under torch.profiler (profile.py) into the summary.
   Not in the default suite list (ask for it).
 `--tiny` switches to CPU-sized settings (tiny SAM3 trunk, 64 px students). Results go to --out (JSON)."""
 
@@ -42,18 +44,21 @@ from merge_core.bench import measure
 from run_kit import OneLineArgumentParser, write_json_atomic
 
 from .data.transforms import preprocess, valid_mask
-from .engine.losses import stage1_loss
+from .engine.losses import masked_cosine, masked_mse, stage1_loss
+from .finetune.cache import DeviceTeacherCache, HostTeacherCache
 from .finetune.losses import LossWeights, embedding_mse, mask_terms, pick
 from .finetune.step import DecodeSettings, ft_loss, teacher_targets
 from .model.merged_teacher import apply_merging, attended_tokens
-from .model.sam3_frozen import SAM3_DIMS, TINY_DIMS, build_frozen_sam3, compile_frozen
+from .model.sam3_frozen import SAM3_DIMS, TINY_DIMS, build_frozen_sam3, compile_frozen, frozen_step_begin
 from .model.sam3_vit import SAM3_VIT, TINY_VIT, SAM3ViT, compile_trunk
 from .model.students import STUDENTS, build_student
 from .model.teacher import load_trunk
+from .profile import profile_step
 from .store import EmbeddingStore, ParallelReader, StoreWriter
 from .store.compact import ErrorMeter
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FT_MODES = ("eager", "compiled", "graphed")
 
 
 def _flops(fn) -> int:
@@ -340,6 +345,12 @@ def ft_prompts(b: int, n: int, generator: torch.Generator, device) -> dict[str, 
     return {k: v.to(device) for k, v in out.items()}
 
 
+def _compile_counts() -> dict[str, int]:
+    """Graphs dynamo has compiled so far and compiled graphs inductor ran without CUDA graphs (skips)."""
+    c = torch._dynamo.utils.counters
+    return {"graphs": int(c["stats"]["unique_graphs"]), "cudagraph_skips": int(c["inductor"]["cudagraph_skips"])}
+
+
 def _count_calls(module: torch.nn.Module, fn) -> int:
     """Forward calls of `module` during one fn() (what a timed step runs through the frozen path)."""
     calls = [0]
@@ -377,23 +388,34 @@ class FTBench:
         self.keys = [f"img{i}" for i in range(b)]
         self.frozen = None
         self.frozen_dtype = torch.float32
-        self.cache: dict = {}
+        self.cache = HostTeacherCache()
+        self.device_cache = self._device_cache()
+
+    def _device_cache(self) -> DeviceTeacherCache:
+        """The GPU-resident teacher cache (DISTILL.CACHE_TEACHER_DEVICE_GB > 0) with room for the batch."""
+        s = 4 * self.args.embed_size
+        return DeviceTeacherCache(len(self.keys), 1e12, (s, s), self.device)
 
     def amp(self, dtype: torch.dtype = torch.float16):
         return torch.autocast(self.device.type, dtype=dtype, enabled=self.gpu)
 
-    def set_frozen(self, level: int, dtype: torch.dtype, compiled: bool = False) -> float:
-        """A fresh frozen path (compiled: torch.compile as the trainer's default on CUDA), its teacher cache
-        filled by one cached step (the first epoch of a DISTILL.CACHE_TEACHER run); -> seconds of that step
-        (with compiled: the compile of the teacher and student graphs, forward and backward)."""
+    def set_frozen(self, level: int, dtype: torch.dtype, mode: str = "eager") -> float:
+        """A fresh frozen path (mode "compiled": torch.compile as MODEL.COMPILE_FROZEN on; "graphed": with
+        CUDA graphs, MODEL.COMPILE_FROZEN reduce-overhead), both teacher caches filled by one cached step (the
+        first epoch of a DISTILL.CACHE_TEACHER run); -> seconds of those steps (compiled: the compile of the
+        teacher and student graphs, forward and backward; graphed: also the graph captures)."""
         torch.manual_seed(0)
         self.frozen = build_frozen_sam3("", self.dims, level).to(self.device)
-        if compiled:
-            compile_frozen(self.frozen)
+        if mode != "eager":
+            torch._dynamo.reset()  # a fresh compile per mode: no graph of the other mode's backend is reused
+            graphs = "reduce-overhead" if mode == "graphed" else "default"
+            compile_frozen(self.frozen, backend=self.args.ft_compile_backend, mode=graphs)
         self.frozen_dtype = dtype
-        self.cache = {}
+        self.cache = HostTeacherCache()
+        self.device_cache = self._device_cache()
         t0 = time.perf_counter()
         self.ft_step(True)
+        self.ft_step("device")
         if self.gpu:
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
@@ -407,9 +429,18 @@ class FTBench:
         self.scaler.update()
 
     def stage1_step(self) -> None:
+        """The stage-1 trainer's step (its loss reads its parts with .item(): a host sync before the backward)."""
         with self.amp():
             pred = self.student(self.images)
         self.update(stage1_loss(pred, self.target, self.embed_valid)[0])
+
+    def stage1_step_nosync(self) -> None:
+        """The same step without reading the loss parts (the stage-1 loss total: MSE + cosine), the like-for-like
+        base for an FT step that no longer reads its parts either."""
+        with self.amp():
+            pred = self.student(self.images).float()
+        valid = self.embed_valid
+        self.update(masked_mse(pred, self.target, valid) + masked_cosine(pred, self.target, valid))
 
     def student_fwd_bwd(self) -> None:
         with self.amp():
@@ -423,12 +454,14 @@ class FTBench:
 
     def frozen_teacher(self) -> None:
         """The teacher pass as the step runs it: scores of all queries, the best query's mask only."""
+        frozen_step_begin(self.frozen)
         with torch.no_grad(), self.amp(self.frozen_dtype):
             self.frozen(self.target, *self._args(), mask_query="best")
 
     def frozen_student(self, all_queries: bool = False) -> None:
         """Frozen path forward on an embedding that needs a gradient, mask loss, backward to the embedding.
         all_queries: the former way (all Q masks computed, then one picked) for comparison."""
+        frozen_step_begin(self.frozen)
         emb = self.target.detach().requires_grad_(True)
         idx = torch.zeros(len(self.keys), dtype=torch.long, device=self.device)
         labels = torch.ones(self.prompts["points"].shape[:2], dtype=torch.long, device=self.device)  # as ft_loss
@@ -440,10 +473,11 @@ class FTBench:
         bce, dice = mask_terms(s_mask, torch.zeros_like(s_mask, dtype=torch.float32), self.mask_valid)
         self.scaler.scale(bce + dice).backward()
 
-    def ft_step(self, cached: bool, edgesam: bool = False) -> None:
+    def ft_step(self, cached: bool | str, edgesam: bool = False) -> None:
+        """cached: False, True (host cache, the trainer's default) or "device" (DISTILL.CACHE_TEACHER_DEVICE_GB)."""
         settings = DecodeSettings(LossWeights(), decode_iters=2, iter_on_box=True) if edgesam else DecodeSettings()
         prompts = self.one_prompt if edgesam else self.prompts
-        cache = self.cache if cached else None
+        cache = self.device_cache if cached == "device" else (self.cache if cached else None)
         with self.amp():
             pred = self.student(self.images)
         loss, _ = ft_loss(
@@ -489,45 +523,85 @@ def bench_finetune(args, device, save=lambda part: None) -> dict:
 
     def timed(name: str, fn, count: bool = False, **info) -> None:
         key = (name, info.get("level"))
-        row = fb.timed(name, fn, count, gflop.get(key) if info.get("frozen") == "compiled" else None, **info)
+        row = fb.timed(name, fn, count, gflop.get(key) if info.get("frozen", "eager") != "eager" else None, **info)
         gflop.setdefault(key, row["gflop_per_img"])
         add(row)
 
     timed("stage1_step", fb.stage1_step)
+    timed("stage1_step_nosync", fb.stage1_step_nosync)
     timed("student_fwd_bwd", fb.student_fwd_bwd)
+    if args.ft_profile:
+        summary["profile"] = {"stage1": profile_step(fb.stage1_step, device, args.ft_profile_top)}
+        print_profile("stage-1 step", summary["profile"]["stage1"])
     dtypes = args.ft_frozen_dtypes if fb.gpu else ["fp32"]
-    modes = ["eager", *[m for m in args.ft_modes if m != "eager"]] if "compiled" in args.ft_modes else ["eager"]
+    # compiled / graphed rows reuse the eager rows' FLOP counts, so eager always runs first, then the others in
+    # the order asked for
+    modes = ["eager", *dict.fromkeys(m for m in args.ft_modes if m != "eager")]
     first = (dtypes[0], args.ft_levels[0])
     for name in dtypes:
         for level in args.ft_levels:
             for mode in modes:
-                warm_s = fb.set_frozen(level, DTYPES[name], mode == "compiled")
+                before = _compile_counts()
+                warm_s = fb.set_frozen(level, DTYPES[name], mode)
+                warm = _compile_counts()
                 info = {"frozen_dtype": name, "level": level, "frozen": mode}
-                if mode == "compiled":
-                    summary[f"compile_s_{name}_{level}"] = warm_s
+                if mode != "eager":
+                    summary[f"compile_s_{name}_{level}" + ("" if mode == "compiled" else f"_{mode}")] = warm_s
                 timed("frozen_teacher", fb.frozen_teacher, **info)
                 timed("frozen_student", fb.frozen_student, **info)
                 if name == dtypes[0] and mode == "eager":
                     timed("frozen_student_allq", lambda: fb.frozen_student(True), **info)
-                timed("ft_step_uncached", lambda: fb.ft_step(False), True, **info)
                 timed("ft_step_cached", lambda: fb.ft_step(True), True, **info)
+                timed("ft_step_cached_device", lambda: fb.ft_step("device"), True, **info)
+                timed("ft_step_uncached", lambda: fb.ft_step(False), True, **info)
                 if (name, level) == first and (mode == "eager" or args.ft_edgesam_compiled):
                     timed("ft_step_edgesam", lambda: fb.ft_step(False, True), True, **info)
+                if mode != "eager":  # graphs compiled while warming up / during the timed rows (should be 0)
+                    after = _compile_counts()
+                    summary[f"graphs_{name}_{level}_{mode}"] = {
+                        "warm_up": warm["graphs"] - before["graphs"], "during_rows": after["graphs"] - warm["graphs"],
+                        "cudagraph_skips": after["cudagraph_skips"] - before["cudagraph_skips"],
+                    }  # fmt: skip
+                if args.ft_profile and (name, level) == first:
+                    for cache, suffix in (("device", ""), (True, "_host_cache")):
+                        prof = profile_step(lambda c=cache: fb.ft_step(c), device, args.ft_profile_top)
+                        summary.setdefault("profile", {})[mode + suffix] = prof
+                        print_profile(f"cached FT step ({suffix[1:] or 'device_cache'}), frozen path {mode}", prof)
+                    save({"rows": rows, "summary": summary, "partial": True})
     stage1_ms = rows[0]["ms"]
+    nosync_ms = rows[1]["ms"]
     for row in rows:
         row["x_stage1"] = row["ms"] / stage1_ms
-    summary["stage1_ms"] = stage1_ms
+        if row["part"].startswith("ft_step_cached"):
+            row["x_stage1_nosync"] = row["ms"] / nosync_ms
+    summary["stage1_ms"], summary["stage1_nosync_ms"] = stage1_ms, nosync_ms
     for row in rows:
         if row["part"].startswith("ft_step_") and row.get("level") == args.ft_levels[0]:
             key = f"{row['part']}_x_stage1" + ("" if row["frozen_dtype"] == dtypes[0] else f"_{row['frozen_dtype']}")
-            summary[key + ("_compiled" if row["frozen"] == "compiled" else "")] = row["x_stage1"]
-    summary["target_met"] = min(v for k, v in summary.items() if k.startswith("ft_step_cached_x")) <= 1.5
+            summary[key + ("" if row["frozen"] == "eager" else f"_{row['frozen']}")] = row["x_stage1"]
+    summary["target_met"] = min(v for k, v in summary.items() if k.startswith("ft_step_cached")) <= 1.5
     summary["target_met_uncached"] = min(v for k, v in summary.items() if k.startswith("ft_step_uncached_x")) <= 1.5
+    cached = [r for r in rows if r["part"].startswith("ft_step_cached") and r.get("level") == args.ft_levels[0]]
+    best = min(cached, key=lambda r: r["ms"])
+    summary["best_cached"] = {"part": best["part"], "frozen": best["frozen"], "frozen_dtype": best["frozen_dtype"],
+                              "ms": best["ms"], "x_stage1": best["x_stage1"],
+                              "x_stage1_nosync": best["x_stage1_nosync"]}  # fmt: skip
     summary.update(flop_bound(rows, args.ft_levels[0]))
     summary["seconds"] = time.perf_counter() - t_start
     print_ft_table(rows, summary)
     return {"rows": rows, "summary": summary, "student": args.ft_student, "batch": args.ft_batch,
             "img_size": args.img_size, "prompts": args.ft_prompts}  # fmt: skip
+
+
+def print_profile(title: str, prof: dict) -> None:
+    """The profile's short table: wall vs GPU busy, host syncs and copies, the top kernels and CPU ops."""
+    print(f"profile: {title}: wall {prof['wall_ms']:.2f} ms, GPU busy {prof['gpu_busy_ms']:.2f} ms "
+          f"({prof['gpu_busy_frac']:.0%}), {prof['kernels']} kernels; syncs / copies: "
+          + ", ".join(f"{k} {v}" for k, v in prof["sync_calls"].items()))  # fmt: skip
+    for e in prof["top_kernels"][:10]:
+        print(f"  gpu {e['self_ms']:8.3f} ms x{e['count']:<5} {e['name'][:90]}")
+    for e in prof["top_cpu_ops"][:10]:
+        print(f"  cpu {e['self_ms']:8.3f} ms x{e['count']:<5} {e['name'][:90]}")
 
 
 def flop_bound(rows: list[dict], level: int) -> dict:
@@ -556,6 +630,11 @@ def print_ft_table(rows: list[dict], summary: dict) -> None:
               f"{r['gflop_per_img']:9.1f} {r['tflop_per_s']:8.2f} {r.get('peak_gib', float('nan')):8.2f}")  # fmt: skip
     print(f"target FT step <= 1.5x stage-1: cached {summary['target_met']}, uncached "
           f"{summary['target_met_uncached']} ({summary['seconds']:.0f} s)")  # fmt: skip
+    b = summary.get("best_cached")
+    if b:
+        print(f"best cached FT step: {b['part']} ({b['frozen']}, {b['frozen_dtype']}) {b['ms']:.2f} ms = "
+              f"{b['x_stage1']:.2f}x the stage-1 step, {b['x_stage1_nosync']:.2f}x the stage-1 step without its "
+              f"loss-part reads")  # fmt: skip
     if "frozen_student_flop_x_student" in summary:
         print(f"FLOP bound: frozen path for the student {summary['frozen_student_gflop_per_img']:.0f} GFLOP/img = "
               f"{summary['frozen_student_flop_x_student']:.2f}x the student's fwd+bwd "
@@ -674,9 +753,17 @@ def build_parser():
                    help="finetune suite: autocast dtypes of the frozen SAM3 path (GPU)")  # fmt: skip
     p.add_argument("--ft-levels", type=int, nargs="+", default=[72, 36], choices=(72, 36),
                    help="finetune suite: FPN levels fed to the frozen path (the first is the summary's)")  # fmt: skip
-    p.add_argument("--ft-modes", nargs="+", default=["eager"], choices=("eager", "compiled"),
-                   help="finetune suite: frozen path eager and/or torch.compile'd (compiled rows reuse the eager "
-                        "rows' FLOP counts, so eager always runs first)")  # fmt: skip
+    p.add_argument("--ft-modes", nargs="+", default=["eager"], choices=FT_MODES,
+                   help="finetune suite: frozen path eager, torch.compile'd and/or compiled with CUDA graphs "
+                        "(graphed = MODEL.COMPILE_FROZEN reduce-overhead); eager always runs first (its FLOP "
+                        "counts serve the others), then compiled, then graphed")  # fmt: skip
+    p.add_argument("--ft-compile-backend", default="inductor", choices=("inductor", "aot_eager", "eager"),
+                   help="finetune suite: torch.compile backend of the compiled / graphed rows (CPU smoke runs: "
+                        "aot_eager; CUDA graphs need inductor)")  # fmt: skip
+    p.add_argument("--ft-profile", action="store_true",
+                   help="finetune suite: one cached FT step per mode under torch.profiler (top kernels and CPU "
+                        "ops, host syncs and copies, GPU busy vs wall) into the summary's 'profile'")  # fmt: skip
+    p.add_argument("--ft-profile-top", type=int, default=25, help="finetune suite: kernels / ops kept per profile")
     p.add_argument("--ft-edgesam-compiled", action="store_true", help="finetune suite: EdgeSAM row compiled too")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)

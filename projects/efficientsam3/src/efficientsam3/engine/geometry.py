@@ -40,6 +40,7 @@ from ..config import ConfigError, from_dict, to_dict
 from ..convert import TARGET, student_state
 from ..data.sa1b import SA1BDataset, augmentation_seed, collate
 from ..data.transforms import valid_mask
+from ..finetune.cache import build_teacher_cache, host_to_device
 from ..finetune.config import FT_CHOICES, ft_defaults, load_ft_config
 from ..finetune.losses import LossWeights
 from ..finetune.prompts import collate_prompts, pad_prompts, sample_prompts
@@ -128,9 +129,23 @@ def batch_prompts(batch: dict, cfg, epoch: int) -> dict[str, torch.Tensor]:
     return prompts
 
 
+def frozen_compile_mode(mode: str, device: torch.device) -> str | None:
+    """MODEL.COMPILE_FROZEN -> torch.compile mode of the frozen path, None = eager: "on" -> "default", "auto" =
+    "default" on CUDA only (CPU compiles take minutes and gain little), "reduce-overhead" (CUDA graphs; on
+    the CPU torch skips the graphs, i.e. "on")."""
+    if mode == "reduce-overhead":
+        return mode
+    return "default" if mode == "on" or (mode == "auto" and device.type == "cuda") else None
+
+
 def frozen_compiled(mode: str, device: torch.device) -> bool:
-    """MODEL.COMPILE_FROZEN: "on", "off", or "auto" = on CUDA only (CPU compiles take minutes and gain little)."""
-    return mode == "on" or (mode == "auto" and device.type == "cuda")
+    """Whether MODEL.COMPILE_FROZEN compiles the frozen path on `device`."""
+    return frozen_compile_mode(mode, device) is not None
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Host tensors built per step (prompts) to the device without a host sync (pinned, non-blocking)."""
+    return {k: host_to_device(v, device) for k, v in batch.items()}
 
 
 def refine_uniforms(keys: list[str], epoch: int, n: int) -> Callable[[int], torch.Tensor]:
@@ -160,8 +175,8 @@ def evaluate(model, loader, batch_loss, epoch: int, env, log) -> dict:
         if not batch["key"]:
             continue
         loss, parts = batch_loss(batch, epoch)
-        for k, v in {"loss": loss.item(), **parts}.items():
-            sums[k] = sums.get(k, 0.0) + v
+        for k, v in {"loss": loss, **parts}.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
         n += 1
     if not n:
         raise ValueError("--eval: no full batch to evaluate")
@@ -195,9 +210,10 @@ def _train(cfg, args, env, log, ckpt, ckpt_path) -> dict:
         frozen = build_frozen_sam3(checkpoint, dims, cfg.MODEL.FEATURE_SIZE).to(env.device)
     for name, n in frozen.component_sizes().items():
         log.info(f"frozen SAM3 {name}: {n / 1e6:.2f}M parameters")
-    compiled = frozen_compiled(cfg.MODEL.COMPILE_FROZEN, env.device)
+    compile_mode = frozen_compile_mode(cfg.MODEL.COMPILE_FROZEN, env.device)
+    compiled = compile_mode is not None
     if compiled:
-        compile_frozen(frozen)
+        compile_frozen(frozen, mode=compile_mode)
     prompt_slots = 1 if d.PROMPT_MIX else d.MAX_PROMPTS  # compiled: one static prompt shape
     student = build_student(cfg.MODEL.BACKBONE, d.EMBED_DIM, d.EMBED_SIZE)
     if cfg.MODEL.PRETRAINED:
@@ -251,30 +267,33 @@ def _train(cfg, args, env, log, ckpt, ckpt_path) -> dict:
         f"{len(dataset)} images, {steps_per_epoch} steps/epoch x {t.EPOCHS} epochs, lr {lrs[0]:.3g} "
         f"(batch {data.BATCH_SIZE} x {env.world_size} x {accum}), AMP {use_amp} {cfg.AMP_DTYPE}, "
         f"FPN level {cfg.MODEL.FEATURE_SIZE}, frozen path {cfg.MODEL.SAM3_DTYPE or cfg.AMP_DTYPE}, "
-        f"decode iterations {d.DECODE_ITERS}, frozen path {'compiled' if compiled else 'eager'}"
+        f"decode iterations {d.DECODE_ITERS}, frozen path {compile_mode or 'eager'}"
     )
     mask_size = 4 * d.EMBED_SIZE
-    cache: dict[str, tuple[int, torch.Tensor]] = {}  # key -> (teacher's best query, its mask logits, fp16 CPU)
+    # key -> (teacher's best query, its mask logits fp16), on the CPU or up to CACHE_TEACHER_DEVICE_GB on the GPU
+    cache = None
+    if d.CACHE_TEACHER:
+        cache = build_teacher_cache(d.CACHE_TEACHER_DEVICE_GB, len(sampler), (mask_size, mask_size), env.device)
 
-    def batch_loss(batch: dict, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def batch_loss(batch: dict, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Teacher targets (cached or not), student embedding through the frozen path, the FT loss."""
         images = batch["image"].to(env.device, non_blocking=True)
         if teacher is not None:
             target = run_teacher(teacher, images)
         else:
             target = batch["target"].to(env.device, non_blocking=True)
-        hw = batch["hw"].to(env.device)
+        hw = batch["hw"].to(env.device, non_blocking=True)
         pr = batch_prompts(batch, cfg, epoch)
         if compiled:
             pr = pad_prompts(pr, prompt_slots)
-        pr = {k: v.to(env.device) for k, v in pr.items()}
+        pr = to_device(pr, env.device)
         keys = batch["key"]
         with amp_autocast(env.device, use_amp, amp_dtype):
             pred = model(images)
         return ft_loss(
             frozen, pred, target, pr, valid_mask(hw, data.IMG_SIZE, d.EMBED_SIZE),
             valid_mask(hw, data.IMG_SIZE, mask_size), decode,
-            first_teacher=lambda a: teacher_targets(frozen, target, a, keys, cache if d.CACHE_TEACHER else None),
+            first_teacher=lambda a: teacher_targets(frozen, target, a, keys, cache),
             uniforms=refine_uniforms(keys, 0 if d.FIXED_PROMPTS else epoch, d.REFINE_POINTS),
             frozen_ctx=lambda: amp_autocast(env.device, use_amp, frozen_dtype),
         )  # fmt: skip

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..model.sam3_frozen import frozen_step_begin
+from .cache import TeacherCache
 from .losses import LossWeights, embedding_mse, mask_terms
 from .refine import append_points, sample_refinement_points
 
@@ -35,16 +37,15 @@ def teacher_pass(frozen, target: torch.Tensor, args: PromptArgs, labels: torch.T
     return out["query"], out["pred_masks"][:, 0]
 
 
-def teacher_targets(frozen, target, args_p, keys, cache):
+def teacher_targets(frozen, target, args_p, keys, cache: TeacherCache | None):
     """(best query (B,), its mask logits (B, H, W)) from the teacher embedding; from `cache` when every image
-    of the batch is in it (prompts fixed per image), else computed and, with a cache, stored."""
-    if cache is not None and all(k in cache for k in keys):
-        idx = torch.tensor([cache[k][0] for k in keys], device=target.device)
-        return idx, torch.stack([cache[k][1] for k in keys]).to(target.device)
+    of the batch is in it (prompts fixed per image; no host sync: see finetune.cache), else computed and, with
+    a cache, stored."""
+    if cache is not None and cache.has_all(keys):
+        return cache.get(keys, target.device)
     idx, mask = teacher_pass(frozen, target, args_p, None)
     if cache is not None:
-        for k, i, m in zip(keys, idx.tolist(), mask.to("cpu", torch.float16), strict=True):
-            cache[k] = (i, m)
+        cache.put(keys, idx, mask)
     return idx, mask
 
 
@@ -59,12 +60,15 @@ def ft_loss(
     first_teacher: Callable[[PromptArgs], tuple[torch.Tensor, torch.Tensor]] | None = None,
     uniforms: Callable[[int], torch.Tensor] | None = None,
     frozen_ctx: Callable[[], AbstractContextManager] = nullcontext,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total loss and its parts (embed_mse, mask_bce / mask_dice averaged over iterations, refine_points =
-    refinement points added per image). pred: the student embedding (with gradient); target: the teacher's;
+    refinement points added per image), the parts as detached 0-dim tensors: reading them (`float`) waits
+    for the GPU, so the caller does it only when it logs (a read here would stall the host before the
+    backward is queued). pred: the student embedding (with gradient); target: the teacher's;
     prompts: points / point_pad / boxes / box_pad; first_teacher(args) may serve iteration 0 (the cache);
     uniforms(it) -> (B, refine_points) in [0, 1) drives the refinement draws (default: torch.rand);
     frozen_ctx: the autocast the frozen path runs under."""
+    frozen_step_begin(frozen)  # CUDA-graph trees (reduce-overhead): a new step, the last one's outputs are free
     w = settings.weights
     points, point_pad = prompts["points"], prompts["point_pad"]
     boxes, box_pad = prompts["boxes"], prompts["box_pad"]
@@ -108,7 +112,7 @@ def ft_loss(
         points, labels, point_pad = append_points(points, labels, point_pad, new_p, new_l, new_pad)
     bce, dice = torch.stack(bces).mean(), torch.stack(dices).mean()
     total = w.embed * mse + w.bce * bce + w.dice * dice
-    parts = {"embed_mse": mse.item(), "mask_bce": bce.item(), "mask_dice": dice.item()}
+    parts = {"embed_mse": mse.detach(), "mask_bce": bce.detach(), "mask_dice": dice.detach()}
     if settings.decode_iters > 1:
-        parts["refine_points"] = float(added.mean())
+        parts["refine_points"] = added.mean()
     return total, parts

@@ -9,6 +9,7 @@ drops 36x36) and gives the segmentation head the levels 288/144/72; 36 reproduce
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +58,7 @@ class FrozenSAM3(nn.Module):
             raise ValueError(f"MODEL.FEATURE_SIZE: expected 72 or 36, got {feature_size}")
         d = dims.d_model
         self.feature_size = feature_size
+        self.compile_mode: str | None = None  # set by compile_frozen
         self.neck = SimpleFPN(dims.embed_dim, d)
         self.geometry_encoder = GeometryEncoder(d, dims.ffn, dims.heads, dims.geometry_layers)
         self.encoder = TransformerEncoder(d, dims.ffn, dims.heads, dims.encoder_layers)
@@ -128,15 +130,33 @@ class FrozenSAM3(nn.Module):
         return out
 
 
-def compile_frozen(model: FrozenSAM3, backend: str = "inductor") -> FrozenSAM3:
+COMPILE_MODES = ("default", "reduce-overhead")
+
+
+def compile_frozen(model: FrozenSAM3, backend: str | Callable = "inductor", mode: str = "default") -> FrozenSAM3:
     """torch.compile the frozen path in place (MODEL.COMPILE_FROZEN on; off by default until measured):
     image_features and decode each become one static-shape graph (forward, and forward+backward to the embedding for the
     student path); parameters and state dict are untouched. Keep prompt counts fixed (pad_prompts) or every
-    new count compiles again. backend "aot_eager" checks capture and autograd without code generation (tests)."""
-    opts = {"fullgraph": True, "dynamic": False, "backend": backend}
+    new count compiles again. backend "aot_eager" checks capture and autograd without code generation (tests).
+    mode "reduce-overhead" (inductor only): CUDA graphs replay each graph with one launch; call
+    `frozen_step_begin` at the start of each step (outputs of a replay are overwritten by the next)."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"mode: expected one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    opts: dict = {"fullgraph": True, "dynamic": False, "backend": backend}
+    if backend == "inductor":
+        opts["mode"] = mode
     model.image_features = torch.compile(model.image_features, **opts)
     model.decode = torch.compile(model.decode, **opts)
+    model.compile_mode = mode
     return model
+
+
+def frozen_step_begin(model: FrozenSAM3) -> None:
+    """Tell CUDA-graph trees a new training step starts (MODEL.COMPILE_FROZEN reduce-overhead); a no-op
+    otherwise. Without it a step that runs the no-grad teacher graph and then the student graph may be taken
+    for one iteration and keep the previous step's outputs alive."""
+    if getattr(model, "compile_mode", None) == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 def load_frozen_sam3(model: FrozenSAM3, path: str, flag: str = "MODEL.SAM3_CHECKPOINT") -> None:
