@@ -208,6 +208,8 @@ def test_busy_union_and_profile_on_cpu():
     prof = profile_step(lambda: (x @ x).relu().sum(), torch.device("cpu"), top=3)
     assert prof["wall_ms"] > 0 and prof["gpu_busy_ms"] == 0 and prof["kernels"] == 0
     assert len(prof["top_cpu_ops"]) == 3 and any("mm" in e["name"] for e in prof["top_cpu_ops"])
-    assert prof["sync_calls"] == {}
+    assert prof["sync_calls"] == {} and prof["launch_calls"] == {} and prof["scalar_reads"] == 0
+    read = profile_step(lambda: (x @ x).sum().item(), torch.device("cpu"))
+    assert read["scalar_reads"] == 1 and read["sync_calls"] == {}  # the .item(), of a CPU tensor: no sync
     with pytest.raises(ValueError, match="top: expected >= 1"):
         profile_step(lambda: None, torch.device("cpu"), top=0)

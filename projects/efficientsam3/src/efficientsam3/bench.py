@@ -32,6 +32,7 @@ import platform
 import shutil
 import tempfile
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -538,35 +539,46 @@ def bench_finetune(args, device, save=lambda part: None) -> dict:
     # the order asked for
     modes = ["eager", *dict.fromkeys(m for m in args.ft_modes if m != "eager")]
     first = (dtypes[0], args.ft_levels[0])
+
+    def run_mode(name: str, level: int, mode: str) -> None:
+        """The rows (and the profile) of one frozen dtype, level and mode."""
+        before = _compile_counts()
+        warm_s = fb.set_frozen(level, DTYPES[name], mode)
+        warm = _compile_counts()
+        info = {"frozen_dtype": name, "level": level, "frozen": mode}
+        if mode != "eager":
+            summary[f"compile_s_{name}_{level}" + ("" if mode == "compiled" else f"_{mode}")] = warm_s
+        timed("frozen_teacher", fb.frozen_teacher, **info)
+        timed("frozen_student", fb.frozen_student, **info)
+        if name == dtypes[0] and mode == "eager":
+            timed("frozen_student_allq", lambda: fb.frozen_student(True), **info)
+        timed("ft_step_cached", lambda: fb.ft_step(True), True, **info)
+        timed("ft_step_cached_device", lambda: fb.ft_step("device"), True, **info)
+        timed("ft_step_uncached", lambda: fb.ft_step(False), True, **info)
+        if (name, level) == first and (mode == "eager" or args.ft_edgesam_compiled):
+            timed("ft_step_edgesam", lambda: fb.ft_step(False, True), True, **info)
+        if mode != "eager":  # graphs compiled while warming up / during the timed rows (should be 0)
+            after = _compile_counts()
+            summary[f"graphs_{name}_{level}_{mode}"] = {
+                "warm_up": warm["graphs"] - before["graphs"], "during_rows": after["graphs"] - warm["graphs"],
+                "cudagraph_skips": after["cudagraph_skips"] - before["cudagraph_skips"],
+            }  # fmt: skip
+        if args.ft_profile and (name, level) == first:
+            for cache, suffix in (("device", ""), (True, "_host_cache")):
+                prof = profile_step(lambda c=cache: fb.ft_step(c), device, args.ft_profile_top)
+                summary.setdefault("profile", {})[mode + suffix] = prof
+                print_profile(f"cached FT step ({suffix[1:] or 'device_cache'}), frozen path {mode}", prof)
+            save({"rows": rows, "summary": summary, "partial": True})
+
     for name in dtypes:
         for level in args.ft_levels:
             for mode in modes:
-                before = _compile_counts()
-                warm_s = fb.set_frozen(level, DTYPES[name], mode)
-                warm = _compile_counts()
-                info = {"frozen_dtype": name, "level": level, "frozen": mode}
-                if mode != "eager":
-                    summary[f"compile_s_{name}_{level}" + ("" if mode == "compiled" else f"_{mode}")] = warm_s
-                timed("frozen_teacher", fb.frozen_teacher, **info)
-                timed("frozen_student", fb.frozen_student, **info)
-                if name == dtypes[0] and mode == "eager":
-                    timed("frozen_student_allq", lambda: fb.frozen_student(True), **info)
-                timed("ft_step_cached", lambda: fb.ft_step(True), True, **info)
-                timed("ft_step_cached_device", lambda: fb.ft_step("device"), True, **info)
-                timed("ft_step_uncached", lambda: fb.ft_step(False), True, **info)
-                if (name, level) == first and (mode == "eager" or args.ft_edgesam_compiled):
-                    timed("ft_step_edgesam", lambda: fb.ft_step(False, True), True, **info)
-                if mode != "eager":  # graphs compiled while warming up / during the timed rows (should be 0)
-                    after = _compile_counts()
-                    summary[f"graphs_{name}_{level}_{mode}"] = {
-                        "warm_up": warm["graphs"] - before["graphs"], "during_rows": after["graphs"] - warm["graphs"],
-                        "cudagraph_skips": after["cudagraph_skips"] - before["cudagraph_skips"],
-                    }  # fmt: skip
-                if args.ft_profile and (name, level) == first:
-                    for cache, suffix in (("device", ""), (True, "_host_cache")):
-                        prof = profile_step(lambda c=cache: fb.ft_step(c), device, args.ft_profile_top)
-                        summary.setdefault("profile", {})[mode + suffix] = prof
-                        print_profile(f"cached FT step ({suffix[1:] or 'device_cache'}), frozen path {mode}", prof)
+                try:
+                    run_mode(name, level, mode)
+                except Exception as e:  # noqa: BLE001  (a failed mode must not lose the others' rows)
+                    summary[f"error_{name}_{level}_{mode}"] = _why(e)
+                    traceback.print_exc()
+                    print(json.dumps({"mode": mode, "error": _why(e)}), flush=True)
                     save({"rows": rows, "summary": summary, "partial": True})
     stage1_ms = rows[0]["ms"]
     nosync_ms = rows[1]["ms"]
@@ -596,8 +608,12 @@ def bench_finetune(args, device, save=lambda part: None) -> dict:
 def print_profile(title: str, prof: dict) -> None:
     """The profile's short table: wall vs GPU busy, host syncs and copies, the top kernels and CPU ops."""
     print(f"profile: {title}: wall {prof['wall_ms']:.2f} ms, GPU busy {prof['gpu_busy_ms']:.2f} ms "
-          f"({prof['gpu_busy_frac']:.0%}), {prof['kernels']} kernels; syncs / copies: "
+          f"({prof['gpu_busy_frac']:.0%}), {prof['kernels']} kernels, {prof['scalar_reads']} scalar reads; "
+          "syncs / copies: "
           + ", ".join(f"{k} {v}" for k, v in prof["sync_calls"].items()))  # fmt: skip
+    if prof["launch_calls"]:
+        print("  launches: " + ", ".join(f"{k} {v['count']} ({v['host_ms']:.1f} ms host)" for k, v in
+                                         prof["launch_calls"].items()))  # fmt: skip
     for e in prof["top_kernels"][:10]:
         print(f"  gpu {e['self_ms']:8.3f} ms x{e['count']:<5} {e['name'][:90]}")
     for e in prof["top_cpu_ops"][:10]:

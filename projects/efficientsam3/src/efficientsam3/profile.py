@@ -17,13 +17,17 @@ SYNC_CALLS = (
     "cudaStreamSynchronize",
     "cudaDeviceSynchronize",
     "cudaEventSynchronize",
-    "cudaStreamWaitEvent",
     "cudaMemcpy",
     "cudaMemcpyAsync",
     "cudaMemcpyWithStream",
     "cuMemcpyHtoDAsync_v2",
     "cuMemcpyDtoHAsync_v2",
 )
+# .item() / float() / bool() of a tensor; a host sync only for a GPU tensor (one cudaMemcpyAsync D2H + one
+# cudaStreamSynchronize each, counted above): AdamW's non-capturable step counters are CPU tensors read so
+SCALAR_READ = "aten::_local_scalar_dense"
+# kernel launches from the host (eager kernels, inductor's Triton kernels) and CUDA-graph replays
+LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
 
 
 def _self_device_us(e) -> float:
@@ -53,7 +57,8 @@ def busy_union_us(intervals: list[tuple[float, float]]) -> tuple[float, list[tup
 def profile_step(fn: Callable[[], object], device: torch.device, top: int = 25) -> dict:
     """fn() once for warm-up, then once under the profiler (CPU, plus CUDA on a GPU). -> wall_ms, gpu_busy_ms,
     gpu_busy_frac, kernels, top_kernels / top_cpu_ops [{name, self_ms, count}], sync_calls {name: count},
-    largest_gaps [{at_ms, ms}] (GPU idle stretches, from the first GPU activity)."""
+    scalar_reads (host reads of tensor values, CPU or GPU tensors), launch_calls {name: {count, host_ms}},
+    largest_gaps [{at_ms, ms}] (GPU idle stretches, timed from the first GPU activity)."""
     if top < 1:
         raise ValueError(f"top: expected >= 1, got {top}")
     gpu = device.type == "cuda"
@@ -72,9 +77,16 @@ def profile_step(fn: Callable[[], object], device: torch.device, top: int = 25) 
     cpu_ops = sorted((e for e in avgs if e.device_type == DeviceType.CPU), key=lambda e: e.self_cpu_time_total,
                      reverse=True)  # fmt: skip
     counts = {name: 0 for name in SYNC_CALLS}
+    launches = {name: [0, 0.0] for name in LAUNCH_CALLS}
+    scalar_reads = 0
     for e in avgs:
+        if e.key == SCALAR_READ:
+            scalar_reads += e.count
         if e.key in counts:
             counts[e.key] += e.count
+        if e.key in launches:
+            launches[e.key][0] += e.count
+            launches[e.key][1] += e.self_cpu_time_total / 1e3
     spans = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
     busy_us, gaps = busy_union_us(spans)
     first = min((s for s, _ in spans), default=0.0)
@@ -89,5 +101,7 @@ def profile_step(fn: Callable[[], object], device: torch.device, top: int = 25) 
             {"name": e.key, "self_ms": e.self_cpu_time_total / 1e3, "count": e.count} for e in cpu_ops[:top]
         ],
         "sync_calls": {k: v for k, v in counts.items() if v},
+        "scalar_reads": scalar_reads,
+        "launch_calls": {k: {"count": n, "host_ms": ms} for k, (n, ms) in launches.items() if n},
         "largest_gaps": [{"at_ms": (s - first) / 1e3, "ms": g / 1e3} for s, g in largest],
     }

@@ -25,7 +25,7 @@ export PYTHONPATH="$SRC${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
 ARGS=(--suite finetune --warmup 3 --iters 15 --ft-levels 72 --ft-frozen-dtypes fp16 --ft-modes eager graphed compiled
       --ft-profile)
-LIMIT="${FT_TIMEOUT:-400}"
+LIMIT="${FT_TIMEOUT:-390}"
 if [ "${TINY:-0}" = 1 ]; then
   ARGS=(--suite finetune --tiny --device cpu --warmup 0 --iters 1 --ft-prompts 4 --ft-levels 72
         --ft-modes eager graphed compiled --ft-compile-backend aot_eager --ft-profile --ft-profile-top 8)
