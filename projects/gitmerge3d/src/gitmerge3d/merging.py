@@ -319,6 +319,71 @@ def attend_graphs(enabled: bool = True) -> Iterator[None]:
         set_attend_graphs(previous)
 
 
+_FUSED_ON = os.environ.get("GITMERGE3D_FUSED_ATTEND", "1") != "0"
+_FUSED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def set_fused_attend(enabled: bool) -> None:
+    """Use (or not) merge-core's one-launch merged attention (``kernels.patch_merge_attn``) for the ``no_rand``
+    merged attend; on by default, ``GITMERGE3D_FUSED_ATTEND=0`` at import turns it off.
+
+    Why: the eager merged attend is ~10 small kernels whose GPU time exceeds the flash attention on the full
+    patch it replaces; the fused kernel does match + select + mean + attention + unmerge in one launch. Taken
+    only where it computes the same thing: CUDA tensors under merge-core's kernel mode ``auto``/``always`` (a
+    CPU only under ``always`` with ``TRITON_INTERPRET=1``: the tests), no autograd, no RPE bias, no dropout,
+    ``no_rand``, no ``mean_head``, ``prop_attn`` "off"/"key", fp16/bf16 (fp32 too on the interpreter), at most
+    ``U_MAX`` unmerged sources; everything else keeps the torch path. ``kernels.kernel_mode("never")`` (the
+    bench's ``+torchmatch``) turns it off with merge-core's other kernels.
+    """
+    global _FUSED_ON
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    _FUSED_ON = enabled
+
+
+@contextlib.contextmanager
+def fused_attend(enabled: bool = True) -> Iterator[None]:
+    """Context form of ``set_fused_attend`` (restores the previous setting)."""
+    previous = _FUSED_ON
+    set_fused_attend(enabled)
+    try:
+        yield
+    finally:
+        set_fused_attend(previous)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _fused_kernel():
+    """merge-core's fused merged-attention module, or None where Triton does not import."""
+    if not kernels.triton_available():
+        return None
+    from merge_core.kernels import patch_merge_attn
+
+    return patch_merge_attn
+
+
+def _use_fused(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias, r: int, stride: int) -> bool:
+    """Whether ``_merged`` takes the one-launch kernel for this call (see ``set_fused_attend``)."""
+    cfg: MergeConfig = attn._merge_info.extra["gitmerge3d"]
+    if not _FUSED_ON or bias is not None or not cfg.no_rand or cfg.mean_head or cfg.prop_attn not in ("off", "key"):
+        return False
+    if attn.training and attn.attn_drop > 0:
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    mode = kernels.get_mode()
+    if q.is_cuda:
+        if mode == "never" or q.dtype not in _FUSED_DTYPES or torch.compiler.is_compiling():
+            return False
+    elif not (mode == "always" and _interpreting() and q.dtype in (*_FUSED_DTYPES, torch.float32)):
+        return False
+    module = _fused_kernel()
+    return module is not None and module.supported(q, r, stride, cfg.prop_attn)
+
+
 def _shared_base(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
     """q, k, v as one (3, *q.shape) strided view when they are equally strided slices of one storage (the
     ``unbind`` of ``SerializedAttention.forward``'s qkv), so the graph's input is loaded with one copy."""
@@ -462,7 +527,8 @@ class MergedSerializedAttention(SerializedAttention):
         if cfg.tome == "weighted_patch":
             low = weighted_patch_groups(v, threshold=cfg.wp_threshold, rule=cfg.wp_rule)
         if low is None:
-            graph = _attend_graph(self, q, k, v, bias, r, cfg)
+            fused = _use_fused(self, q, k, v, bias, r, cfg.stride)  # one launch: nothing for a graph to save
+            graph = None if fused else _attend_graph(self, q, k, v, bias, r, cfg)
             out, kept = graph(q, k, v) if graph is not None else self._merged(q, k, v, bias, r, cfg.stride)
             self._record(b, n, [kept], [b], [cfg.stride])
             return out
@@ -486,11 +552,12 @@ class MergedSerializedAttention(SerializedAttention):
     def _merged(self, q, k, v, bias, r: int, stride: int):
         """Merged attention of (P, H, N, D) q, k, v; returns ((P, H, N, D) output, tokens kept per patch).
 
-        ``no_rand`` (the official setting): q|k|v|ones are packed once (one copy), matched by
-        ``spread_slots``, merged by one scatter_add (the ones channel sums to the group sizes, so no size
-        kernels and no dtype casts), attended, and unmerged by one gather written straight into a
-        (P, N, H, D) buffer, so the caller's transpose + reshape is a view. ``no_rand=False`` (random
-        destinations) uses merge-core's ``patch_match`` (``_merged_generic``).
+        ``no_rand`` (the official setting), where ``_use_fused`` allows: merge-core's one-launch kernel
+        (``kernels.patch_merge_attn``: same groups, slot order and output layout). Otherwise q|k|v|ones are
+        packed once (one copy), matched by ``spread_slots``, merged by one scatter_add (the ones channel sums
+        to the group sizes, so no size kernels and no dtype casts), attended, and unmerged by one gather
+        written straight into a (P, N, H, D) buffer, so the caller's transpose + reshape is a view.
+        ``no_rand=False`` (random destinations) uses merge-core's ``patch_match`` (``_merged_generic``).
         """
         cfg: MergeConfig = self._merge_info.extra["gitmerge3d"]
         p, h, n, d = q.shape
@@ -498,6 +565,10 @@ class MergedSerializedAttention(SerializedAttention):
             return v, n
         if not cfg.no_rand:
             return self._merged_generic(q, k, v, bias, r, stride)
+        if _use_fused(self, q, k, v, bias, r, stride):
+            fused = _fused_kernel().patch_merge_attention(q, k, v, r, stride, prop_attn=cfg.prop_attn, scale=self.scale)
+            if fused is not None:
+                return fused
         # one-dispatch mean (no sizes needed): only plain attention, no RPE, no autograd
         reduce_mean = _MERGE_OP == "scatter_reduce" and cfg.prop_attn == "off" and bias is None
         reduce_mean = reduce_mean and not torch.is_grad_enabled()

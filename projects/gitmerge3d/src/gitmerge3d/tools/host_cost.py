@@ -23,8 +23,10 @@ vs replays, and the opt-in graph cache's host time per call (``graph_check``).
 Row suffixes are ablations of ``patch@r``: ``+torchmatch`` (merge-core's torch matcher instead of its Triton
 kernel), ``+nogc`` (Python's garbage collector off while timing), ``+skipattn`` (``attend`` returns v: the
 cost of everything but patch attention), ``+graph`` (the opt-in CUDA-graph cache of the merged attend,
-``merging.attend_graphs``; eager on a CPU), ``+srmean`` (the group mean as one ``scatter_reduce_`` dispatch,
-``merging.merge_op``). Example (H200, real scene):
+``merging.attend_graphs``; eager on a CPU; a no-op where the fused attend runs), ``+srmean`` (the group mean
+as one ``scatter_reduce_`` dispatch, ``merging.merge_op``), ``+nofused`` (the eager merged attend instead of
+merge-core's one-launch kernel, ``merging.fused_attend(False)``). ``--tile 4``: 4 side-by-side copies of the
+scene (~160k points, as ``bench --tile``). Example (H200, real scene):
 
     python3 -m gitmerge3d.tools.host_cost --scene projects/gitmerge3d/data_src/scene0000_00.bin \\
         --rows r0,patch@0.9,patch@0.9+torchmatch,patch@0.9+nogc,r0+skipattn --profiler-check --out-dir $OUT_DIR
@@ -55,7 +57,7 @@ from ..opcount import count_ops
 from ..profiling import attention_skipped
 from .bench import load_inputs
 
-ABLATIONS = ("torchmatch", "nogc", "skipattn", "graph", "srmean")
+ABLATIONS = ("torchmatch", "nogc", "skipattn", "graph", "srmean", "nofused")
 
 
 def parse_row(item: str) -> tuple[str | None, float, set[str]]:
@@ -88,6 +90,8 @@ def ablated(ablations: set[str]) -> Iterator[None]:
             stack.enter_context(merging.attend_graphs(True))
         if "srmean" in ablations:
             stack.enter_context(merging.merge_op("scatter_reduce"))
+        if "nofused" in ablations:
+            stack.enter_context(merging.fused_attend(False))
         was_enabled = gc.isenabled()
         if "nogc" in ablations:
             gc.collect()
@@ -400,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", default="r0,patch@0.9,patch@0.9+torchmatch,patch@0.9+nogc,r0+nogc")
     p.add_argument("--spconv", default="torch", choices=sc.BACKENDS)
     p.add_argument("--reduced", action="store_true", help="toy-width model (CPU check)")
+    p.add_argument("--tile", type=int, default=1, help="side-by-side copies of the scene (4 -> ~160k points)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-amp", dest="amp", action="store_false")
     p.add_argument("--rounds", type=int, default=5)
@@ -413,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r.strip() for r in args.rows.split(",") if r.strip()]
         for r in rows:
             parse_row(r)
-        for name in ("rounds", "iters"):
+        for name in ("rounds", "iters", "tile"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
         if args.warmup < 0:
@@ -426,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(0)
         model = PointTransformerV3(**(reduced_config("0c") if args.reduced else sonata_config("0c"))).to(device)
-        inputs, _ = load_inputs(args.scene, 1, 0.02, device, out_dir / ".scene", args.normals)
+        inputs, _ = load_inputs(args.scene, args.tile, 0.02, device, out_dir / ".scene", args.normals)
         results = measure(
             model.eval(), inputs, rows, device, args.rounds, args.warmup, args.iters, args.amp, args.profiler_check
         )
@@ -437,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
         "torch": torch.__version__,
         "points": int(inputs["coord"].shape[0]),
+        "tile": args.tile,
         "amp": args.amp,
         "spconv": args.spconv,
         "model": "sonata-0c" + (" reduced" if args.reduced else ""),
