@@ -3,13 +3,14 @@
 # (kernels.patch_merge_attn, on by default in merging._merged; GITMERGE3D_FUSED_ATTEND=0 / +nofused turns it off)
 # make the merged attend cheaper than plain flash attention, and merged Sonata faster than r0?
 #  (a) micro (gitmerge3d.tools.fused_attend_bench): 40 x 3 x 1024 x 16 fp16 (stage 0, stride 10, r = 921) and a
-#      level-3-like 4 x 24 x 512 x 16 (stride 10, r = 460): plain SDPA vs the eager merged attend vs the fused
+#      level-3-like 1 x 24 x 1024 x 16 (one patch, 24 heads: 24 programs): plain SDPA vs the eager merged attend vs the fused
 #      kernel (direct and through _merged): ms per call (CUDA events after a sync), per call in a batch of 20,
 #      device ms from a CUDA graph of 10 calls; the kernel's block configs; max diff vs merge-core's torch
 #      oracle; slot agreement with spread_slots and with the oracle's patch_match.
 #  (b) end to end (gitmerge3d.tools.host_cost, Sonata 0c, fp16 autocast, torch sparse conv, interleaved rounds):
-#      real scene rows r0, patch@0.9 (fused), patch@0.9+nofused, weighted_patch@0.9 (fused),
-#      weighted_patch@0.9+nofused; then 4 tiled copies (~160k points) rows r0, patch@0.9, patch@0.9+nofused.
+#      real scene rows r0, patch@0.9 (fused), patch@0.9+nofused (the eager attend), patch@0.9+graph+nofused (the
+#      former best: eager attend replayed from the graph cache), weighted_patch@0.9 (fused, both patch groups);
+#      then 4 tiled copies (~160k points) rows r0, patch@0.9, patch@0.9+nofused.
 # Expected wall time: micro ~40 s (Triton compiles + tuning of 4 configs per shape), real scene ~100 s,
 # tiled ~90 s. Writes $OUT_DIR/fused-attend.{json,md,log}, $OUT_DIR/real/host-cost.{json,md},
 # $OUT_DIR/tiled4/host-cost.{json,md} and *.log. Run from the repository root with plain python3.
@@ -54,7 +55,7 @@ timeout 150 python3 -u -m gitmerge3d.tools.fused_attend_bench $MICRO --out-dir "
 cat "$OUT_DIR/fused-attend.log"
 # shellcheck disable=SC2086
 timeout 200 python3 -u -m gitmerge3d.tools.host_cost --scene "$SCENE" $E2E --spconv torch \
-  --rows r0,patch@0.9,patch@0.9+nofused,weighted_patch@0.9,weighted_patch@0.9+nofused \
+  --rows r0,patch@0.9,patch@0.9+nofused,patch@0.9+graph+nofused,weighted_patch@0.9 \
   --out-dir "$OUT_DIR/real" >"$OUT_DIR/host-cost-real.log" 2>&1 || rc=1
 cat "$OUT_DIR/host-cost-real.log"
 if [ "$TILED" = 1 ]; then

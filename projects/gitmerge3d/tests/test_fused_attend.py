@@ -242,3 +242,13 @@ def test_fused_attend_cuda_stage0(dtype):
     with torch.no_grad(), merging.attend_graphs(True):
         again = attn.attend(q, k, v, None, None)
     assert torch.equal(again, got) and "attend_graphs" not in attn._merge_info.extra
+
+
+def test_host_cost_nofused_row_switches_the_kernel_off():
+    from gitmerge3d.tools import host_cost
+
+    assert host_cost.parse_row("patch@0.9+graph+nofused") == ("patch", 0.9, {"graph", "nofused"})
+    before = merging._FUSED_ON
+    with host_cost.ablated({"nofused"}):
+        assert merging._FUSED_ON is False
+    assert merging._FUSED_ON is before
