@@ -49,11 +49,25 @@ Config = tuple[int, int, int]  # (BLOCK_T tokens, BLOCK_S slots, num_warps)
 
 # Reductions combine with Triton's own ``tl.standard`` functions through ``tl.reduce``: the interpreter maps those
 # to numpy (any other combine function runs element by element in Python, minutes on a 1024-token patch).
-_add = tl.standard._sum_combine
-_fmax = tl.standard._elementwise_max
-_fmin = tl.standard._elementwise_min
-_imax = tl.standard._elementwise_max
-_imin = tl.standard._elementwise_min
+@triton.jit
+def _own_add(a, b):
+    return a + b
+
+
+@triton.jit
+def _own_max(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _own_min(a, b):
+    return tl.minimum(a, b)
+
+
+# (own combine functions only where a Triton version lacks these private names)
+_add = getattr(tl.standard, "_sum_combine", _own_add)
+_fmax = _imax = getattr(tl.standard, "_elementwise_max", _own_max)
+_fmin = _imin = getattr(tl.standard, "_elementwise_min", _own_min)
 
 
 @triton.jit
