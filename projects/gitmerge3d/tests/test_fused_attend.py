@@ -188,17 +188,33 @@ def test_switch_and_context_restore():
 
 
 @needs_kernel
-def test_fused_attend_skips_the_graph_cache(monkeypatch):
-    """With the kernel taken, ``attend`` never builds a CUDA graph (one launch: nothing to replay)."""
+def test_graph_cache_wraps_the_fused_kernel(monkeypatch):
+    """With graphs on, the cached graph's function is ``_merged``, which takes the fused kernel (a replay costs
+    less host time than the launch); the graph key separates fused on / off."""
     attn = _attn(100, r=0.9)
     q, k, v = _qkv(2, 3, 100, dtype=FP32_OR_HALF)
+    captured = []
 
-    def no_graph(*args):
-        raise AssertionError("graph cache consulted although the fused kernel applies")
+    class Recorder:
+        def __init__(self, fn, q, k, v):
+            captured.append(fn)
+            self.fn = fn
 
-    monkeypatch.setattr(merging, "_attend_graph", no_graph)
+        def __call__(self, q, k, v):
+            return self.fn(q, k, v)
+
+    calls = []
+    module = merging._fused_kernel()
+    real = module.patch_merge_attention
+    monkeypatch.setattr(module, "patch_merge_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(merging, "AttendGraph", Recorder)
+    monkeypatch.setattr(merging, "_graph_device", lambda q: True)
     with torch.no_grad(), kernels.kernel_mode(MODE), merging.attend_graphs(True):
         attn.attend(q, k, v, None, None)
+        with merging.fused_attend(False):
+            attn.attend(q, k, v, None, None)
+    assert len(captured) == 2  # one graph per fused setting
+    assert len(calls) == 1  # the fused-on graph's function ran the kernel, the fused-off one did not
 
 
 def _model(seed: int = 0, **info) -> PointTransformerV3:

@@ -454,7 +454,7 @@ def _attend_graph(attn, q, k, v, bias, r: int, cfg: MergeConfig) -> AttendGraph 
         return None
     graphs = attn._merge_info.extra.setdefault("attend_graphs", {})
     autocast = torch.is_autocast_enabled(q.device.type)
-    key = (tuple(q.shape), q.dtype, q.device, r, cfg, attn.scale, autocast, kernels.get_mode())
+    key = (tuple(q.shape), q.dtype, q.device, r, cfg, attn.scale, autocast, kernels.get_mode(), _FUSED_ON)
     graph = graphs.get(key)
     if graph is None:
         if len(graphs) >= MAX_ATTEND_GRAPHS:
@@ -527,8 +527,8 @@ class MergedSerializedAttention(SerializedAttention):
         if cfg.tome == "weighted_patch":
             low = weighted_patch_groups(v, threshold=cfg.wp_threshold, rule=cfg.wp_rule)
         if low is None:
-            fused = _use_fused(self, q, k, v, bias, r, cfg.stride)  # one launch: nothing for a graph to save
-            graph = None if fused else _attend_graph(self, q, k, v, bias, r, cfg)
+            # the graph cache (opt-in) also wraps the fused kernel: a replay costs less host time than its launch
+            graph = _attend_graph(self, q, k, v, bias, r, cfg)
             out, kept = graph(q, k, v) if graph is not None else self._merged(q, k, v, bias, r, cfg.stride)
             self._record(b, n, [kept], [b], [cfg.stride])
             return out
