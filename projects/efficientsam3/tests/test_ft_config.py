@@ -53,8 +53,9 @@ def test_config_errors_are_one_line(tmp_path):
 
 
 def test_compile_frozen_key_and_default():
-    """MODEL.COMPILE_FROZEN: auto (on CUDA only) / on / off; anything else is a one-line error."""
-    assert load_ft_config(None).MODEL.COMPILE_FROZEN == "off"  # compiled path not yet measured on a GPU
+    """MODEL.COMPILE_FROZEN: auto (CUDA graphs on CUDA only; the default since the H200 round 5) / on / off /
+    reduce-overhead; anything else is a one-line error."""
+    assert load_ft_config(None).MODEL.COMPILE_FROZEN == "auto"
     assert frozen_compiled("auto", torch.device("cuda")) and not frozen_compiled("auto", torch.device("cpu"))
     assert frozen_compiled("on", torch.device("cpu")) and not frozen_compiled("off", torch.device("cuda"))
     with pytest.raises(ConfigError, match="MODEL.COMPILE_FROZEN: expected one of auto, on, off, reduce-overhead"):

@@ -184,7 +184,7 @@ def test_reduce_overhead_config_and_mode():
     assert load_ft_config(None).DISTILL.CACHE_TEACHER_DEVICE_GB == 0.0  # default: the host cache
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert frozen_compile_mode("reduce-overhead", cuda) == "reduce-overhead"
-    assert frozen_compile_mode("on", cpu) == "default" and frozen_compile_mode("auto", cuda) == "default"
+    assert frozen_compile_mode("on", cpu) == "default" and frozen_compile_mode("auto", cuda) == "reduce-overhead"
     assert frozen_compile_mode("auto", cpu) is None and frozen_compile_mode("off", cuda) is None
     with pytest.raises(ValueError, match="mode: expected one of default, reduce-overhead, got 'max'"):
         compile_frozen(_frozen(), mode="max")

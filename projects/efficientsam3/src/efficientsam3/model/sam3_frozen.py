@@ -134,7 +134,7 @@ COMPILE_MODES = ("default", "reduce-overhead")
 
 
 def compile_frozen(model: FrozenSAM3, backend: str | Callable = "inductor", mode: str = "default") -> FrozenSAM3:
-    """torch.compile the frozen path in place (MODEL.COMPILE_FROZEN on; off by default until measured):
+    """torch.compile the frozen path in place (MODEL.COMPILE_FROZEN; default auto = reduce-overhead on CUDA):
     image_features and decode each become one static-shape graph (forward, and forward+backward to the embedding for the
     student path); parameters and state dict are untouched. Keep prompt counts fixed (pad_prompts) or every
     new count compiles again. backend "aot_eager" checks capture and autograd without code generation (tests).
