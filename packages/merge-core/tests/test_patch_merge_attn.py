@@ -184,22 +184,27 @@ def test_kernel_gpu_stage0(dtype):
 
 
 _AOT = """
-import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from merge_core.kernels.patch_merge_attn import _patch_merge_attn_fwd as k
-const = ("PROP_KEY", "DOT_F32", "SINGLE", "BLOCK_T", "BLOCK_S", "D")
-for dt, prop, single, bt, bs, warps in [("fp16", False, True, 64, 128, 8), ("bf16", True, False, 32, 64, 4)]:
+from merge_core.kernels import patch_merge_attn as pma
+const = ("PROP_KEY", "DOT_F32", "SINGLE", "RETURN_SLOTS", "S", "BLOCK_T", "BLOCK_S", "D", "U_PAD")
+one = dict(DOT_F32=False, BLOCK_T=64, BLOCK_S=128, D=16)
+cases = [
+    (pma._patch_merge_attn_fwd, "fp16", dict(one, PROP_KEY=False, SINGLE=True), 8),
+    (pma._patch_merge_attn_fwd, "bf16", dict(one, PROP_KEY=True, SINGLE=False, BLOCK_T=32, BLOCK_S=64), 4),
+    (pma._pma_split_match, "fp16", dict(one, S=8), 4),
+    (pma._pma_split_attend, "bf16", dict(one, PROP_KEY=True, RETURN_SLOTS=True, S=4, U_PAD=16), 4),
+]
+for k, dt, values, warps in cases:
     sig = {}
     for n in k.arg_names:
         if n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr"):
             sig[n] = "*" + dt
-        elif n in ("off_ptr", "slot_ptr"):
+        elif n in ("off_ptr", "wsi_ptr"):
             sig[n] = "*i32"
         else:
             sig[n] = {"ws_ptr": "*fp32", "qk_scale": "fp32"}.get(n, "constexpr" if n in const else "i32")
-    values = dict(PROP_KEY=prop, DOT_F32=False, SINGLE=single, BLOCK_T=bt, BLOCK_S=bs, D=16)
     src = ASTSource(k, sig, constexprs={(k.arg_names.index(n),): v for n, v in values.items()})
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 print("compiled")
@@ -209,7 +214,8 @@ print("compiled")
 @pytest.mark.skipif(_TRITON_ERROR is not None, reason=_TRITON_ERROR or "")
 def test_kernel_compiles_for_sm90_without_a_gpu():
     """The interpreter misses compile-only errors (e.g. a loop-carried variable changing type): compile both
-    paths to PTX for an H100/H200 target (no GPU needed), in a process without ``TRITON_INTERPRET``."""
+    one-program paths and both split kernels to PTX for an sm_90 target (no GPU needed), in a process
+    without ``TRITON_INTERPRET``."""
     import subprocess
     import sys
 
@@ -219,3 +225,76 @@ def test_kernel_compiles_for_sm90_without_a_gpu():
     if proc.returncode != 0 and "No module named" in proc.stderr and "backends" in proc.stderr:
         pytest.skip("Triton's CUDA backend is not installed")
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+
+
+# split variant (two launches, S programs per group): (N, stride, r, dtype, prop_attn, config); u = 1, 3, 0, 1, 1, 3
+SPLIT_CASES = [
+    (48, 5, 38, torch.float32, "off", (16, 16, 4, 1)),
+    (48, 5, 36, torch.float32, "key", (16, 16, 4, 2)),
+    (100, 10, 90, torch.float32, "key", (16, 16, 4, 4)),
+    (100, 5, 79, torch.float16, "off", (16, 32, 4, 8)),  # chunk 16: the 8th program has no tokens
+    (1024, 10, 921, torch.float16, "off", (64, 128, 4, 8)),
+    (1024, 10, 919, torch.float32, "key", (128, 128, 4, 2)),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize(("n", "stride", "r", "dtype", "prop_attn", "config"), SPLIT_CASES)
+def test_split_variant_matches_reference(n, stride, r, dtype, prop_attn, config):
+    """Match + partial sums per token chunk, then per chunk: the u picks over all scores, the correction, the
+    attention and the chunk's unmerge: slots and outputs equal the oracle's."""
+    q, k, v = _qkv(2, 3, n, dtype=dtype, seed=n + r)
+    _check(q, k, v, r, stride, prop_attn, config=config)
+
+
+@needs_kernel
+@pytest.mark.parametrize("n_split", [2, 4])
+def test_split_variant_ties(n_split):
+    """The tie rules across chunks: equal lowest scores in different chunks (30 and 31 sit in the last chunk,
+    duplicates of them in the first), the later token stays first."""
+    p, h, n, stride = 1, 1, 32, 4
+    q, k, _ = _qkv(p, h, n)
+    gen = torch.Generator().manual_seed(5)
+    dst = torch.randn(n // stride, 16, generator=gen)
+    dst[1] = dst[0]
+    v = dst.repeat_interleave(stride, 0) + 0.05 * torch.randn(n, 16, generator=gen)
+    v[::stride] = dst
+    v[30] = torch.randn(16, generator=gen)
+    v[31] = v[30]
+    v[2] = v[30]  # a third duplicate, in the first chunk
+    v = v.to(DEVICE)[None, None]
+    for u in (1, 2, 3):
+        _check(q, k, v, n - n // stride - u, stride, config=(16, 16, 4, n_split))
+
+
+class _Spy:
+    """Counts launches of a kernel and forwards them."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+@needs_kernel
+def test_variant_override_and_candidates(monkeypatch):
+    spy = _Spy(pma._pma_split_attend)
+    monkeypatch.setattr(pma, "_pma_split_attend", spy)
+    q, k, v = _qkv(2, 3, 100, dtype=torch.float32, seed=2)
+    monkeypatch.setenv("MERGE_CORE_PMA_VARIANT", "split")
+    _check(q, k, v, 90, 10, "off")
+    assert len(spy.grids) == 1 and spy.grids[0][0] == 6 and spy.grids[0][1] >= 1
+    monkeypatch.setenv("MERGE_CORE_PMA_VARIANT", "single")
+    _check(q, k, v, 90, 10, "off")  # default and forced single: the one-program kernel
+    monkeypatch.delenv("MERGE_CORE_PMA_VARIANT")
+    _check(q, k, v, 90, 10, "off")
+    assert len(spy.grids) == 1
+    with pytest.raises(ValueError, match="variant"):
+        pma.patch_merge_attention(q, k, v, 90, 10, variant="fast")
+    # S fills ~2 waves of 132 SMs: 40 x 3 groups -> 4, 1 x 24 -> 16 (one 64-token block each), 10 x 6 -> 8
+    assert [pma.split_count(g, 1024, 64) for g in (120, 24, 60, 36, 600)] == [4, 16, 8, 8, 1]
+    cands = pma.candidate_configs(1024, 103, 24)
+    assert len(cands) <= 5 and [c[3] for c in cands].count(0) == 3 and (64, 128, 4, 16) in cands
+    assert all(c[3] == 0 for c in pma.candidate_configs(1024, 200, 24))  # N' > 128: one-program only

@@ -44,7 +44,7 @@ MAX_TOKENS = 4096
 PROP_ATTN = ("off", "key")
 LOG2E = 1.4426950408889634
 
-Config = tuple[int, int, int]  # (BLOCK_T tokens, BLOCK_S slots, num_warps)
+Config = tuple[int, int, int, int]  # (BLOCK_T tokens, BLOCK_S slots, num_warps, S: 0 one program, else split)
 
 
 # Reductions combine with Triton's own ``tl.standard`` functions through ``tl.reduce``: the interpreter maps those
@@ -96,7 +96,7 @@ def _best_in_block(xn, yn, bins, n_bins, DOT_F32: tl.constexpr, DTYPE: tl.conste
     return best, arg
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_bins", "stride_bin", "n_unm"])
 def _patch_merge_attn_fwd(
     q_ptr,
     k_ptr,
@@ -104,32 +104,16 @@ def _patch_merge_attn_fwd(
     off_ptr,
     o_ptr,
     ws_ptr,
-    slot_ptr,
+    wsi_ptr,
     H,
     N,
     n_bins,
     stride_bin,
     n_unm,
     qk_scale,
-    sq_p,
-    sq_h,
-    sq_n,
-    sk_p,
-    sk_h,
-    sk_n,
-    sv_p,
-    sv_h,
-    sv_n,
-    so_p,
-    so_h,
-    so_n,
-    ws_g,
-    ws_q,
-    ws_k,
-    ws_v,
-    ws_size,
-    ws_out,
-    slot_g,
+    s_p,
+    s_h,
+    s_n,
     PROP_KEY: tl.constexpr,
     DOT_F32: tl.constexpr,
     SINGLE: tl.constexpr,
@@ -145,12 +129,26 @@ def _patch_merge_attn_fwd(
     p = (g // H).to(tl.int64)
     h = g % H
     off = tl.load(off_ptr + h)
-    qb = q_ptr + p * sq_p + h * sq_h
-    kb = k_ptr + p * sk_p + h * sk_h
-    vb = v_ptr + p * sv_p + h * sv_h
-    ob = o_ptr + p * so_p + h * so_h
+    qb = q_ptr + p * s_p + h * s_h
+    kb = k_ptr + p * s_p + h * s_h
+    vb = v_ptr + p * s_p + h * s_h
+    so_n = H * D  # out is a fresh (P, N, H, D) tensor
+    ob = o_ptr + p * N * so_n + h * D
+    # workspace per group (fp32 units): scores [n_pad], slots [n_pad] (int32 view); general path: merged q, k, v
+    # [slot_pad, D] each, sizes [slot_pad], slot outputs [slot_pad, D]
+    n_pad = tl.cdiv(N, 16) * 16
+    slot_pad = tl.cdiv(n_bins + n_unm, 16) * 16
+    ws_q = 2 * n_pad
+    ws_k = ws_q + slot_pad * D
+    ws_v = ws_k + slot_pad * D
+    ws_size = ws_v + slot_pad * D
+    ws_out = ws_size + slot_pad
+    if SINGLE:
+        ws_g = 2 * n_pad
+    else:
+        ws_g = ws_out + slot_pad * D
     ws = ws_ptr + g.to(tl.int64) * ws_g
-    sl = slot_ptr + g.to(tl.int64) * slot_g
+    sl = wsi_ptr + g.to(tl.int64) * ws_g + n_pad
     dims = tl.arange(0, D)
     t_ar = tl.arange(0, BLOCK_T)
     s_ar = tl.arange(0, BLOCK_S)
@@ -159,7 +157,7 @@ def _patch_merge_attn_fwd(
 
     if SINGLE:  # every destination in one block: normalise them once; merge sums ride along the matching
         pos = s_ar * stride_bin + off
-        dst_rows = tl.load(vb + pos[:, None] * sv_n + dims[None, :], mask=(s_ar < n_bins)[:, None], other=1.0)
+        dst_rows = tl.load(vb + pos[:, None] * s_n + dims[None, :], mask=(s_ar < n_bins)[:, None], other=1.0)
         yn1 = _unit_rows(dst_rows.to(tl.float32), DTYPE)
         acc_q = tl.zeros([BLOCK_S, D], tl.float32)
         acc_k = tl.zeros([BLOCK_S, D], tl.float32)
@@ -173,7 +171,7 @@ def _patch_merge_attn_fwd(
     for t0 in range(0, N, BLOCK_T):
         rows = t0 + t_ar
         rmask = rows < N
-        vx = tl.load(vb + rows[:, None] * sv_n + dims[None, :], mask=rmask[:, None], other=1.0)
+        vx = tl.load(vb + rows[:, None] * s_n + dims[None, :], mask=rmask[:, None], other=1.0)
         xn = _unit_rows(vx.to(tl.float32), DTYPE)
         if SINGLE:
             best, arg = _best_in_block(xn, yn1, s_ar, n_bins, DOT_F32, DTYPE)
@@ -183,7 +181,7 @@ def _patch_merge_attn_fwd(
             for b0 in range(0, n_bins, BLOCK_S):
                 bins = b0 + s_ar
                 pos = bins * stride_bin + off
-                y = tl.load(vb + pos[:, None] * sv_n + dims[None, :], mask=(bins < n_bins)[:, None], other=1.0)
+                y = tl.load(vb + pos[:, None] * s_n + dims[None, :], mask=(bins < n_bins)[:, None], other=1.0)
                 blk, blk_arg = _best_in_block(xn, _unit_rows(y.to(tl.float32), DTYPE), bins, n_bins, DOT_F32, DTYPE)
                 better = blk > best  # strict: an equal later block keeps the lower index
                 arg = tl.where(better, blk_arg, arg)
@@ -201,8 +199,8 @@ def _patch_merge_attn_fwd(
         if SINGLE:
             hit = (s_ar[:, None] == slot[None, :]) & rmask[None, :]
             cnt += tl.reduce(hit.to(tl.float32), 1, _add)
-            qx = tl.load(qb + rows[:, None] * sq_n + dims[None, :], mask=rmask[:, None], other=0.0)
-            kx = tl.load(kb + rows[:, None] * sk_n + dims[None, :], mask=rmask[:, None], other=0.0)
+            qx = tl.load(qb + rows[:, None] * s_n + dims[None, :], mask=rmask[:, None], other=0.0)
+            kx = tl.load(kb + rows[:, None] * s_n + dims[None, :], mask=rmask[:, None], other=0.0)
             onehot = hit.to(DTYPE)
             acc_q += _dot(onehot, qx, DOT_F32)
             acc_k += _dot(onehot, kx, DOT_F32)
@@ -227,9 +225,9 @@ def _patch_merge_attn_fwd(
         if SINGLE:  # move the token's q/k/v from its destination's sums to its own slot
             was = tl.load(sl + low_at)
             move = (s_ar == own).to(tl.float32) - (s_ar == was).to(tl.float32)
-            acc_q += move[:, None] * tl.load(qb + low_at * sq_n + dims).to(tl.float32)[None, :]
-            acc_k += move[:, None] * tl.load(kb + low_at * sk_n + dims).to(tl.float32)[None, :]
-            acc_v += move[:, None] * tl.load(vb + low_at * sv_n + dims).to(tl.float32)[None, :]
+            acc_q += move[:, None] * tl.load(qb + low_at * s_n + dims).to(tl.float32)[None, :]
+            acc_k += move[:, None] * tl.load(kb + low_at * s_n + dims).to(tl.float32)[None, :]
+            acc_v += move[:, None] * tl.load(vb + low_at * s_n + dims).to(tl.float32)[None, :]
             cnt += move
         tl.debug_barrier()  # every thread has read the old slot before it is overwritten
         tl.store(sl + low_at, own)
@@ -272,9 +270,9 @@ def _patch_merge_attn_fwd(
                 hit = slots[:, None] == tok_slot[None, :]
                 cnt += tl.reduce(hit.to(tl.float32), 1, _add)
                 onehot = hit.to(DTYPE)
-                qx = tl.load(qb + rows[:, None] * sq_n + dims[None, :], mask=rmask[:, None], other=0.0)
-                kx = tl.load(kb + rows[:, None] * sk_n + dims[None, :], mask=rmask[:, None], other=0.0)
-                vx = tl.load(vb + rows[:, None] * sv_n + dims[None, :], mask=rmask[:, None], other=0.0)
+                qx = tl.load(qb + rows[:, None] * s_n + dims[None, :], mask=rmask[:, None], other=0.0)
+                kx = tl.load(kb + rows[:, None] * s_n + dims[None, :], mask=rmask[:, None], other=0.0)
+                vx = tl.load(vb + rows[:, None] * s_n + dims[None, :], mask=rmask[:, None], other=0.0)
                 acc_q += _dot(onehot, qx, DOT_F32)
                 acc_k += _dot(onehot, kx, DOT_F32)
                 acc_v += _dot(onehot, vx, DOT_F32)
@@ -322,8 +320,216 @@ def _patch_merge_attn_fwd(
             tl.store(ob + rows[:, None] * so_n + dims[None, :], y.to(o_ptr.dtype.element_ty), mask=rmask[:, None])
 
 
+@triton.jit
+def _split_layout(N, S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr):
+    """Split-variant workspace per group (fp32 units): scores [n_pad], pass-1 slots [n_pad] and final slots
+    [n_pad] (int32 views), then S partial sums of q|k|v [BLOCK_S, D] each and counts [BLOCK_S]; and each
+    program's token chunk (a multiple of BLOCK_T)."""
+    n_pad = tl.cdiv(N, 16) * 16
+    ws_g = 3 * n_pad + S * (3 * D + 1) * BLOCK_S
+    chunk = tl.cdiv(tl.cdiv(N, S), BLOCK_T) * BLOCK_T
+    return n_pad, ws_g, chunk
+
+
+@triton.jit(do_not_specialize=["n_bins", "stride_bin"])
+def _pma_split_match(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    off_ptr,
+    ws_ptr,
+    wsi_ptr,
+    H,
+    N,
+    n_bins,
+    stride_bin,
+    s_p,
+    s_h,
+    s_n,
+    DOT_F32: tl.constexpr,
+    S: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    D: tl.constexpr,
+):
+    """Split pass 1, program (group, chunk): match the chunk's tokens on v (best score + slot per token) and
+    write the chunk's slot sums of q, k, v and counts, every source summed into its destination (the unmerged
+    ones are not known yet; pass 2 moves them)."""
+    DTYPE: tl.constexpr = q_ptr.dtype.element_ty
+    g = tl.program_id(0)
+    c = tl.program_id(1)
+    p = (g // H).to(tl.int64)
+    h = g % H
+    off = tl.load(off_ptr + h)
+    qb = q_ptr + p * s_p + h * s_h
+    kb = k_ptr + p * s_p + h * s_h
+    vb = v_ptr + p * s_p + h * s_h
+    n_pad, ws_g, chunk = _split_layout(N, S, BLOCK_T, BLOCK_S, D)
+    ws = ws_ptr + g.to(tl.int64) * ws_g
+    sl = wsi_ptr + g.to(tl.int64) * ws_g + n_pad
+    dims = tl.arange(0, D)
+    t_ar = tl.arange(0, BLOCK_T)
+    s_ar = tl.arange(0, BLOCK_S)
+    n_dst_tok = n_bins * stride_bin
+    pos = s_ar * stride_bin + off
+    dst_rows = tl.load(vb + pos[:, None] * s_n + dims[None, :], mask=(s_ar < n_bins)[:, None], other=1.0)
+    yn1 = _unit_rows(dst_rows.to(tl.float32), DTYPE)
+    acc_q = tl.zeros([BLOCK_S, D], tl.float32)
+    acc_k = tl.zeros([BLOCK_S, D], tl.float32)
+    acc_v = tl.zeros([BLOCK_S, D], tl.float32)
+    cnt = tl.zeros([BLOCK_S], tl.float32)
+    t_lo = c * chunk
+    t_hi = tl.minimum(t_lo + chunk, N)
+    for t0 in range(t_lo, t_hi, BLOCK_T):
+        rows = t0 + t_ar
+        rmask = rows < t_hi
+        vx = tl.load(vb + rows[:, None] * s_n + dims[None, :], mask=rmask[:, None], other=1.0)
+        xn = _unit_rows(vx.to(tl.float32), DTYPE)
+        best, arg = _best_in_block(xn, yn1, s_ar, n_bins, DOT_F32, DTYPE)
+        is_dst = (rows < n_dst_tok) & (rows % stride_bin == off)
+        slot = tl.where(is_dst, rows // stride_bin, arg)
+        tl.store(sl + rows, slot, mask=rmask)
+        tl.store(ws + rows, tl.where(is_dst, float("inf"), best), mask=rmask)  # +inf: never unmerged
+        hit = (s_ar[:, None] == slot[None, :]) & rmask[None, :]
+        cnt += tl.reduce(hit.to(tl.float32), 1, _add)
+        qx = tl.load(qb + rows[:, None] * s_n + dims[None, :], mask=rmask[:, None], other=0.0)
+        kx = tl.load(kb + rows[:, None] * s_n + dims[None, :], mask=rmask[:, None], other=0.0)
+        onehot = hit.to(DTYPE)
+        acc_q += _dot(onehot, qx, DOT_F32)
+        acc_k += _dot(onehot, kx, DOT_F32)
+        acc_v += _dot(onehot, vx, DOT_F32)
+    part = ws + 3 * n_pad + c * ((3 * D + 1) * BLOCK_S)
+    at = s_ar[:, None] * D + dims[None, :]
+    tl.store(part + at, acc_q)
+    tl.store(part + BLOCK_S * D + at, acc_k)
+    tl.store(part + 2 * BLOCK_S * D + at, acc_v)
+    tl.store(part + 3 * BLOCK_S * D + s_ar, cnt)
+
+
+@triton.jit(do_not_specialize=["n_bins", "n_unm"])
+def _pma_split_attend(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    o_ptr,
+    ws_ptr,
+    wsi_ptr,
+    H,
+    N,
+    n_bins,
+    n_unm,
+    qk_scale,
+    s_p,
+    s_h,
+    s_n,
+    PROP_KEY: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    RETURN_SLOTS: tl.constexpr,
+    S: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    D: tl.constexpr,
+    U_PAD: tl.constexpr,
+):
+    """Split pass 2, program (group, chunk): every program of a group redoes the group-wide steps (the u
+    unmerged picks over all N scores, the sum of the S partials, the N' x N' attention, all tiny) and
+    unmerges only its own chunk, so no program waits on another."""
+    DTYPE: tl.constexpr = q_ptr.dtype.element_ty
+    g = tl.program_id(0)
+    c = tl.program_id(1)
+    p = (g // H).to(tl.int64)
+    h = g % H
+    qb = q_ptr + p * s_p + h * s_h
+    kb = k_ptr + p * s_p + h * s_h
+    vb = v_ptr + p * s_p + h * s_h
+    so_n = H * D
+    ob = o_ptr + p * N * so_n + h * D
+    n_pad, ws_g, chunk = _split_layout(N, S, BLOCK_T, BLOCK_S, D)
+    ws = ws_ptr + g.to(tl.int64) * ws_g
+    sl = wsi_ptr + g.to(tl.int64) * ws_g + n_pad
+    dims = tl.arange(0, D)
+    t_ar = tl.arange(0, BLOCK_T)
+    s_ar = tl.arange(0, BLOCK_S)
+    u_ar = tl.arange(0, U_PAD)
+    n_slots = n_bins + n_unm
+
+    # the S partial slot sums, in chunk order (deterministic)
+    at = s_ar[:, None] * D + dims[None, :]
+    acc_q = tl.zeros([BLOCK_S, D], tl.float32)
+    acc_k = tl.zeros([BLOCK_S, D], tl.float32)
+    acc_v = tl.zeros([BLOCK_S, D], tl.float32)
+    cnt = tl.zeros([BLOCK_S], tl.float32)
+    for c2 in range(0, S):
+        part = ws + 3 * n_pad + c2 * ((3 * D + 1) * BLOCK_S)
+        acc_q += tl.load(part + at)
+        acc_k += tl.load(part + BLOCK_S * D + at)
+        acc_v += tl.load(part + 2 * BLOCK_S * D + at)
+        cnt += tl.load(part + 3 * BLOCK_S * D + s_ar)
+
+    # the u lowest-scoring sources, in (score ascending, token descending) order: among equal scores the later
+    # token stays first; round i takes the least (score, -token) after round i-1's, scores stay read-only
+    prev_s = tl.full([], float("-inf"), tl.float32)
+    prev_i = tl.full([], 2147483647, tl.int32)
+    pick_at = tl.full([U_PAD], -1, tl.int32)
+    for i in range(0, n_unm):
+        low = tl.full([], float("inf"), tl.float32)
+        low_at = tl.full([], -1, tl.int32)
+        for t0 in range(0, N, BLOCK_T):
+            rows = t0 + t_ar
+            sc = tl.load(ws + rows, mask=rows < N, other=float("inf"))
+            ok = ((sc > prev_s) | ((sc == prev_s) & (rows < prev_i))) & (rows < N)
+            sc = tl.where(ok, sc, float("inf"))
+            blk_low = tl.reduce(sc, 0, _fmin)
+            blk_at = tl.reduce(tl.where((sc == blk_low) & ok, rows, -1), 0, _imax)
+            take = (blk_low < low) | ((blk_low == low) & (blk_at >= 0))
+            low_at = tl.where(take, blk_at, low_at)
+            low = tl.where(take, blk_low, low)
+        prev_s = low
+        prev_i = low_at
+        pick_at = tl.where(u_ar == i, low_at, pick_at)
+        # move the token's q/k/v from its destination's sums to its own slot
+        own = n_slots - 1 - i
+        was = tl.load(sl + low_at)
+        move = (s_ar == own).to(tl.float32) - (s_ar == was).to(tl.float32)
+        acc_q += move[:, None] * tl.load(qb + low_at * s_n + dims).to(tl.float32)[None, :]
+        acc_k += move[:, None] * tl.load(kb + low_at * s_n + dims).to(tl.float32)[None, :]
+        acc_v += move[:, None] * tl.load(vb + low_at * s_n + dims).to(tl.float32)[None, :]
+        cnt += move
+
+    # slot means and attention over them, in registers (the SINGLE path's)
+    inv = 1.0 / tl.maximum(cnt, 1.0)
+    qm = (acc_q * inv[:, None]).to(DTYPE)
+    km = (acc_k * inv[:, None]).to(DTYPE)
+    vm = (acc_v * inv[:, None]).to(DTYPE)
+    s = _dot(qm, tl.trans(km), DOT_F32) * qk_scale
+    if PROP_KEY:
+        s = s + tl.log2(tl.maximum(cnt, 1.0))[None, :]
+    s = tl.where((s_ar < n_slots)[None, :], s, float("-inf"))
+    pr = tl.exp2(s - tl.reduce(s, 1, _fmax)[:, None])
+    o = _dot(pr.to(DTYPE), vm, DOT_F32) / tl.reduce(pr, 1, _add)[:, None]
+    o = o.to(DTYPE)
+
+    # unmerge this program's chunk: pass-1 slots, the picked sources moved to their own slots
+    own_of = n_slots - 1 - u_ar
+    t_lo = c * chunk
+    t_hi = tl.minimum(t_lo + chunk, N)
+    for t0 in range(t_lo, t_hi, BLOCK_T):
+        rows = t0 + t_ar
+        rmask = rows < t_hi
+        tok_slot = tl.load(sl + rows, mask=rmask, other=-1)
+        moved = tl.reduce(tl.where(rows[:, None] == pick_at[None, :], own_of[None, :], -1), 1, _imax)
+        tok_slot = tl.where(moved >= 0, moved, tok_slot)
+        if RETURN_SLOTS:
+            tl.store(sl + n_pad + rows, tok_slot, mask=rmask)
+        pick = (tok_slot[:, None] == s_ar[None, :]).to(DTYPE)
+        tok_out = _dot(pick, o, DOT_F32)
+        tl.store(ob + rows[:, None] * so_n + dims[None, :], tok_out.to(o_ptr.dtype.element_ty), mask=rmask[:, None])
+
+
 _OFFSETS: dict[tuple, torch.Tensor] = {}
 _tuned: dict[tuple, Config] = {}
+_SM_COUNT: dict[int, int] = {}
+VARIANTS = ("auto", "single", "split")
 
 
 def unmerged_count(n: int, r: int, stride: int) -> int | None:
@@ -345,28 +551,62 @@ def supported(q: torch.Tensor, r: int, stride: int, prop_attn: str = "off") -> b
 
 def head_offsets(heads: int, stride: int, device: torch.device) -> torch.Tensor:
     """The official ``no_rand`` offsets as a cached int32 device tensor."""
-    key = (heads, stride, torch.device(device))
-    if key not in _OFFSETS:
-        _OFFSETS[key] = torch.tensor(official_head_offsets(heads, stride), dtype=torch.int32, device=device)
-    return _OFFSETS[key]
+    key = (heads, stride, device)
+    hit = _OFFSETS.get(key)
+    if hit is None:
+        hit = _OFFSETS[key] = torch.tensor(official_head_offsets(heads, stride), dtype=torch.int32, device=device)
+    return hit
 
 
 def heuristic_config(n: int, n_slots: int, device: torch.device | None = None) -> Config:
-    """64-token blocks; slot blocks cover N' up to 128 in one block (Sonata stage 0 at r=0.9: N' = 103). On a
-    CPU (the interpreter, whose cost is per block op) tokens go in blocks of up to 256."""
+    """The one-program variant: 64-token blocks; slot blocks cover N' up to 128 in one block (Sonata stage 0 at
+    r=0.9: N' = 103). On a CPU (the interpreter, whose cost is per block op) tokens go in blocks of up to 256."""
     block_s = max(16, min(128, triton.next_power_of_2(n_slots)))
     cap = 64 if device is None or device.type == "cuda" else 256
     block_t = max(16, min(cap, triton.next_power_of_2(n)))
-    return block_t, block_s, 4 if block_s <= 64 else 8
+    return block_t, block_s, 4 if block_s <= 64 else 8, 0
 
 
-def candidate_configs(n: int, n_slots: int) -> tuple[Config, ...]:
-    """Tiny tuning space (each fresh GPU machine compiles every entry once): the heuristic, 32/128-token
-    blocks, and 64-slot blocks with 4 warps."""
-    base = heuristic_config(n, n_slots)
-    bt, bs, w = base
-    alts = [base, (max(16, bt // 2), bs, w), (min(128, bt * 2), bs, 8), (bt, max(16, min(bs, 64)), 4)]
-    return tuple(dict.fromkeys(alts))
+def split_count(groups: int, n: int, block_t: int, sms: int = 132) -> int:
+    """Programs per group for the split variant: a power of 2 so that groups x S covers ~2 waves of ``sms``
+    SMs, at most one token block per program and at most 16 (every program re-sums the S partials)."""
+    want = triton.next_power_of_2(max(1, -(-2 * sms // max(groups, 1))))
+    return max(1, min(want, triton.next_power_of_2(triton.cdiv(n, block_t)), 16))
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def candidate_configs(
+    n: int, n_slots: int, groups: int = 1, sms: int = 132, variant: str = "auto"
+) -> tuple[Config, ...]:
+    """Tiny tuning space (each fresh GPU machine compiles every entry once). One-program variant (S = 0): the
+    heuristic, 128-token blocks, 64-slot blocks with 4 warps (the H200's picks on Sonata's shapes; 32-token
+    blocks never won). Split variant where all N' slots fit one 128 block: 64-token blocks with S chosen by
+    ``split_count`` and with 2 S, 4 warps."""
+    bt, bs, w, _ = heuristic_config(n, n_slots)
+    single = [(bt, bs, w, 0), (min(128, bt * 2), bs, 8, 0), (bt, max(16, min(bs, 64)), 4, 0)]
+    split = []
+    if n_slots <= 128:
+        sp = split_count(groups, n, bt, sms)
+        top = max(1, min(16, triton.next_power_of_2(triton.cdiv(n, bt))))
+        split = [(bt, bs, 4, sp), (bt, bs, 4, min(top, 2 * sp))]
+    alts = {"auto": single + split, "single": single, "split": split}[variant]
+    return tuple(dict.fromkeys(c for c in alts if c[1] >= n_slots or c[3] == 0))
+
+
+def _variant(variant: str | None) -> str:
+    """``variant`` or ``MERGE_CORE_PMA_VARIANT``: ``auto`` (tuning picks), ``single`` or ``split`` (forced)."""
+    mode = variant or os.environ.get("MERGE_CORE_PMA_VARIANT", "auto")
+    if mode not in VARIANTS:
+        raise ValueError(f"variant / MERGE_CORE_PMA_VARIANT must be auto, single or split, got {mode!r}")
+    return mode
 
 
 def _forced_config() -> Config | None:
@@ -374,9 +614,9 @@ def _forced_config() -> Config | None:
     if not forced:
         return None
     parts = tuple(int(x) for x in forced.split(","))
-    if len(parts) != 3:
-        raise ValueError(f"MERGE_CORE_PMA_CONFIG must be BLOCK_T,BLOCK_S,warps, got {forced!r}")
-    return parts  # type: ignore[return-value]
+    if len(parts) not in (3, 4):
+        raise ValueError(f"MERGE_CORE_PMA_CONFIG must be BLOCK_T,BLOCK_S,warps[,S], got {forced!r}")
+    return parts if len(parts) == 4 else (*parts, 0)  # type: ignore[return-value]
 
 
 def _tuning_on(device: torch.device) -> bool:
@@ -401,14 +641,15 @@ def tuned_configs() -> dict[str, Config]:
     return {str(key): cfg for key, cfg in _tuned.items()}
 
 
-def _choose(key: tuple, n: int, n_slots: int, device: torch.device, launch) -> Config:
+def _choose(key: tuple, n: int, n_slots: int, groups: int, device: torch.device, variant: str, launch) -> Config:
     if key in _tuned:
         return _tuned[key]
-    fallback = heuristic_config(n, n_slots, device)
+    cands = candidate_configs(n, n_slots, groups, _sm_count(device), variant)
+    fallback = heuristic_config(n, n_slots, device) if variant != "split" or not cands else cands[0]
     if not _tuning_on(device):
         return fallback
     best, best_ms = fallback, math.inf
-    for config in candidate_configs(n, n_slots):
+    for config in cands:
         try:
             launch(config)  # compiles
         except Exception:  # e.g. out of registers / shared memory for this block shape
@@ -418,6 +659,16 @@ def _choose(key: tuple, n: int, n_slots: int, device: torch.device, launch) -> C
             best, best_ms = config, ms
     _tuned[key] = best
     return best
+
+
+def _ws_elems(n: int, n_slots: int, d: int, config: Config, single: bool) -> int:
+    """fp32 workspace elements per group, as the kernels lay it out (``_patch_merge_attn_fwd`` /
+    ``_split_layout``)."""
+    n_pad = -(-n // 16) * 16
+    if config[3] > 0:
+        return 3 * n_pad + config[3] * (3 * d + 1) * config[1]
+    slot_pad = -(-n_slots // 16) * 16
+    return 2 * n_pad if single else 2 * n_pad + slot_pad * (4 * d + 1)
 
 
 def patch_merge_attention(
@@ -431,8 +682,9 @@ def patch_merge_attention(
     prop_attn: str = "off",
     scale: float | None = None,
     return_slots: bool = False,
-    config: Config | None = None,
+    config: Config | tuple[int, int, int] | None = None,
     force_general: bool = False,
+    variant: str | None = None,
 ):
     """Merged attention of (P, H, N, D) q, k, v in one launch: returns (out, N') or None where unsupported.
 
@@ -440,8 +692,10 @@ def patch_merge_attention(
     destination offset per head (default the official ``no_rand`` ones; values taken mod ``stride``);
     ``prop_attn``: "off" or "key" (log(size) per key). ``out`` is (P, H, N, D), a view of a (P, N, H, D) tensor.
     ``return_slots`` adds the (P*H, N) int64 slot map (destinations first, then unmerged sources by score).
-    ``config``: (BLOCK_T, BLOCK_S, num_warps) instead of the tuned one; ``force_general``: the staged path even
-    where all slots fit one block (tests).
+    ``config``: (BLOCK_T, BLOCK_S, num_warps[, S]) instead of the tuned one, S > 0 the split variant (two
+    launches, S programs per group; needs N' <= BLOCK_S); ``variant``: "auto" (default, or
+    ``MERGE_CORE_PMA_VARIANT``), "single" or "split" restricts the tuned candidates; ``force_general``: the
+    staged one-program path even where all slots fit one block (tests).
     None: nothing merges, more than ``U_MAX`` sources stay, or a head dim / dtype / N the kernel does not take.
     """
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
@@ -456,59 +710,71 @@ def patch_merge_attention(
         raise ValueError(f"r must be an int token count, got {r!r}")
     if prop_attn not in ("off", "key", "faithful"):
         raise ValueError(f"prop_attn must be 'off', 'key' or 'faithful', got {prop_attn!r}")
+    mode = _variant(variant)
     if not supported(q, r, stride, prop_attn):
         return None
     p, h, n, d = q.shape
     n_bins = n // stride
     n_unm = unmerged_count(n, r, stride)
     n_slots = n_bins + n_unm
+    device = q.device
     if offsets is None:
-        offsets = head_offsets(h, stride, q.device)
+        offsets = head_offsets(h, stride, device)
     else:
         if offsets.shape != (h,):
             raise ValueError(f"offsets must have shape ({h},), got {tuple(offsets.shape)}")
-        offsets = (offsets.to(device=q.device, dtype=torch.int64) % stride).to(torch.int32)
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        offsets = (offsets.to(device=device, dtype=torch.int64) % stride).to(torch.int32)
+    st = q.stride()
+    if st[3] != 1 or k.stride() != st or v.stride() != st:  # one stride set for all three (qkv slices share it)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        st = q.stride()
     scale = d**-0.5 if scale is None else float(scale)
-    out = torch.empty(p, n, h, d, device=q.device, dtype=q.dtype)
+    out = torch.empty(p, n, h, d, device=device, dtype=q.dtype)
     g = p * h
     if g == 0:
         res = (out.permute(0, 2, 1, 3), n_slots)
-        return (*res, torch.empty(0, n, dtype=torch.int64, device=q.device)) if return_slots else res
-    slot_pad = triton.cdiv(n_slots, 16) * 16
-    n_pad = triton.cdiv(n, 16) * 16
-    ws_q = n_pad
-    ws_k, ws_v = ws_q + slot_pad * d, ws_q + 2 * slot_pad * d
-    ws_size = ws_q + 3 * slot_pad * d
-    ws_out = ws_size + slot_pad
-    ws = torch.empty(g, ws_out + slot_pad * d, device=q.device, dtype=torch.float32)
-    slots = torch.empty(g, n, device=q.device, dtype=torch.int32)
+        return (*res, torch.empty(0, n, dtype=torch.int64, device=device)) if return_slots else res
     dot_f32 = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and not q.is_cuda)
+    prop_key = prop_attn == "key"
+    qk_scale = scale * LOG2E
 
-    def launch(cfg: Config) -> None:
-        block_t, block_s, warps = cfg
-        _patch_merge_attn_fwd[(g,)](
-            q, k, v, offsets, out, ws, slots,
-            h, n, n_bins, stride, n_unm, scale * LOG2E,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            out.stride(0), out.stride(2), out.stride(1),
-            ws.stride(0), ws_q, ws_k, ws_v, ws_size, ws_out, slots.stride(0),
-            PROP_KEY=prop_attn == "key",
-            DOT_F32=dot_f32,
-            SINGLE=n_slots <= block_s and not force_general,
-            BLOCK_T=block_t,
-            BLOCK_S=block_s,
-            D=d,
-            num_warps=warps,
-        )  # fmt: skip
+    def launch(cfg: Config, ws: torch.Tensor | None = None, slots: bool = False) -> torch.Tensor:
+        block_t, block_s, warps, n_split = cfg
+        single = n_slots <= block_s and not force_general
+        if ws is None:
+            ws = torch.empty(g, _ws_elems(n, n_slots, d, cfg, single), device=device, dtype=torch.float32)
+        wsi = ws.view(torch.int32)
+        if n_split > 0:
+            if n_slots > block_s:
+                raise ValueError(f"config {cfg}: the split variant needs N' = {n_slots} <= BLOCK_S")
+            _pma_split_match[(g, n_split)](
+                q, k, v, offsets, ws, wsi, h, n, n_bins, stride, st[0], st[1], st[2],
+                DOT_F32=dot_f32, S=n_split, BLOCK_T=block_t, BLOCK_S=block_s, D=d, num_warps=warps,
+            )  # fmt: skip
+            _pma_split_attend[(g, n_split)](
+                q, k, v, out, ws, wsi, h, n, n_bins, n_unm, qk_scale, st[0], st[1], st[2],
+                PROP_KEY=prop_key, DOT_F32=dot_f32, RETURN_SLOTS=slots, S=n_split, BLOCK_T=block_t,
+                BLOCK_S=block_s, D=d, U_PAD=U_MAX, num_warps=warps,
+            )  # fmt: skip
+        else:
+            _patch_merge_attn_fwd[(g,)](
+                q, k, v, offsets, out, ws, wsi, h, n, n_bins, stride, n_unm, qk_scale, st[0], st[1], st[2],
+                PROP_KEY=prop_key, DOT_F32=dot_f32, SINGLE=single, BLOCK_T=block_t, BLOCK_S=block_s, D=d,
+                num_warps=warps,
+            )  # fmt: skip
+        return ws
 
     config = config or _forced_config()
     if config is None:
-        key = (q.device, q.dtype, d, triton.next_power_of_2(n), triton.cdiv(n_slots, 64), prop_attn == "key",
-               triton.next_power_of_2(g))  # fmt: skip
-        config = _choose(key, n, n_slots, q.device, launch)
-    launch(config)
+        key = (device, q.dtype, d, triton.next_power_of_2(n), triton.cdiv(n_slots, 64), prop_key,
+               triton.next_power_of_2(g), mode)  # fmt: skip
+        config = _tuned.get(key) or _choose(key, n, n_slots, g, device, mode, launch)
+    elif len(config) == 3:
+        config = (*config, 0)
+    ws = launch(config, slots=return_slots)  # type: ignore[arg-type]
     res = (out.permute(0, 2, 1, 3), n_slots)
-    return (*res, slots.long()) if return_slots else res
+    if not return_slots:
+        return res
+    n_pad = -(-n // 16) * 16
+    at = 2 * n_pad if config[3] > 0 else n_pad
+    return (*res, ws.view(torch.int32)[:, at : at + n].long())
