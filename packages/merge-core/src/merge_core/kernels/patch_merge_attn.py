@@ -331,7 +331,7 @@ def _split_layout(N, S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constex
     return n_pad, ws_g, chunk
 
 
-@triton.jit(do_not_specialize=["n_bins", "stride_bin"])
+@triton.jit(do_not_specialize=["n_bins", "stride_bin", "n_unm"])
 def _pma_split_match(
     q_ptr,
     k_ptr,
@@ -343,6 +343,7 @@ def _pma_split_match(
     N,
     n_bins,
     stride_bin,
+    n_unm,
     s_p,
     s_h,
     s_n,
@@ -400,10 +401,11 @@ def _pma_split_match(
         acc_v += _dot(onehot, vx, DOT_F32)
     part = ws + 3 * n_pad + c * ((3 * D + 1) * BLOCK_S)
     at = s_ar[:, None] * D + dims[None, :]
-    tl.store(part + at, acc_q)
-    tl.store(part + BLOCK_S * D + at, acc_k)
-    tl.store(part + 2 * BLOCK_S * D + at, acc_v)
-    tl.store(part + 3 * BLOCK_S * D + s_ar, cnt)
+    smask = s_ar < n_bins + n_unm  # rows past N' are never read
+    tl.store(part + at, acc_q, mask=smask[:, None])
+    tl.store(part + BLOCK_S * D + at, acc_k, mask=smask[:, None])
+    tl.store(part + 2 * BLOCK_S * D + at, acc_v, mask=smask[:, None])
+    tl.store(part + 3 * BLOCK_S * D + s_ar, cnt, mask=smask)
 
 
 @triton.jit(do_not_specialize=["n_bins", "n_unm"])
@@ -459,12 +461,13 @@ def _pma_split_attend(
     acc_k = tl.zeros([BLOCK_S, D], tl.float32)
     acc_v = tl.zeros([BLOCK_S, D], tl.float32)
     cnt = tl.zeros([BLOCK_S], tl.float32)
+    smask = s_ar < n_slots  # pass 1 stores only the slot rows that exist (fewer L2 bytes per program)
     for c2 in range(0, S):
         part = ws + 3 * n_pad + c2 * ((3 * D + 1) * BLOCK_S)
-        acc_q += tl.load(part + at)
-        acc_k += tl.load(part + BLOCK_S * D + at)
-        acc_v += tl.load(part + 2 * BLOCK_S * D + at)
-        cnt += tl.load(part + 3 * BLOCK_S * D + s_ar)
+        acc_q += tl.load(part + at, mask=smask[:, None], other=0.0)
+        acc_k += tl.load(part + BLOCK_S * D + at, mask=smask[:, None], other=0.0)
+        acc_v += tl.load(part + 2 * BLOCK_S * D + at, mask=smask[:, None], other=0.0)
+        cnt += tl.load(part + 3 * BLOCK_S * D + s_ar, mask=smask, other=0.0)
 
     # the u lowest-scoring sources, in (score ascending, token descending) order: among equal scores the later
     # token stays first; round i takes the least (score, -token) after round i-1's, scores stay read-only
@@ -526,6 +529,15 @@ def _pma_split_attend(
         tl.store(ob + rows[:, None] * so_n + dims[None, :], tok_out.to(o_ptr.dtype.element_ty), mask=rmask[:, None])
 
 
+def _pow2(x: int) -> int:
+    """Next power of 2 (plain Python: ``triton.next_power_of_2`` costs microseconds per host call)."""
+    return 1 << max(0, x - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 _OFFSETS: dict[tuple, torch.Tensor] = {}
 _tuned: dict[tuple, Config] = {}
 _SM_COUNT: dict[int, int] = {}
@@ -561,17 +573,17 @@ def head_offsets(heads: int, stride: int, device: torch.device) -> torch.Tensor:
 def heuristic_config(n: int, n_slots: int, device: torch.device | None = None) -> Config:
     """The one-program variant: 64-token blocks; slot blocks cover N' up to 128 in one block (Sonata stage 0 at
     r=0.9: N' = 103). On a CPU (the interpreter, whose cost is per block op) tokens go in blocks of up to 256."""
-    block_s = max(16, min(128, triton.next_power_of_2(n_slots)))
+    block_s = max(16, min(128, _pow2(n_slots)))
     cap = 64 if device is None or device.type == "cuda" else 256
-    block_t = max(16, min(cap, triton.next_power_of_2(n)))
+    block_t = max(16, min(cap, _pow2(n)))
     return block_t, block_s, 4 if block_s <= 64 else 8, 0
 
 
 def split_count(groups: int, n: int, block_t: int, sms: int = 132) -> int:
     """Programs per group for the split variant: a power of 2 so that groups x S covers ~2 waves of ``sms``
     SMs, at most one token block per program and at most 16 (every program re-sums the S partials)."""
-    want = triton.next_power_of_2(max(1, -(-2 * sms // max(groups, 1))))
-    return max(1, min(want, triton.next_power_of_2(triton.cdiv(n, block_t)), 16))
+    want = _pow2(max(1, -(-2 * sms // max(groups, 1))))
+    return max(1, min(want, _pow2(_cdiv(n, block_t)), 16))
 
 
 def _sm_count(device: torch.device) -> int:
@@ -589,14 +601,14 @@ def candidate_configs(
     """Tiny tuning space (each fresh GPU machine compiles every entry once). One-program variant (S = 0): the
     heuristic, 128-token blocks, 64-slot blocks with 4 warps (the H200's picks on Sonata's shapes; 32-token
     blocks never won). Split variant where all N' slots fit one 128 block: 64-token blocks with S chosen by
-    ``split_count`` and with 2 S, 4 warps."""
+    ``split_count`` and with S / 2 (each pass-2 program reads all S partial sums: fewer, longer programs
+    read less), 4 warps."""
     bt, bs, w, _ = heuristic_config(n, n_slots)
     single = [(bt, bs, w, 0), (min(128, bt * 2), bs, 8, 0), (bt, max(16, min(bs, 64)), 4, 0)]
     split = []
     if n_slots <= 128:
         sp = split_count(groups, n, bt, sms)
-        top = max(1, min(16, triton.next_power_of_2(triton.cdiv(n, bt))))
-        split = [(bt, bs, 4, sp), (bt, bs, 4, min(top, 2 * sp))]
+        split = [(bt, bs, 4, sp), (bt, bs, 4, max(1, sp // 2))]
     alts = {"auto": single + split, "single": single, "split": split}[variant]
     return tuple(dict.fromkeys(c for c in alts if c[1] >= n_slots or c[3] == 0))
 
@@ -642,14 +654,14 @@ def tuned_configs() -> dict[str, Config]:
 
 
 def _choose(key: tuple, n: int, n_slots: int, groups: int, device: torch.device, variant: str, launch) -> Config:
-    if key in _tuned:
-        return _tuned[key]
-    cands = candidate_configs(n, n_slots, groups, _sm_count(device), variant)
-    fallback = heuristic_config(n, n_slots, device) if variant != "split" or not cands else cands[0]
+    """Times the candidates once per shape-class ``key`` (CUDA, tuning on); else the heuristic (the
+    one-program kernel, or the first split candidate where ``variant`` is "split")."""
     if not _tuning_on(device):
-        return fallback
-    best, best_ms = fallback, math.inf
-    for config in cands:
+        if variant == "split" and n_slots <= 128:
+            return candidate_configs(n, n_slots, groups, _sm_count(device), "split")[0]
+        return heuristic_config(n, n_slots, device)
+    best, best_ms = None, math.inf
+    for config in candidate_configs(n, n_slots, groups, _sm_count(device), variant):
         try:
             launch(config)  # compiles
         except Exception:  # e.g. out of registers / shared memory for this block shape
@@ -657,8 +669,8 @@ def _choose(key: tuple, n: int, n_slots: int, groups: int, device: torch.device,
         ms = min(_time_ms(launch, config) for _ in range(3))
         if ms < best_ms:
             best, best_ms = config, ms
-    _tuned[key] = best
-    return best
+    _tuned[key] = best or heuristic_config(n, n_slots, device)
+    return _tuned[key]
 
 
 def _ws_elems(n: int, n_slots: int, d: int, config: Config, single: bool) -> int:
@@ -748,7 +760,7 @@ def patch_merge_attention(
             if n_slots > block_s:
                 raise ValueError(f"config {cfg}: the split variant needs N' = {n_slots} <= BLOCK_S")
             _pma_split_match[(g, n_split)](
-                q, k, v, offsets, ws, wsi, h, n, n_bins, stride, st[0], st[1], st[2],
+                q, k, v, offsets, ws, wsi, h, n, n_bins, stride, n_unm, st[0], st[1], st[2],
                 DOT_F32=dot_f32, S=n_split, BLOCK_T=block_t, BLOCK_S=block_s, D=d, num_warps=warps,
             )  # fmt: skip
             _pma_split_attend[(g, n_split)](
@@ -766,8 +778,8 @@ def patch_merge_attention(
 
     config = config or _forced_config()
     if config is None:
-        key = (device, q.dtype, d, triton.next_power_of_2(n), triton.cdiv(n_slots, 64), prop_key,
-               triton.next_power_of_2(g), mode)  # fmt: skip
+        key = (device, q.dtype, d, _pow2(n), _cdiv(n_slots, 64), prop_key,
+               _pow2(g), mode)  # fmt: skip
         config = _tuned.get(key) or _choose(key, n, n_slots, g, device, mode, launch)
     elif len(config) == 3:
         config = (*config, 0)
