@@ -586,7 +586,8 @@ def split_count(groups: int, n: int, block_t: int, sms: int = 132) -> int:
     return max(1, min(want, _pow2(_cdiv(n, block_t)), 16))
 
 
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
+    """SMs of a CUDA device (cached; 132, an H100/H200, elsewhere): sizes the split variant's S."""
     if device.type != "cuda":
         return 132
     idx = device.index if device.index is not None else torch.cuda.current_device()
@@ -658,10 +659,10 @@ def _choose(key: tuple, n: int, n_slots: int, groups: int, device: torch.device,
     one-program kernel, or the first split candidate where ``variant`` is "split")."""
     if not _tuning_on(device):
         if variant == "split" and n_slots <= 128:
-            return candidate_configs(n, n_slots, groups, _sm_count(device), "split")[0]
+            return candidate_configs(n, n_slots, groups, sm_count(device), "split")[0]
         return heuristic_config(n, n_slots, device)
     best, best_ms = None, math.inf
-    for config in candidate_configs(n, n_slots, groups, _sm_count(device), variant):
+    for config in candidate_configs(n, n_slots, groups, sm_count(device), variant):
         try:
             launch(config)  # compiles
         except Exception:  # e.g. out of registers / shared memory for this block shape

@@ -4,7 +4,12 @@ Why: merging lost to plain flash attention because the eager merged attend is ~1
 ``kernels.patch_merge_attn`` does it in one launch. Per shape (``--shape P,H,N,stride,r``; q, k, v are views of a
 packed (P, N, 3, H, 16) qkv, as ``SerializedAttention.forward`` makes them) this reports:
 
+- ``fused`` is the kernel as the model calls it (the per-shape tuner picks a variant and block config),
+  ``single`` / ``split`` force the one-program kernel / the split variant (S programs per (patch, head) group,
+  two launches; ``MERGE_CORE_PMA_VARIANT``'s values);
 - ``*_call_ms``: CUDA events around one call after a synchronize (what a forward waits for; includes launches);
+- ``*_host_us``: host wall time per call over 200 back-to-back calls without a synchronize (the Python wrapper
+  plus Triton's launcher: what bounds a host-bound forward);
 - ``*_batch_ms``: 20 back-to-back calls / 20 (throughput: max of host and device time);
 - ``*_graph_ms``: a CUDA graph of 10 calls replayed, / 10 (device time only);
 - ``fused_configs_ms``: the fused kernel's candidate block configurations, graph-timed;
@@ -34,7 +39,7 @@ from merge_core.patch_merge_reference import merged_patch_attention_reference
 from .. import merging
 from ..models.point_transformer_v3m2 import SerializedAttention
 
-DEFAULT_SHAPES = "40,3,1024,10,921;1,24,1024,10,921"
+DEFAULT_SHAPES = "40,3,1024,10,921;1,24,1024,10,921;10,6,1024,10,921;3,12,1024,10,921"
 
 
 def parse_shape(text: str) -> tuple[int, int, int, int, int]:
@@ -87,6 +92,18 @@ def batch_ms(fn, device: torch.device, calls: int = 20, repeats: int = 5) -> flo
     return statistics.median(times)
 
 
+def host_us(fn, device: torch.device, calls: int = 200) -> float:
+    """Host microseconds per call: ``calls`` back-to-back calls, no synchronize until the clock stops (the
+    device queue absorbs them while the host is the bottleneck)."""
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    _sync(device)
+    return (t1 - t0) / calls * 1e6
+
+
 def graph_ms(fn, device: torch.device, calls: int = 10, repeats: int = 10) -> float | None:
     """Device ms per call: a CUDA graph of ``calls`` calls, replayed ``repeats`` times (median); None if the
     capture fails (reported, not fatal)."""
@@ -134,6 +151,12 @@ def bench_shape(shape: tuple[int, int, int, int, int], dtype: torch.dtype, devic
     def fused():
         return pma.patch_merge_attention(q, k, v, r, stride, scale=attn.scale)[0]
 
+    def single():
+        return pma.patch_merge_attention(q, k, v, r, stride, scale=attn.scale, variant="single")[0]
+
+    def split():
+        return pma.patch_merge_attention(q, k, v, r, stride, scale=attn.scale, variant="split")[0]
+
     def fused_via_attend():
         return attn._merged(q, k, v, None, r, stride)[0]
 
@@ -141,18 +164,21 @@ def bench_shape(shape: tuple[int, int, int, int, int], dtype: torch.dtype, devic
         if pma.patch_merge_attention(q, k, v, r, stride) is None:
             res["fused"] = "unsupported (nothing merges or too many unmerged sources)"
             return res
-        fns = {"sdpa": sdpa, "eager": eager, "fused": fused, "fused_attend": fused_via_attend}
+        fns = {"sdpa": sdpa, "eager": eager, "fused": fused, "single": single, "split": split,
+               "fused_attend": fused_via_attend}  # fmt: skip
         for fn in fns.values():  # compile / tune / fill the layout caches
             fn()
         _sync(device)
         for name, fn in fns.items():
             res[f"{name}_call_ms"] = call_ms(fn, device, iters)
+            res[f"{name}_host_us"] = host_us(fn, device, 200 if device.type == "cuda" else 1)
             if device.type == "cuda":
                 res[f"{name}_batch_ms"] = batch_ms(fn, device)
                 res[f"{name}_graph_ms"] = graph_ms(fn, device)
         if device.type == "cuda":
             configs = {}
-            for cfg in pma.candidate_configs(n, pma.unmerged_count(n, r, stride) + n // stride):
+            n_slots = pma.unmerged_count(n, r, stride) + n // stride
+            for cfg in pma.candidate_configs(n, n_slots, p * h, pma.sm_count(device)):
                 run = lambda cfg=cfg: pma.patch_merge_attention(q, k, v, r, stride, scale=attn.scale, config=cfg)  # noqa: E731
                 try:
                     run()
@@ -162,6 +188,9 @@ def bench_shape(shape: tuple[int, int, int, int, int], dtype: torch.dtype, devic
             res["fused_configs_ms"] = configs
             res["fused_tuned_configs"] = pma.tuned_configs()
         out, n_out, slot = pma.patch_merge_attention(q, k, v, r, stride, scale=attn.scale, return_slots=True)
+        out_split, _, slot_split = pma.patch_merge_attention(
+            q, k, v, r, stride, scale=attn.scale, return_slots=True, variant="split"
+        )
         old = eager()
         with kernels.kernel_mode("never"):  # the oracle and a second slot map on merge-core's torch matcher
             ref, m = merged_patch_attention_reference(q, k, v, r, stride, "spread", "off", attn.scale)
@@ -176,6 +205,8 @@ def bench_shape(shape: tuple[int, int, int, int, int], dtype: torch.dtype, devic
         eager_max_diff=float((old.float() - ref.float()).abs().max()),
         fused_vs_eager_max_diff=float((out.float() - old.float()).abs().max()),
         fused_close=float(((out.float() - ref.float()).abs() <= 5e-3).float().mean()),
+        split_max_diff=float((out_split.float() - ref.float()).abs().max()),
+        split_slots_vs_reference=float((slot_split == ref_slot).float().mean()),
         eager_close=float(((old.float() - ref.float()).abs() <= 5e-3).float().mean()),
         slots_vs_reference=float((slot == ref_slot).float().mean()),
         slots_vs_spread_torch=float((slot == spread).float().mean()),
@@ -209,9 +240,32 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             f"| {r['fused_attend_call_ms']:.3f} | {r['fused_max_diff']:.2g} ({r['fused_close']:.4f}) "
             f"| {r['eager_max_diff']:.2g} | {r['slots_vs_spread']:.4f} | {r['slots_vs_reference']:.4f} |"
         )
+    lines += [
+        "",
+        "Variants (issue 11 v2): call ms / graph ms / host us per call; tuned = the tuner's pick "
+        "(BLOCK_T,BLOCK_S,warps,S; S=0 one program per group)",
+        "",
+        "| shape P x H (groups) | SDPA | fused (tuned) | single | split | split max diff (slots = ref) |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def var(r: dict, name: str) -> str:
+        vals = [r.get(f"{name}_call_ms"), r.get(f"{name}_graph_ms"), r.get(f"{name}_host_us")]
+        return " / ".join("-" if x is None else f"{x:.3f}" if i < 2 else f"{x:.0f}" for i, x in enumerate(vals))
+
+    for r in rows:
+        if "fused_call_ms" in r:
+            s = r["shape"]
+            lines.append(
+                f"| {s['P']} x {s['H']} ({s['P'] * s['H']}) | {var(r, 'sdpa')} | {var(r, 'fused')} "
+                f"| {var(r, 'single')} | {var(r, 'split')} "
+                f"| {r['split_max_diff']:.2g} ({r['split_slots_vs_reference']:.4f}) |"
+            )
+    if rows and rows[-1].get("fused_tuned_configs"):  # the tuner's picks so far, every shape class
+        lines.append(f"\ntuned (key -> config): {rows[-1]['fused_tuned_configs']}")
     for r in rows:
         if r.get("fused_configs_ms"):
-            lines.append(f"\nfused configs (BLOCK_T,BLOCK_S,warps -> graph ms) {r['shape']}: {r['fused_configs_ms']}")
+            lines.append(f"\nfused configs (BLOCK_T,BLOCK_S,warps,S -> graph ms) {r['shape']}: {r['fused_configs_ms']}")
     return "\n".join(lines)
 
 
