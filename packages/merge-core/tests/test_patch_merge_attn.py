@@ -298,3 +298,4 @@ def test_variant_override_and_candidates(monkeypatch):
     cands = pma.candidate_configs(1024, 103, 24)
     assert len(cands) <= 5 and [c[3] for c in cands].count(0) == 3 and (64, 128, 4, 16) in cands
     assert all(c[3] == 0 for c in pma.candidate_configs(1024, 200, 24))  # N' > 128: one-program only
+    assert all(c[3] == 0 for c in pma.candidate_configs(1024, 103, 600))  # S = 1: one-program only

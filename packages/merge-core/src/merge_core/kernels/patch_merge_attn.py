@@ -24,6 +24,21 @@ Slot order: destinations first (bin order), then the unmerged sources by descend
 ``gitmerge3d``'s ``spread_slots`` (merge-core's ``PatchMatch`` lists the unmerged sources first; attention does
 not depend on the order). Forward only; the torch oracle is
 ``merge_core.patch_merge_reference.merged_patch_attention_reference``.
+
+Split variant (issue 11 v2; where N' <= 128). One program walks its group's N tokens serially (~100 us on an H200
+for N = 1024 whatever the group count), and at Sonata's deeper levels only 24-60 groups run on 132 SMs. The split
+variant spreads each group over S programs (grid (G, S), S a power of 2 filling ~2 waves, ``split_count``) in two
+launches: ``_pma_split_match`` matches its token chunk (score + pass-1 slot per token) and writes the chunk's slot
+sums of q | k | v | count into its own partial (every source in its destination: the unmerged ones are not known
+yet; no atomics, deterministic); ``_pma_split_attend`` (same grid) has every program redo the group-wide tiny steps
+(the u picks over all N scores with the same tie rule, read-only: round i takes the least (score, -token) after
+round i-1's; the S partials summed in chunk order; the picks moved to their own slots; the N' x N' attention) and
+unmerge only its own chunk. The per-shape tuner times both variants (config ``(BLOCK_T, BLOCK_S, warps, S)``, S = 0
+the one-program kernel); ``MERGE_CORE_PMA_VARIANT=single|split`` (or ``variant=``) restricts it.
+
+Host cost: q, k, v are equally strided slices of one qkv, so one stride set is passed (else all three are made
+contiguous); workspace offsets and the output strides are derived in the kernels; one workspace allocation (slot
+map and scores included) besides the output; plain-int shape arithmetic in the wrapper.
 """
 
 from __future__ import annotations
@@ -608,8 +623,8 @@ def candidate_configs(
     single = [(bt, bs, w, 0), (min(128, bt * 2), bs, 8, 0), (bt, max(16, min(bs, 64)), 4, 0)]
     split = []
     if n_slots <= 128:
-        sp = split_count(groups, n, bt, sms)
-        split = [(bt, bs, 4, sp), (bt, bs, 4, max(1, sp // 2))]
+        sp = split_count(groups, n, bt, sms)  # S = 1 would only add a launch to the one-program kernel
+        split = [(bt, bs, 4, x) for x in (sp, sp // 2) if x >= 2]
     alts = {"auto": single + split, "single": single, "split": split}[variant]
     return tuple(dict.fromkeys(c for c in alts if c[1] >= n_slots or c[3] == 0))
 
@@ -658,8 +673,9 @@ def _choose(key: tuple, n: int, n_slots: int, groups: int, device: torch.device,
     """Times the candidates once per shape-class ``key`` (CUDA, tuning on); else the heuristic (the
     one-program kernel, or the first split candidate where ``variant`` is "split")."""
     if not _tuning_on(device):
-        if variant == "split" and n_slots <= 128:
-            return candidate_configs(n, n_slots, groups, sm_count(device), "split")[0]
+        cands = candidate_configs(n, n_slots, groups, sm_count(device), variant) if variant == "split" else ()
+        if cands:
+            return cands[0]
         return heuristic_config(n, n_slots, device)
     best, best_ms = None, math.inf
     for config in candidate_configs(n, n_slots, groups, sm_count(device), variant):
