@@ -194,7 +194,7 @@ cases = [
     (pma._patch_merge_attn_fwd, "fp16", dict(one, PROP_KEY=False, SINGLE=True), 8),
     (pma._patch_merge_attn_fwd, "bf16", dict(one, PROP_KEY=True, SINGLE=False, BLOCK_T=32, BLOCK_S=64), 4),
     (pma._pma_split_match, "fp16", dict(one, S=8), 4),
-    (pma._pma_split_attend, "bf16", dict(one, PROP_KEY=True, RETURN_SLOTS=True, S=4, U_PAD=16), 4),
+    (pma._pma_split_attend, "bf16", dict(one, PROP_KEY=True, RETURN_SLOTS=True, S=4, U_PAD=16), 8),
 ]
 for k, dt, values, warps in cases:
     sig = {}

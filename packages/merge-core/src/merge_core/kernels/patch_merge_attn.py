@@ -618,7 +618,8 @@ def candidate_configs(
     heuristic, 128-token blocks, 64-slot blocks with 4 warps (the H200's picks on Sonata's shapes; 32-token
     blocks never won). Split variant where all N' slots fit one 128 block: 64-token blocks with S chosen by
     ``split_count`` and with S / 2 (each pass-2 program reads all S partial sums: fewer, longer programs
-    read less), 4 warps."""
+    read less), 4 warps for the matching pass (pass 2 takes 8 with 128-slot blocks: its 128 x 128 attention
+    scores would spill on 4)."""
     bt, bs, w, _ = heuristic_config(n, n_slots)
     single = [(bt, bs, w, 0), (min(128, bt * 2), bs, 8, 0), (bt, max(16, min(bs, 64)), 4, 0)]
     split = []
@@ -783,7 +784,7 @@ def patch_merge_attention(
             _pma_split_attend[(g, n_split)](
                 q, k, v, out, ws, wsi, h, n, n_bins, n_unm, qk_scale, st[0], st[1], st[2],
                 PROP_KEY=prop_key, DOT_F32=dot_f32, RETURN_SLOTS=slots, S=n_split, BLOCK_T=block_t,
-                BLOCK_S=block_s, D=d, U_PAD=U_MAX, num_warps=warps,
+                BLOCK_S=block_s, D=d, U_PAD=U_MAX, num_warps=max(warps, 8 if block_s >= 128 else 4),
             )  # fmt: skip
         else:
             _patch_merge_attn_fwd[(g,)](
