@@ -11,8 +11,8 @@
 #      rows r0, patch@0.9 (3 x 5). The tuner picks the variant per shape class in each process.
 # Expected wall time ~3-3.5 min: micro ~70 s (Triton compiles: 3 one-program + 2 split configs per shape
 # class), real scene ~65 s, tiled ~50 s; timeouts 85 + 95 + 60 = 240 s (TILED=0 skips the tiled scene).
-# Writes $OUT_DIR/fused-attend.{json,md,log}, $OUT_DIR/real/host-cost.{json,md}, $OUT_DIR/tiled4/host-cost.{json,md} and *.log. Run from the repository root
-# with plain python3:
+# Writes $OUT_DIR/fused-attend.{json,md,log}, $OUT_DIR/real/host-cost.{json,md},
+# $OUT_DIR/tiled4/host-cost.{json,md} and *.log. Run from the repository root with plain python3:
 #   OUT_DIR=/tmp/o sh projects/gitmerge3d/scripts/gpu_fused_attend_v2.sh
 # CPU smoke test (Triton interpreter, tiny shapes, toy model, 1 round, no tiled scene):
 #   REDUCED=1 OUT_DIR=/tmp/o sh projects/gitmerge3d/scripts/gpu_fused_attend_v2.sh
