@@ -123,6 +123,34 @@ def test_kernel_slots_equal_spread_slots():
 
 
 @needs_kernel
+def test_split_variant_through_merged_equals_torch_path(monkeypatch):
+    """``MERGE_CORE_PMA_VARIANT=split`` (kernel v2: S programs per (patch, head), two launches) under ``_merged``:
+    the torch path's output and ``spread_slots``' groups (u = 3 unmerged sources, prop_attn key)."""
+    monkeypatch.setenv("MERGE_CORE_PMA_VARIANT", "split")
+    launches = []
+    real = pma._pma_split_attend
+
+    class Spy:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(pma, "_pma_split_attend", Spy())
+    attn = _attn(100, r=0.77, stride=5, prop_attn="key")
+    q, k, v = _qkv(2, 3, 100, dtype=torch.float16, seed=8)
+    (got, kept), (ref, kept_ref) = _both(attn, q, k, v, 77, 5)
+    assert len(launches) == 1 and launches[0][1] >= 2 and kept == kept_ref
+    if DEVICE.type == "cuda":
+        assert ((got.float() - ref.float()).abs() <= TOL[torch.float16]).float().mean() > 0.98
+    else:
+        torch.testing.assert_close(got.float(), ref.float(), atol=TOL[torch.float16], rtol=TOL[torch.float16])
+    with kernels.kernel_mode("never"):
+        want, n_out = merging.spread_slots(v, 77, 5)
+    _, got_n, got_slots = pma.patch_merge_attention(q, k, v, 77, 5, return_slots=True, config=(32, 32, 4, 4))
+    assert got_n == n_out and (got_slots.cpu() == want.cpu()).float().mean() > (0.98 if q.is_cuda else 0.9999)
+
+
+@needs_kernel
 def test_weighted_patch_fused_equals_torch_path(monkeypatch):
     """``weighted_patch`` calls ``_merged`` for both patch groups: both take the kernel (low group: u = 0)."""
     attn = _attn(64, tome="weighted_patch", r=0.9, stride=10)
