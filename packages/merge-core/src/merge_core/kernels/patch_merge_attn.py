@@ -151,8 +151,8 @@ def _patch_merge_attn_fwd(
     ob = o_ptr + p * N * so_n + h * D
     # workspace per group (fp32 units): scores [n_pad], slots [n_pad] (int32 view); general path: merged q, k, v
     # [slot_pad, D] each, sizes [slot_pad], slot outputs [slot_pad, D]
-    n_pad = tl.cdiv(N, 16) * 16
-    slot_pad = tl.cdiv(n_bins + n_unm, 16) * 16
+    n_pad = (N + 15) // 16 * 16
+    slot_pad = (n_bins + n_unm + 15) // 16 * 16
     ws_q = 2 * n_pad
     ws_k = ws_q + slot_pad * D
     ws_v = ws_k + slot_pad * D
@@ -174,10 +174,10 @@ def _patch_merge_attn_fwd(
         pos = s_ar * stride_bin + off
         dst_rows = tl.load(vb + pos[:, None] * s_n + dims[None, :], mask=(s_ar < n_bins)[:, None], other=1.0)
         yn1 = _unit_rows(dst_rows.to(tl.float32), DTYPE)
-        acc_q = tl.zeros([BLOCK_S, D], tl.float32)
-        acc_k = tl.zeros([BLOCK_S, D], tl.float32)
-        acc_v = tl.zeros([BLOCK_S, D], tl.float32)
-        cnt = tl.zeros([BLOCK_S], tl.float32)
+        acc_q = tl.full([BLOCK_S, D], 0, tl.float32)
+        acc_k = tl.full([BLOCK_S, D], 0, tl.float32)
+        acc_v = tl.full([BLOCK_S, D], 0, tl.float32)
+        cnt = tl.full([BLOCK_S], 0, tl.float32)
 
     # 1. match every token's v to its best destination (destinations keep their own bin slot); track the
     #    lowest-scoring source (ties: the later token) for the first unmerged pick
@@ -192,7 +192,7 @@ def _patch_merge_attn_fwd(
             best, arg = _best_in_block(xn, yn1, s_ar, n_bins, DOT_F32, DTYPE)
         else:
             best = tl.full([BLOCK_T], float("-inf"), tl.float32)
-            arg = tl.zeros([BLOCK_T], tl.int32)
+            arg = tl.full([BLOCK_T], 0, tl.int32)
             for b0 in range(0, n_bins, BLOCK_S):
                 bins = b0 + s_ar
                 pos = bins * stride_bin + off
@@ -274,10 +274,10 @@ def _patch_merge_attn_fwd(
         # 3. slot means of q, k, v (one-hot dots over token blocks) and group sizes
         for s0 in range(0, n_slots, BLOCK_S):
             slots = s0 + s_ar
-            acc_q = tl.zeros([BLOCK_S, D], tl.float32)
-            acc_k = tl.zeros([BLOCK_S, D], tl.float32)
-            acc_v = tl.zeros([BLOCK_S, D], tl.float32)
-            cnt = tl.zeros([BLOCK_S], tl.float32)
+            acc_q = tl.full([BLOCK_S, D], 0, tl.float32)
+            acc_k = tl.full([BLOCK_S, D], 0, tl.float32)
+            acc_v = tl.full([BLOCK_S, D], 0, tl.float32)
+            cnt = tl.full([BLOCK_S], 0, tl.float32)
             for t0 in range(0, N, BLOCK_T):
                 rows = t0 + t_ar
                 rmask = rows < N
@@ -306,8 +306,8 @@ def _patch_merge_attn_fwd(
             qmask = qrows < n_slots
             qm = tl.load(ws + ws_q + qrows[:, None] * D + dims[None, :], mask=qmask[:, None], other=0.0).to(DTYPE)
             m_i = tl.full([BLOCK_S], float("-inf"), tl.float32)
-            l_i = tl.zeros([BLOCK_S], tl.float32)
-            acc = tl.zeros([BLOCK_S, D], tl.float32)
+            l_i = tl.full([BLOCK_S], 0, tl.float32)
+            acc = tl.full([BLOCK_S, D], 0, tl.float32)
             for n0 in range(0, n_slots, BLOCK_S):
                 cols = n0 + s_ar
                 cmask = cols < n_slots
@@ -340,9 +340,9 @@ def _split_layout(N, S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constex
     """Split-variant workspace per group (fp32 units): scores [n_pad], pass-1 slots [n_pad] and final slots
     [n_pad] (int32 views), then S partial sums of q|k|v [BLOCK_S, D] each and counts [BLOCK_S]; and each
     program's token chunk (a multiple of BLOCK_T)."""
-    n_pad = tl.cdiv(N, 16) * 16
+    n_pad = (N + 15) // 16 * 16
     ws_g = 3 * n_pad + S * (3 * D + 1) * BLOCK_S
-    chunk = tl.cdiv(tl.cdiv(N, S), BLOCK_T) * BLOCK_T
+    chunk = ((N + S - 1) // S + BLOCK_T - 1) // BLOCK_T * BLOCK_T
     return n_pad, ws_g, chunk
 
 
@@ -390,10 +390,10 @@ def _pma_split_match(
     pos = s_ar * stride_bin + off
     dst_rows = tl.load(vb + pos[:, None] * s_n + dims[None, :], mask=(s_ar < n_bins)[:, None], other=1.0)
     yn1 = _unit_rows(dst_rows.to(tl.float32), DTYPE)
-    acc_q = tl.zeros([BLOCK_S, D], tl.float32)
-    acc_k = tl.zeros([BLOCK_S, D], tl.float32)
-    acc_v = tl.zeros([BLOCK_S, D], tl.float32)
-    cnt = tl.zeros([BLOCK_S], tl.float32)
+    acc_q = tl.full([BLOCK_S, D], 0, tl.float32)
+    acc_k = tl.full([BLOCK_S, D], 0, tl.float32)
+    acc_v = tl.full([BLOCK_S, D], 0, tl.float32)
+    cnt = tl.full([BLOCK_S], 0, tl.float32)
     t_lo = c * chunk
     t_hi = tl.minimum(t_lo + chunk, N)
     for t0 in range(t_lo, t_hi, BLOCK_T):
@@ -472,10 +472,10 @@ def _pma_split_attend(
 
     # the S partial slot sums, in chunk order (deterministic)
     at = s_ar[:, None] * D + dims[None, :]
-    acc_q = tl.zeros([BLOCK_S, D], tl.float32)
-    acc_k = tl.zeros([BLOCK_S, D], tl.float32)
-    acc_v = tl.zeros([BLOCK_S, D], tl.float32)
-    cnt = tl.zeros([BLOCK_S], tl.float32)
+    acc_q = tl.full([BLOCK_S, D], 0, tl.float32)
+    acc_k = tl.full([BLOCK_S, D], 0, tl.float32)
+    acc_v = tl.full([BLOCK_S, D], 0, tl.float32)
+    cnt = tl.full([BLOCK_S], 0, tl.float32)
     smask = s_ar < n_slots  # pass 1 stores only the slot rows that exist (fewer L2 bytes per program)
     for c2 in range(0, S):
         part = ws + 3 * n_pad + c2 * ((3 * D + 1) * BLOCK_S)
