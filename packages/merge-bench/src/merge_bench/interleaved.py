@@ -2,7 +2,8 @@
 
 Why interleaved: the bs1 rows are host-bound 3-14 ms forwards whose single-run medians moved by several
 percent between runs (ViT-S bs1 came out at 1.02x in the run where ViT-B bs1 was 0.93x). Each round times
-every variant back to back (``iters`` CUDA-event-timed forwards each), so clock and host drift hit all alike;
+every variant back to back (``iters`` CUDA-event-timed forwards each; the order rotates by one each round), so
+clock and host drift and position effects hit all alike;
 the report is the median of the round medians and the minimum. Run: ``python -m merge_bench.interleaved``.
 """
 
@@ -50,6 +51,18 @@ def _time(fn, iters: int, cuda: bool) -> float:
     return statistics.median(times)
 
 
+def rotated(variants: tuple[str, ...], round_index: int) -> tuple[str, ...]:
+    """The variants in round ``round_index``'s order: a rotation by one per round.
+
+    Why: with a fixed order the first variant of every round (plain timm, right after the forced model) read ~3%
+    faster than an identical plain copy at batch 64 on an H200 (2026-12-03); rotating gives every variant each
+    position equally often (over a multiple of ``len(variants)`` rounds), so a position effect cancels in the
+    median instead of favouring one row.
+    """
+    shift = round_index % len(variants)
+    return variants[shift:] + variants[:shift]
+
+
 def build(key: str, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """Plain, automatic and forced copies of one model (one random init, copied: ViT-L init takes seconds)."""
     name, kwargs, r = MODELS[key]
@@ -79,9 +92,9 @@ def bench(key: str, models: dict[str, Any], batch: int, args, device: torch.devi
         if cuda:
             torch.cuda.synchronize()
         rounds: dict[str, list[float]] = {k: [] for k in runs}
-        for _ in range(args.rounds):
-            for k, fn in runs.items():
-                rounds[k].append(_time(fn, args.iters, cuda))
+        for i in range(args.rounds):
+            for k in rotated(VARIANTS, i):
+                rounds[k].append(_time(runs[k], args.iters, cuda))
         runs["auto"]()
         calls = {k: python_calls(fn)[0] for k, fn in runs.items()}
     decision = policy.last_decision(models["auto"])
