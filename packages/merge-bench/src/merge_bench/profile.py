@@ -121,7 +121,7 @@ def profile_forward(name, img, batch, r, prop_attn, kind, device, dtype, log=pri
 
 def launch_overhead(n: int = 500, log=print) -> dict[str, float]:
     """Host microseconds per call (no sync inside the loop): Triton launches vs aten ops vs one merge layer."""
-    from merge_core.kernels import _triton
+    from merge_core.kernels import _merge, _triton
 
     device = torch.device("cuda")
     metric = torch.randn(1, 1025, 64, device=device, dtype=torch.float16)
@@ -131,7 +131,7 @@ def launch_overhead(n: int = 500, log=print) -> dict[str, float]:
     vals = torch.randn(1, 513, device=device, dtype=torch.float16)
     cases = {
         "triton best_destinations": lambda: _triton.best_destinations(a, b, 1, 0),
-        "triton merge_wavg": lambda: _triton.merge_wavg(merge.plan, x, None),
+        "triton merge_wavg": lambda: _merge.merge_wavg(merge.plan, x, None),
         "aten sort(stable)": lambda: torch.sort(vals, dim=-1, descending=True, stable=True),
         "aten add": lambda: x + x,
         "bipartite_soft_matching (fused)": lambda: bipartite_soft_matching(metric, 40, class_token=True),

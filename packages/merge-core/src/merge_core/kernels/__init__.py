@@ -169,7 +169,7 @@ def fused_merge_wavg(plan, x: torch.Tensor, size: torch.Tensor | None):
         unm, src, dst = plan.unm_idx, plan.src_idx, plan.dst_idx
         out, out_size = ops.merge_wavg(x.reshape(-1, t, c), s3, unm, src, dst, plan.protected_a, plan.protected_b)
         return out.reshape(*x.shape[:-2], t - plan.r, c), out_size.reshape(*x.shape[:-2], t - plan.r, 1)
-    from ._triton import merge_wavg
+    from ._merge import merge_wavg
 
     return merge_wavg(plan, x, size)
 

@@ -134,9 +134,9 @@ def merge_wavg(
 
 @merge_wavg.register_kernel("cuda")
 def _merge_wavg_cuda(x, size, unm, src, dst, protected_a, protected_b):
-    from . import _triton
+    from . import _merge
 
-    return _triton.merge_wavg_indices(x, size, unm, src, dst, protected_b)
+    return _merge.merge_wavg_indices(x, size, unm, src, dst, protected_b)
 
 
 @merge_wavg.register_fake
