@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 9 target 1 on one GPU: plain timm vs automatic (default policy) vs forced merging, fp16 eager, random
 # weights, ViT-S/B/L@224 and ViT-L/16@512 at batches $BATCHES (default 1,8; the issue's sweep: BATCHES=1,8,64,256);
-# 8 interleaved rounds x 12 CUDA-event-timed forwards (the variant order rotates each round: 8 = two full cycles).
+# 8 interleaved rounds x 12 CUDA-event-timed forwards after one untimed call (round orders: a Williams design, each
+# variant in each position and after each other variant equally often; 8 = two full cycles).
 # Total wall time: ~60-100 s on an H200 at batches 1,8 (limit TIMEOUT, default 150 s; batches 64,256 need ~300 s). Run from the repo root with PYTHONPATH set to every
 # member's src folder:  OUT_DIR=/tmp/o bash packages/merge-bench/scripts/issue9_target1.sh
 # CPU smoke test:        TINY=1 OUT_DIR=/tmp/o bash packages/merge-bench/scripts/issue9_target1.sh

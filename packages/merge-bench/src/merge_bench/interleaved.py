@@ -2,8 +2,9 @@
 
 Why interleaved: the bs1 rows are host-bound 3-14 ms forwards whose single-run medians moved by several
 percent between runs (ViT-S bs1 came out at 1.02x in the run where ViT-B bs1 was 0.93x). Each round times
-every variant back to back (``iters`` CUDA-event-timed forwards each; the order rotates by one each round), so
-clock and host drift and position effects hit all alike;
+every variant back to back (``iters`` CUDA-event-timed forwards each, after one untimed call; the orders form a
+Williams design, so each variant takes each position and follows each other variant equally often), so clock and
+host drift, position and carryover effects hit all alike;
 the report is the median of the round medians and the minimum. Run: ``python -m merge_bench.interleaved``.
 """
 
@@ -51,16 +52,34 @@ def _time(fn, iters: int, cuda: bool) -> float:
     return statistics.median(times)
 
 
-def rotated(variants: tuple[str, ...], round_index: int) -> tuple[str, ...]:
-    """The variants in round ``round_index``'s order: a rotation by one per round.
+def williams_orders(n: int) -> list[list[int]]:
+    """A Williams design: orders of ``range(n)`` in which every variant takes every position equally often and
+    directly follows every other variant equally often (n orders for even n, 2n for odd n).
 
-    Why: with a fixed order the first variant of every round (plain timm, right after the forced model) read ~3%
-    faster than an identical plain copy at batch 64 on an H200 (2026-12-03); rotating gives every variant each
-    position equally often (over a multiple of ``len(variants)`` rounds), so a position effect cancels in the
-    median instead of favouring one row.
+    Why carryover balance and not only positions: on an H200 (2026-12-03, ViT-B bs64) the variant timed right
+    after the host-bound forced model (GPU mostly idle for ~16 ms per call) ran ~4% faster: the GPU boosts after
+    a low-power stretch. A plain rotation keeps neighbours fixed (the automatic model always followed the plain
+    copy and never the forced model), which read as a 3-4% loss that was not the policy's.
     """
-    shift = round_index % len(variants)
-    return variants[shift:] + variants[:shift]
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    first, low, high = [0], 1, n - 1
+    while len(first) < n:
+        first.append(low)
+        low += 1
+        if len(first) < n:
+            first.append(high)
+            high -= 1
+    orders = [[(v + i) % n for v in first] for i in range(n)]
+    if n % 2:
+        orders += [list(reversed(order)) for order in orders]
+    return orders
+
+
+def balanced(variants: tuple[str, ...], round_index: int) -> tuple[str, ...]:
+    """The variants in round ``round_index``'s order, cycling through ``williams_orders``."""
+    orders = williams_orders(len(variants))
+    return tuple(variants[i] for i in orders[round_index % len(orders)])
 
 
 def build(key: str, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
@@ -93,7 +112,8 @@ def bench(key: str, models: dict[str, Any], batch: int, args, device: torch.devi
             torch.cuda.synchronize()
         rounds: dict[str, list[float]] = {k: [] for k in runs}
         for i in range(args.rounds):
-            for k in rotated(VARIANTS, i):
+            for k in balanced(VARIANTS, i):
+                runs[k]()  # one untimed call: the timed block starts from this variant's own steady state
                 rounds[k].append(_time(runs[k], args.iters, cuda))
         runs["auto"]()
         calls = {k: python_calls(fn)[0] for k, fn in runs.items()}
