@@ -42,18 +42,55 @@ def _round(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _normalised_rows(ptr, rows, rmask, ch, cmask, stride_n, DTYPE: tl.constexpr):
-    """Load rows (BLOCK, BLOCK_C) and divide them by their L2 norm, rounding like ``m / m.norm()``."""
-    x = tl.load(ptr + rows[:, None] * stride_n + ch[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-    x = x.to(tl.float32)
+def _normalise(x, rmask, DTYPE: tl.constexpr):
+    """Divide fp32 rows (BLOCK, BLOCK_C) by their L2 norm, rounding like ``m / m.norm()`` in ``DTYPE``."""
     norm = _round(tl.sqrt_rn(tl.reduce(x * x, 1, _add)), DTYPE)
     norm = tl.where(rmask, norm, 1.0)
     return tl.math.div_rn(x, norm[:, None]).to(DTYPE)
 
 
 @triton.jit
-def _rows(ptr, rows, rmask, ch, cmask, stride_n, DTYPE: tl.constexpr, PRENORM: tl.constexpr):
-    """Rows as the matcher needs them: already normalised by torch (PRENORM) or normalised here."""
+def _normalised_rows(ptr, rows, rmask, ch, cmask, stride_n, DTYPE: tl.constexpr):
+    """Load rows (BLOCK, BLOCK_C) and divide them by their L2 norm, rounding like ``m / m.norm()``."""
+    x = tl.load(ptr + rows[:, None] * stride_n + ch[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+    return _normalise(x.to(tl.float32), rmask, DTYPE)
+
+
+@triton.jit
+def _head_mean_rows(ptr, rows, rmask, ch, cmask, stride_n, stride_h, factor, DTYPE: tl.constexpr, HEADS: tl.constexpr):
+    """Rows (BLOCK, BLOCK_C) of the mean over ``HEADS`` heads, as fp32 values rounded like ``k.mean(1)`` on CUDA.
+
+    torch's CUDA mean accumulates in fp32 and multiplies by ``1 / H`` once (``factor``), then rounds to the
+    dtype. The head loop is unrolled so every head's load is in flight at once (the loads, not the adds, are
+    the latency here).
+    """
+    offs = rows[:, None] * stride_n + ch[None, :]
+    mask = rmask[:, None] & cmask[None, :]
+    acc = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    for h in tl.static_range(1, HEADS):
+        acc += tl.load(ptr + h * stride_h + offs, mask=mask, other=0.0).to(tl.float32)
+    return _round(acc * factor, DTYPE)
+
+
+@triton.jit
+def _rows(
+    ptr,
+    rows,
+    rmask,
+    ch,
+    cmask,
+    stride_n,
+    stride_h,
+    factor,
+    DTYPE: tl.constexpr,
+    PRENORM: tl.constexpr,
+    HEADS: tl.constexpr,
+):
+    """Rows as the matcher needs them: already normalised (PRENORM), normalised here, or (HEADS > 0) averaged
+    over the heads of a (H, N, D) key tensor and normalised here."""
+    if HEADS > 0:
+        m = _head_mean_rows(ptr, rows, rmask, ch, cmask, stride_n, stride_h, factor, DTYPE, HEADS)
+        return _normalise(m, rmask, DTYPE)
     if PRENORM:
         x = tl.load(ptr + rows[:, None] * stride_n + ch[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
         return x.to(DTYPE)
@@ -81,9 +118,16 @@ def _best_dst_kernel(
     split_cols,
     stride_ob,
     stride_os,
+    stride_ah,
+    stride_bh,
+    head_factor,
+    counter_ptr,
+    stride_cnt,
     SCORE_MOD: tl.constexpr,
     DOT_F32: tl.constexpr,
     PRENORM: tl.constexpr,
+    HEADS: tl.constexpr,
+    ZERO_COUNTER: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -91,17 +135,24 @@ def _best_dst_kernel(
     """Rows ``BLOCK_M`` of ``a`` x destination split ``program_id(1)`` (``split_cols`` columns) x batch row.
 
     Splitting the destinations gives small batches enough programs to fill the GPU; each split writes its
-    own (best, index) partial at ``[batch, split, row]`` (one split: the final answer).
+    own (best, index) partial at ``[batch, split, row]`` (one split: the final answer). ``HEADS > 0``: ``a``
+    and ``b`` are (B, H, n, D) keys and the metric is their head mean, computed here (no separate reduce
+    launch). ``ZERO_COUNTER``: program (0, 0, b) zeroes the ranking kernel's ticket counter of batch row b
+    (the next launch on the stream reads it; no memset launch).
     """
     DTYPE: tl.constexpr = a_ptr.dtype.element_ty
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     bid = tl.program_id(2).to(tl.int64)
+    if ZERO_COUNTER:
+        if (pid_m == 0) & (split == 0):
+            tl.store(counter_ptr + bid * stride_cnt, 0)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < Na
     ch = tl.arange(0, BLOCK_C)
     cmask = ch < C
-    a_n = _rows(a_ptr + bid * stride_ab, rows, rmask, ch, cmask, stride_an, DTYPE, PRENORM)
+    a_base = a_ptr + bid * stride_ab
+    a_n = _rows(a_base, rows, rmask, ch, cmask, stride_an, stride_ah, head_factor, DTYPE, PRENORM, HEADS)
     if SCORE_MOD != 0:
         phi_a = _round(tl.load(phi_ptr + bid * stride_phib + 2 * rows, mask=rmask, other=0.0).to(tl.float32), DTYPE)
     best = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -111,7 +162,8 @@ def _best_dst_kernel(
     for n0 in range(col_start, col_end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         nmask = cols < col_end
-        b_n = _rows(b_ptr + bid * stride_bb, cols, nmask, ch, cmask, stride_bn, DTYPE, PRENORM)
+        b_base = b_ptr + bid * stride_bb
+        b_n = _rows(b_base, cols, nmask, ch, cmask, stride_bn, stride_bh, head_factor, DTYPE, PRENORM, HEADS)
         if DOT_F32:  # fp32 inputs, or bf16 under the CPU interpreter (its bf16 dot is broken)
             s = tl.dot(a_n.to(tl.float32), tl.trans(b_n.to(tl.float32)), input_precision="ieee")
         else:
@@ -174,10 +226,11 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[device]
 
 
-def _match_grid(batch: int, na: int, nb: int, c: int, device: torch.device, splits: int | None):
-    """Block sizes and destination splits: at least ~2 programs per multiprocessor when the shape allows."""
+def _match_grid(batch: int, na: int, nb: int, c: int, device: torch.device, splits: int | None, heads: bool = False):
+    """Block sizes and destination splits: at least ~2 programs per multiprocessor when the shape allows.
+    ``heads``: the matcher averages key heads itself (H tiles in flight per row block): 32-row tiles."""
     block_c = _pow2(c)
-    block = 64 if block_c <= 128 else 32
+    block = 64 if block_c <= 128 and not heads else 32
     target = 2 * _sm_count(device)
     block_m = min(block, _pow2(na))
     if prenormalise(batch, na, nb) and block_c <= 128:
@@ -201,14 +254,37 @@ def prenormalise(batch: int, na: int, nb: int) -> bool:
     return batch * na * nb >= PRENORM_PAIRS
 
 
-def _launch_match(a, b, protected_a, protected_b, score_mod, best, idx, block_m, block_n, block_c, grid, split_cols):
+def _launch_match(
+    a,
+    b,
+    protected_a,
+    protected_b,
+    score_mod,
+    best,
+    idx,
+    block_m,
+    block_n,
+    block_c,
+    grid,
+    split_cols,
+    *,
+    heads: tuple[int, int, int, float] | None = None,
+    counter: torch.Tensor | None = None,
+    prenorm: bool | None = None,
+):
+    """Launch the matcher. ``a``/``b``: (B, n, C) metric rows, or with ``heads = (stride_ah, stride_bh, H,
+    1 / H)`` (B, n, D) views of head 0 of (B, H, n, D) keys, averaged in the kernel. ``counter``: a (B,) int32
+    view the kernel zeroes for the ranking launch. ``prenorm``: None = decide by size (the torch
+    normalisation); True = rows are already normalised (``_metric_kernel``'s output)."""
     batch, na, c = a.shape
     nb = b.shape[1]
-    prenorm = prenormalise(batch, na, nb)
-    if prenorm:  # the torch reference's own normalisation, so rounding matches it exactly
-        a = a / a.norm(dim=-1, keepdim=True)
-        b = b / b.norm(dim=-1, keepdim=True)
+    if prenorm is None:
+        prenorm = heads is None and prenormalise(batch, na, nb)
+        if prenorm:  # the torch reference's own normalisation, so rounding matches it exactly
+            a = a / a.norm(dim=-1, keepdim=True)
+            b = b / b.norm(dim=-1, keepdim=True)
     phi, stride_phib, alpha, mode = _penalty_args(score_mod, batch, na, nb, a)
+    stride_ah, stride_bh, n_heads, factor = heads if heads is not None else (0, 0, 0, 1.0)
     _best_dst_kernel[grid](
         a,
         b,
@@ -229,13 +305,20 @@ def _launch_match(a, b, protected_a, protected_b, score_mod, best, idx, block_m,
         split_cols,
         best.stride(0),
         best.stride(1) if best.dim() == 3 else 0,
+        stride_ah,
+        stride_bh,
+        factor,
+        best if counter is None else counter,
+        0 if counter is None else counter.stride(0),
         SCORE_MOD=mode,
         DOT_F32=a.dtype == torch.float32 or (a.dtype == torch.bfloat16 and not a.is_cuda),
         PRENORM=prenorm,
+        HEADS=n_heads,
+        ZERO_COUNTER=counter is not None,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_C=block_c,
-        num_warps=8 if block_m >= 128 else 4,
+        num_warps=8 if block_m >= 128 or n_heads > 0 else 4,
     )
 
 
@@ -279,13 +362,16 @@ def _rank_kernel(
     unm_ptr,
     src_ptr,
     dst_ptr,
+    counter_ptr,
     Na,
     S,
     R,
     stride_pb,
     stride_ps,
     stride_plan,
+    stride_cnt,
     SORT_UNM: tl.constexpr,
+    FUSED_UNM: tl.constexpr,
     BLOCK: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
@@ -293,7 +379,10 @@ def _rank_kernel(
 
     rank(i) = #{j: s_j > s_i} + #{j < i: s_j == s_i}, i.e. torch's stable descending sort. Rows of rank < R
     merge: src[rank] = i, dst[rank] = their best destination. Without SORT_UNM the others go to unm[rank - R]
-    (rank order); with it ``_unm_kernel`` places them in index order from the ranks stored here.
+    (rank order); with it they go in index order: by ``_unm_kernel`` (a third launch) from the ranks stored
+    here, or with ``FUSED_UNM`` by the last program of the batch row to finish (ticket counter, zeroed by the
+    matcher launch before this one): it reads every rank and places row i at i - #{merged rows before i}
+    (one prefix scan over Na values).
     """
     pid = tl.program_id(0)
     bid = tl.program_id(1).to(tl.int64)
@@ -313,6 +402,14 @@ def _rank_kernel(
     tl.store(dst_ptr + plan + rank, di.to(tl.int64), mask=is_src)
     if SORT_UNM:
         tl.store(rank_ptr + bid * stride_pb + i, rank, mask=imask)
+        if FUSED_UNM:
+            tl.debug_barrier()  # every thread's rank stores precede the release below
+            ticket = tl.atomic_add(counter_ptr + bid * stride_cnt, 1, sem="acq_rel")
+            if ticket == tl.num_programs(0) - 1:  # the last program of this batch row: all ranks are written
+                all_rank = tl.load(rank_ptr + bid * stride_pb + rows, mask=rmask, other=0, volatile=True)
+                merged = ((all_rank < R) & rmask).to(tl.int32)
+                before = tl.associative_scan(merged, 0, _add) - merged
+                tl.store(unm_ptr + plan + rows - before, rows.to(tl.int64), mask=rmask & (all_rank >= R))
     else:
         tl.store(unm_ptr + plan + rank - R, i.to(tl.int64), mask=imask & (rank >= R))
 
@@ -348,6 +445,12 @@ def match_plan(a, b, protected_a: int, protected_b: int, r: int, score_mod=None,
     return plan[:, : na - r, None], plan[:, na - r : na, None], plan[:, na:, None]
 
 
+FUSED_UNM = True  # rank + unmerged list in one launch (ticket counter); False: the third ``_unm_kernel`` launch
+HEAD_MODES = ("auto", "fused", "prepass")
+HEAD_MEAN = "auto"  # ``match_plan_heads``' default head-mean placement (module-level so benchmarks can A/B it)
+FUSE_MAX_REUSE = 8  # "auto" fuses the head mean while (row blocks + splits) x the key bytes stays this small
+
+
 def match_plan_buffer(a, b, protected_a: int, protected_b: int, r: int, score_mod=None, sort_unm=True, splits=None):
     """``match_plan``'s three index lists in one (B, Na + r) int64 tensor laid out ``[unm | src | dst]``
     (one allocation; the ``merge_core::match_plan`` op returns it whole)."""
@@ -357,12 +460,38 @@ def match_plan_buffer(a, b, protected_a: int, protected_b: int, r: int, score_mo
     if not 0 < r <= na or nb == 0 or na > MAX_PLAN_ROWS:
         raise ValueError(f"match_plan needs 0 < r <= Na <= {MAX_PLAN_ROWS} and Nb > 0, got r={r}, Na={na}, Nb={nb}")
     _penalty_args(score_mod, batch, na, nb, a)
-    block_m, block_n, block_c, row_blocks, n_splits, split_cols = _match_grid(batch, na, nb, c, a.device, splits)
-    scratch = torch.empty(batch, 2 * n_splits + 1, na, device=a.device, dtype=torch.int32)  # one allocation
+    grid = _match_grid(batch, na, nb, c, a.device, splits)
+    return _plan_launches(a, b, protected_a, protected_b, r, score_mod, sort_unm, grid)
+
+
+def _plan_launches(a, b, protected_a, protected_b, r, score_mod, sort_unm, grid, *, heads=None, prenorm=None):
+    """The plan's launches: matcher (zeroes the ticket counter), ranking (+ unmerged list with ``FUSED_UNM``),
+    and ``_unm_kernel`` only without ``FUSED_UNM``. No host sync, no memset."""
+    batch, na, _ = a.shape
+    block_m, block_n, block_c, row_blocks, n_splits, split_cols = grid
+    fused_unm = bool(sort_unm and FUSED_UNM)
+    rows = 2 * n_splits + 1 + int(fused_unm)  # partial bests, partial indices, ranks, [ticket counter]
+    scratch = torch.empty(batch, rows, na, device=a.device, dtype=torch.int32)  # one allocation
     pbest = scratch[:, :n_splits].view(torch.float32)
     pidx, rank = scratch[:, n_splits : 2 * n_splits], scratch[:, 2 * n_splits]
-    grid = (row_blocks, n_splits, batch)
-    _launch_match(a, b, protected_a, protected_b, score_mod, pbest, pidx, block_m, block_n, block_c, grid, split_cols)
+    counter = scratch[:, 2 * n_splits + 1, 0] if fused_unm else None
+    _launch_match(
+        a,
+        b,
+        protected_a,
+        protected_b,
+        score_mod,
+        pbest,
+        pidx,
+        block_m,
+        block_n,
+        block_c,
+        (row_blocks, n_splits, batch),
+        split_cols,
+        heads=heads,
+        counter=counter,
+        prenorm=prenorm,
+    )
     plan = torch.empty(batch, na + r, device=a.device, dtype=torch.int64)  # [unm | src | dst], one allocation
     unm, src, dst = plan[:, : na - r, None], plan[:, na - r : na, None], plan[:, na:, None]
     block = _pow2(na)
@@ -374,19 +503,133 @@ def match_plan_buffer(a, b, protected_a: int, protected_b: int, r: int, score_mo
         unm,
         src,
         dst,
+        rank if counter is None else counter,
         na,
         n_splits,
         r,
         scratch.stride(0),
         pbest.stride(1),
         plan.stride(0),
+        0 if counter is None else counter.stride(0),
         SORT_UNM=sort_unm,
+        FUSED_UNM=fused_unm,
         BLOCK=block,
         CHUNK=chunk,
         num_warps=4,
     )
-    if sort_unm:
+    if sort_unm and not fused_unm:
         _unm_kernel[(triton.cdiv(na, 64), batch)](
             rank, src, unm, na, r, rank.stride(0), plan.stride(0), CHUNK=64, BLOCK_K=64
         )
     return plan
+
+
+@triton.jit
+def _metric_kernel(
+    k_ptr,
+    out_ptr,
+    N,
+    C,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_ob,
+    stride_on,
+    factor,
+    HEADS: tl.constexpr,
+    NORMALISE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """``BLOCK`` tokens of one batch row: the head mean of (H, N, D) keys (``k.mean(1)``'s rounding), optionally
+    normalised as the matcher would (then the matcher runs with ``PRENORM``)."""
+    DTYPE: tl.constexpr = out_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    bid = tl.program_id(1).to(tl.int64)
+    rows = pid * BLOCK + tl.arange(0, BLOCK)
+    rmask = rows < N
+    ch = tl.arange(0, BLOCK_C)
+    cmask = ch < C
+    m = _head_mean_rows(k_ptr + bid * stride_kb, rows, rmask, ch, cmask, stride_kn, stride_kh, factor, DTYPE, HEADS)
+    if NORMALISE:
+        y = _normalise(m, rmask, DTYPE)
+    else:
+        y = m.to(DTYPE)
+    out = out_ptr + bid * stride_ob + rows[:, None] * stride_on + ch[None, :]
+    tl.store(out, y, mask=rmask[:, None] & cmask[None, :])
+
+
+def _check_keys(keys: torch.Tensor) -> torch.Tensor:
+    if keys.dim() != 4 or keys.shape[1] == 0 or keys.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"keys must be a float (B, H, N, D) tensor with H > 0, got {keys.dtype} {tuple(keys.shape)}")
+    return keys if keys.stride(-1) == 1 else keys.contiguous()
+
+
+def head_mean_metric(keys: torch.Tensor, normalise: bool = False) -> torch.Tensor:
+    """(B, N, D) mean over the heads of (B, H, N, D) ``keys`` in one launch (rounded like CUDA's ``k.mean(1)``);
+    with ``normalise`` each row is also divided by its norm as the matcher does (``m / m.norm()``)."""
+    keys = _check_keys(keys)
+    batch, h, n, d = keys.shape
+    out = torch.empty(batch, n, d, device=keys.device, dtype=keys.dtype)
+    if batch == 0 or n == 0:
+        return out
+    block = 16
+    _metric_kernel[(triton.cdiv(n, block), batch)](
+        keys,
+        out,
+        n,
+        d,
+        keys.stride(0),
+        keys.stride(1),
+        keys.stride(2),
+        out.stride(0),
+        out.stride(1),
+        1.0 / h,
+        HEADS=h,
+        NORMALISE=normalise,
+        BLOCK=block,
+        BLOCK_C=_pow2(d),
+        num_warps=4,
+    )
+    return out
+
+
+def match_plan_heads(
+    keys: torch.Tensor,
+    protected_a: int,
+    protected_b: int,
+    r: int,
+    score_mod=None,
+    sort_unm: bool = True,
+    splits: int | None = None,
+    head_mean: str | None = None,
+) -> torch.Tensor:
+    """``match_plan_buffer`` of the metric ``keys.mean(1)`` (even tokens onto odd ones), from (B, H, N, D) keys.
+
+    Why: the metric of a timm block is the mean key over heads; as a torch reduce it is a launch of its own
+    (4.5 us per ViT-L layer at batch 1 on an H200). ``head_mean="fused"``: the matcher reads every head of its
+    rows and averages them itself (two launches for the whole plan, but each row tile is read (row blocks +
+    splits) times over H heads); ``"prepass"``: ``_metric_kernel`` writes the normalised mean rows once and the
+    matcher reads them pre-normalised (three launches, the least memory traffic); ``"auto"`` (``HEAD_MEAN``):
+    fused while (row blocks + splits) <= ``FUSE_MAX_REUSE``. Same plan as ``match_plan_buffer(m[:, ::2],
+    m[:, 1::2], ...)`` with ``m = keys.mean(1)``.
+    """
+    keys = _check_keys(keys)
+    batch, h, n, d = keys.shape
+    na, nb = (n + 1) // 2, n // 2
+    if not 0 < r <= na or nb == 0 or na > MAX_PLAN_ROWS:
+        raise ValueError(f"match_plan needs 0 < r <= Na <= {MAX_PLAN_ROWS} and Nb > 0, got r={r}, Na={na}, Nb={nb}")
+    mode = HEAD_MEAN if head_mean is None else head_mean
+    if mode not in HEAD_MODES:
+        raise ValueError(f"head_mean must be one of {HEAD_MODES}, got {mode!r}")
+    _penalty_args(score_mod, batch, na, nb, keys[:, 0])
+    grid = _match_grid(batch, na, nb, d, keys.device, splits, heads=True)
+    fuse = mode == "fused" or (mode == "auto" and grid[3] + grid[4] <= FUSE_MAX_REUSE)
+    if not fuse or prenormalise(batch, na, nb):
+        metric = head_mean_metric(keys, normalise=True)
+        a, b = metric[:, ::2], metric[:, 1::2]
+        grid = _match_grid(batch, na, nb, d, keys.device, splits)
+        return _plan_launches(a, b, protected_a, protected_b, r, score_mod, sort_unm, grid, prenorm=True)
+    a, b = keys[:, 0, ::2], keys[:, 0, 1::2]
+    heads = (keys.stride(1), keys.stride(1), h, 1.0 / h)
+    return _plan_launches(a, b, protected_a, protected_b, r, score_mod, sort_unm, grid, heads=heads, prenorm=False)
