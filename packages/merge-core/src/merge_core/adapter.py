@@ -26,7 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from .matching import MergeFn, bipartite_soft_matching
+from .matching import MergeFn, bipartite_soft_matching, bipartite_soft_matching_heads
 from .merge import merge_source, merge_source_index, merge_wavg
 from .schedule import parse_r
 
@@ -175,10 +175,14 @@ class MergeState:
         *,
         block: nn.Module | None = None,
         attn_input: torch.Tensor | None = None,
+        keys: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Merge ``self.r[layer]`` tokens of ``x`` (..., N, C) matched on ``metric``; record the token count.
 
         Leading dims are free (per-frame merging passes (B*T, N, C)); ``size``/sources follow ``x``.
+        ``keys`` (B, H, N, D) with ``metric=None``: the metric is ``keys.mean(1)``, which the default matcher
+        computes inside its fused kernels where they run (``matching.bipartite_soft_matching_heads``: no
+        separate reduce launch per layer); a custom ``match_fn`` gets the averaged tensor as before.
         """
         r = self.r[layer]
         if r > 0:
@@ -186,8 +190,13 @@ class MergeState:
             if saved is not None:  # checkpoint recompute: the matching of the first run (random matchers too)
                 merge, unmerge = saved
             elif self.match_fn is None:
-                merge, unmerge = bipartite_soft_matching(metric, r, protected=self.protected)
+                if metric is None:
+                    merge, unmerge = bipartite_soft_matching_heads(keys, r, protected=self.protected)
+                else:
+                    merge, unmerge = bipartite_soft_matching(metric, r, protected=self.protected)
             else:
+                if metric is None and keys is not None:
+                    metric = keys.mean(1)
                 merge, unmerge = self.match_fn(
                     block=block, layer=layer, x=x, attn_input=attn_input, metric=metric, r=r, info=self
                 )

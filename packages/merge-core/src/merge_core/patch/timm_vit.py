@@ -62,7 +62,9 @@ class MergeAttention(Attention):
     """timm Attention; with ``backend`` set it also takes token sizes and returns the merge metric.
 
     ``attn(x)`` / ``attn(x, attn_mask=...)`` is timm's forward unchanged; ``attn(x, size=..., backend=...,
-    need_metric=..., attn_bias=...)`` (the merging path) returns ``(output, mean key or None)``.
+    need_metric=..., attn_bias=...)`` (the merging path) returns ``(output, mean key or None)``; with
+    ``metric_keys=True`` the per-head keys (B, H, N, D) instead of their mean, which the fused matching plan
+    averages itself (``MergeState.merge_tokens(keys=...)``: no reduce launch per layer).
     """
 
     def forward(
@@ -75,6 +77,7 @@ class MergeAttention(Attention):
         backend: str | None = None,
         need_metric: bool = False,
         attn_bias: torch.Tensor | None = None,
+        metric_keys: bool = False,
     ):
         if backend is None:
             return Attention.forward(self, x, **_mask_kwargs(attn_mask, is_causal))
@@ -109,7 +112,9 @@ class MergeAttention(Attention):
         if gate is not None:
             x = x * gate
         x = self.proj_drop(self.proj(x))
-        return x, (k.mean(1) if need_metric else None)
+        if not need_metric:
+            return x, None
+        return x, (k if metric_keys else k.mean(1))
 
 
 class MergeBlock(Block):
@@ -128,6 +133,7 @@ class MergeBlock(Block):
         if (attn_mask is not None or is_causal) and state.attn_bias is None:
             state.attn_bias = mask_to_bias(attn_mask, is_causal, x.shape[1], x.shape[0], x.dtype, x.device)
         r = state.r[layer]
+        keys = r > 0 and state.match_fn is None  # the default matcher takes per-head keys (mean fused in)
         attn_input = self.norm1(x)
         x_attn, metric = self.attn(
             attn_input,
@@ -135,9 +141,13 @@ class MergeBlock(Block):
             backend=state.attn_backend,
             need_metric=r > 0,
             attn_bias=state.attn_bias,
+            metric_keys=keys,
         )
         x = x + self.drop_path1(self.ls1(x_attn))
-        x = state.merge_tokens(layer, x, metric, block=self, attn_input=attn_input)
+        if keys:
+            x = state.merge_tokens(layer, x, None, block=self, attn_input=attn_input, keys=metric)
+        else:
+            x = state.merge_tokens(layer, x, metric, block=self, attn_input=attn_input)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         state.exit_layer(stash)
         return x
