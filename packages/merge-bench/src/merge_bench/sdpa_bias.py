@@ -21,6 +21,12 @@ from .common import DTYPES, device_slug, environment, write_json
 
 # (batch, heads, tokens, head dim): ViT-B bs256 at 197 and at 99 tokens (merged), ViT-L@512 bs32 at 1025 and 545
 SHAPES = ((256, 12, 197, 64), (256, 12, 99, 64), (32, 16, 1025, 64), (32, 16, 545, 64), (64, 12, 197, 64))
+ALL_BACKENDS = [
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
 # label -> (backends or None for torch's choice, mask layout or None)
 CASES = {
     "default, no mask": (None, None),
@@ -42,6 +48,29 @@ def _mask(bias: torch.Tensor, layout: str | None, heads: int) -> torch.Tensor | 
     if layout == "expand":
         return bias.expand(b, heads, n, n)
     return bias.expand(b, 1, n, n).contiguous()
+
+
+def _mixed_dims(q, k, v, size, layout: str, backends):
+    """Proportional attention with unequal head dims (exact maths, copies not counted as free: they are timed).
+
+    ``qk72``: q' = [q, 1/scale, 0...], k' = [k, log s, 0...] (head dim 72), v unpadded (64);
+    ``v72``: q, k unpadded, v' = [s v, s, 0...] (72), out = o[..., :D] / o[..., D] = sum s e v / sum s e.
+    """
+    d = q.shape[-1]
+    scale = d**-0.5
+    pad = 8
+    if layout == "qk72":
+        ones = torch.full_like(q[..., :1], 1.0 / scale)
+        q2 = torch.cat([q, ones, q.new_zeros(*q.shape[:-1], pad - 1)], dim=-1)
+        k2 = torch.cat([k, size.log()[:, None, :, None].expand_as(k[..., :1]), k.new_zeros(*k.shape[:-1], pad - 1)], -1)
+        v2 = v
+    else:
+        s = size[:, None, :, None]
+        q2, k2 = q, k
+        v2 = torch.cat([v * s, s.expand_as(v[..., :1]), v.new_zeros(*v.shape[:-1], pad - 1)], dim=-1)
+    with sdpa_kernel(backends):
+        out = F.scaled_dot_product_attention(q2, k2, v2, scale=scale)
+    return out if layout == "qk72" else out[..., :d] / out[..., d : d + 1]
 
 
 def probe_shape(batch: int, heads: int, tokens: int, head_dim: int, device, dtype, warmup: int, iters: int):
@@ -70,6 +99,18 @@ def probe_shape(batch: int, heads: int, tokens: int, head_dim: int, device, dtyp
         except RuntimeError as exc:  # a forced backend may refuse a shape or a mask layout
             row["error"] = str(exc).splitlines()[0][:200]
         rows.append(row)
+    for layout in ("qk72", "v72"):  # unequal head dims: does any backend run them near the no-mask speed?
+        for name, backends in (("default", ALL_BACKENDS), ("cudnn", [SDPBackend.CUDNN_ATTENTION])):
+            row = {"shape": [batch, heads, tokens, head_dim], "case": f"{name}, head dims {layout}"}
+            try:
+                out = _mixed_dims(q, k, v, size, layout, backends)
+                row["max_abs_diff"] = (out.float() - ref).abs().max().item()
+                row.update(
+                    measure(lambda b=backends, lay=layout: _mixed_dims(q, k, v, size, lay, b), device, warmup, iters)
+                )
+            except RuntimeError as exc:
+                row["error"] = str(exc).splitlines()[0][:200]
+            rows.append(row)
     return rows
 
 
