@@ -1,6 +1,6 @@
 """Fused CUDA (Triton) kernels for the hot path; the torch ops in ``matching``/``merge`` are the reference.
 
-Two kernels (``merge_core.kernels._triton``):
+Kernels (``_triton``: matcher and plan up to ``MAX_PLAN_ROWS`` rows; ``_rank_large``: plan beyond; ``_merge``):
 
 - ``fused_best_destinations``: normalise + cosine similarity + per-row max/argmax in one pass, tiled over
   the destination tokens, so the (Na x Nb) score matrix is never written to memory. Protected rows/columns
@@ -9,9 +9,10 @@ Two kernels (``merge_core.kernels._triton``):
   metric and the score to the input dtype at the same points as the torch path, so in practice it picks
   the same pairs; on exact near-ties (a difference in the last fp16/bf16 bit caused by a different
   accumulation order) the two paths may pick different but equally scored destinations.
-- ``fused_merge_wavg``: the gather/scatter of ToMe's size-weighted merge in one launch: unmerged tokens are
+- ``fused_merge_wavg`` (``_merge``): the gather/scatter of ToMe's size-weighted merge: unmerged tokens are
   copied to their output slot, each destination sums its own and its sources' ``size * x`` (fp32
-  accumulation) and divides once. Outputs equal the torch path within the input dtype's rounding (the
+  accumulation) and divides once; one launch at ViT sizes, two at large ``r`` (sources ordered by
+  destination first, so each source row is read once). Outputs equal the torch path within the input dtype's rounding (the
   torch path rounds ``x * size`` and the partial sums to fp16/bf16; the kernel accumulates in fp32).
 
 Dispatch: ``auto`` (default) uses the kernels for CUDA tensors when Triton imports. ``set_mode("never")`` or
@@ -36,7 +37,7 @@ import torch
 MODES = ("auto", "always", "never")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_METRIC_DIM = 512
-MAX_PLAN_ROWS = 2048  # sort-free ranking: each rank program holds all Na scores
+MAX_PLAN_ROWS = 2048  # Na above this: the tiled ranking of ``_rank_large`` (the one-tile ranking holds all Na)
 
 _mode = os.environ.get("MERGE_CORE_KERNELS", "auto")
 if _mode not in MODES:  # pragma: no cover - configuration error
@@ -129,21 +130,26 @@ def fused_best_destinations(a, b, protected_a=0, protected_b=0, score_mod=None):
 
 
 def use_fused_plan(a: torch.Tensor, score_mod: object | None) -> bool:
-    """Whether ``bipartite_soft_matching`` should compute its whole plan in two launches (``match_plan``):
-    the fused matcher applies and the rows fit one ranking program (Na <= 2048; longer sequences use the
-    fused matcher + torch's sort). Under tracing any length: the op picks its path at run time."""
-    return use_fused_match(a, score_mod) and (_compiling() or a.shape[-2] <= MAX_PLAN_ROWS)
+    """Whether ``bipartite_soft_matching`` should compute its whole plan with the sort-free kernels
+    (``fused_match_plan``): whenever the fused matcher applies, at any length (Na <= ``MAX_PLAN_ROWS``: one
+    ranking tile per batch row; longer: ``_rank_large``'s tiled ranking)."""
+    return use_fused_match(a, score_mod)
 
 
 def fused_match_plan(metric, protected_a: int, protected_b: int, r: int, score_mod=None, sort_unm: bool = True):
     """(unm_idx, src_idx, dst_idx) of bipartite matching of (B, N, C) ``metric`` (even tokens onto odd ones),
-    equal to the torch path's (see ``_triton.match_plan``)."""
+    equal to the torch path's (see ``_triton.match_plan`` and ``_rank_large``)."""
     if _compiling():  # the op takes the whole metric: no strided views for Inductor to lay out
         plan = ops.match_plan(metric, protected_a, protected_b, r, *ops.penalty_parts(score_mod), sort_unm)
         return ops.split_plan(plan, (metric.shape[-2] + 1) // 2, r)
-    from ._triton import match_plan
+    a, b = metric[:, ::2], metric[:, 1::2]
+    if a.shape[-2] <= MAX_PLAN_ROWS:
+        from ._triton import match_plan
 
-    return match_plan(metric[:, ::2], metric[:, 1::2], protected_a, protected_b, r, score_mod, sort_unm)
+        return match_plan(a, b, protected_a, protected_b, r, score_mod, sort_unm)
+    from ._rank_large import match_plan_large
+
+    return match_plan_large(a, b, protected_a, protected_b, r, score_mod, sort_unm)
 
 
 def use_fused_merge(x: torch.Tensor, size: torch.Tensor | None) -> bool:

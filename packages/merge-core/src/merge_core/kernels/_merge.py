@@ -1,6 +1,18 @@
 """The fused size-weighted merge (``merge_wavg``) for a bipartite matching plan (Triton, imported lazily).
 
 Kept apart from the matcher (``_triton``) so that matching and merging kernels can evolve separately.
+
+Two ways to find a destination's sources (same output kernel, picked by ``use_sorted_sources``):
+
+- scan (small ``r``, one launch): every block of ``BLOCK_ROWS`` destinations reads all ``r`` (src, dst) pairs
+  and adds the ones that hit it with a one-hot ``tl.dot``; O(Tb / BLOCK_ROWS * r) row loads, which is nothing
+  at ViT sizes (r = 16..40) and dominates at long sequences (N = 16384, r = 4096: 5.4 ms at C = 768).
+- sorted (large ``r``, two launches): ``_sources_by_dst_kernel`` first orders the pairs by (dst, position) by
+  counting (slot of pair j = #{k: (dst_k, k) < (dst_j, j)}: no sort, no atomics, deterministic) and writes where
+  each destination block's sources start; the merge then reads only its own contiguous slot range, so every
+  source row is loaded once and the work is O(T * C) + O(r^2) integer compares for the ordering.
+
+Sources of one destination are summed in a fixed order (by plan position), so results are deterministic.
 """
 
 from __future__ import annotations
@@ -12,6 +24,8 @@ import triton.language as tl
 from .._checks import check_same_tokens
 from ._triton import _add, _pow2
 
+BLOCK_ROWS = 64  # destinations (and unmerged rows) per merge program
+
 
 @triton.jit
 def _merge_wavg_kernel(
@@ -20,6 +34,7 @@ def _merge_wavg_kernel(
     unm_ptr,
     src_ptr,
     dst_ptr,
+    blk_ptr,
     out_ptr,
     out_s_ptr,
     C,
@@ -38,11 +53,13 @@ def _merge_wavg_kernel(
     stride_srct,
     stride_dstb,
     stride_dstt,
+    stride_blk,
     stride_ob,
     stride_ot,
     stride_osb,
     HAS_SIZE: tl.constexpr,
     SPLIT: tl.constexpr,
+    SORTED: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -51,7 +68,8 @@ def _merge_wavg_kernel(
 
     Output order (ToMe's): [protected pairs interleaved, unmerged a-tokens, destinations]. With
     ``PB`` protected destinations, unmerged slot k goes to 2k (k < PB) or PB + k; destination d goes
-    to 2d + 1 (d < PB) or U + d.
+    to 2d + 1 (d < PB) or U + d. SORTED: (src, dst) are ordered by destination and destination block k reads
+    only slots ``blk[k]:blk[k + 1]``; otherwise every block scans all R pairs.
     """
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     bid = tl.program_id(0).to(tl.int64)
@@ -89,11 +107,18 @@ def _merge_wavg_kernel(
         acc = tl.load(x_base + dtok[:, None] * stride_xt + ch[None, :], mask=xmask, other=0.0).to(tl.float32)
         acc = acc * s_own[:, None]
         s_acc = s_own
-        for r0 in range(0, R, BLOCK_R):
+        if SORTED:
+            blk = bid * stride_blk + pid - n_unm_blocks
+            j_lo = tl.load(blk_ptr + blk)
+            j_hi = tl.load(blk_ptr + blk + 1)
+        else:
+            j_lo = 0
+            j_hi = R
+        for r0 in range(j_lo, j_hi, BLOCK_R):
             j = r0 + tl.arange(0, BLOCK_R)
-            jmask = j < R
+            jmask = j < j_hi
             dst = tl.load(dst_ptr + bid * stride_dstb + j * stride_dstt, mask=jmask, other=-1)
-            sdtok = 2 * tl.load(src_ptr + bid * stride_srcb + j * stride_srct, mask=jmask, other=0)
+            sdtok = 2 * tl.load(src_ptr + bid * stride_srcb + j * stride_srct, mask=jmask, other=0).to(tl.int64)
             if HAS_SIZE:
                 s_src = tl.load(s_ptr + bid * stride_sb + sdtok * stride_st, mask=jmask, other=0.0).to(tl.float32)
             else:
@@ -119,6 +144,105 @@ def _merge_wavg_kernel(
             tl.store(out_s_ptr + bid * stride_osb + dpos, s_acc.to(DTYPE), mask=dmask)
 
 
+@triton.jit
+def _sources_by_dst_kernel(
+    src_ptr,
+    dst_ptr,
+    ssrc_ptr,
+    sdst_ptr,
+    blk_ptr,
+    R,
+    n_blocks,
+    n_pair_chunks,
+    stride_srcb,
+    stride_srct,
+    stride_dstb,
+    stride_dstt,
+    stride_sb,
+    stride_blk,
+    BLOCK_ROWS: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    KEY64: tl.constexpr,
+):
+    """Order the plan's (src, dst) pairs by destination, without a sort; one batch row per ``program_id(1)``.
+
+    Programs < n_pair_chunks: CHUNK pairs each; pair j goes to slot #{k: key_k < key_j} with the unique key
+    dst * R + j (a stable counting sort: equal destinations keep plan order). The others: CHUNK block bounds
+    each, blk[m] = #{k: dst_k < m * BLOCK_ROWS} = first slot of destination block m (m = 0..n_blocks).
+    Counts accumulate in a (CHUNK, BLOCK_K) tile and are reduced once at the end.
+    """
+    KEY: tl.constexpr = tl.int64 if KEY64 else tl.int32
+    pid = tl.program_id(0)
+    bid = tl.program_id(1).to(tl.int64)
+    dst_base = dst_ptr + bid * stride_dstb
+    # no divergent branches: both roles compute the same tensors, masks pick the role
+    j = pid * CHUNK + tl.arange(0, CHUNK)  # >= R in bound programs (pid >= n_pair_chunks)
+    jmask = j < R
+    m = (pid - n_pair_chunks) * CHUNK + tl.arange(0, CHUNK)  # < 0 in pair programs
+    mmask = (m >= 0) & (m <= n_blocks)
+    dj = tl.load(dst_base + j * stride_dstt, mask=jmask, other=0).to(KEY)
+    # a block bound's key is that of the first possible pair of the block's first destination
+    mine = tl.where(m < 0, dj * R + j, (m * BLOCK_ROWS).to(KEY) * R)
+    pad = (n_blocks + 1) * BLOCK_ROWS  # padding pairs sort after every key (a destination past the last block)
+    cnt = tl.full([CHUNK, BLOCK_K], 0, tl.int32)
+    for k0 in range(0, R, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        dk = tl.load(dst_base + k * stride_dstt, mask=k < R, other=0).to(KEY)
+        key = tl.where(k < R, dk, pad) * R + k
+        cnt += (key[None, :] < mine[:, None]).to(tl.int32)
+    slot = tl.reduce(cnt, 1, _add)
+    sj = tl.load(src_ptr + bid * stride_srcb + j * stride_srct, mask=jmask, other=0)
+    tl.store(ssrc_ptr + bid * stride_sb + slot, sj.to(tl.int32), mask=jmask)
+    tl.store(sdst_ptr + bid * stride_sb + slot, dj.to(tl.int32), mask=jmask)
+    tl.store(blk_ptr + bid * stride_blk + m, slot, mask=mmask)
+
+
+SORTED_MIN_WORK = 2  # sorted path once the scan would load the sources more than 2x the token count
+
+
+def use_sorted_sources(t: int, r: int) -> bool:
+    """Whether to order sources by destination first: when the scan path's repeated source loads
+    (r per destination block) outweigh the extra launch, i.e. r * ceil(Tb / BLOCK_ROWS) > 2 * T.
+    ViT rows (N = 197..1025, r = 16..40) stay on the one-launch scan; N = 4096, r = 1024 sorts."""
+    return r * triton.cdiv(t // 2, BLOCK_ROWS) > SORTED_MIN_WORK * t
+
+
+def sources_by_dst(src: torch.Tensor, dst: torch.Tensor, tb: int):
+    """(src, dst, block starts) with the (n, r, 1) pairs ordered by destination (stable): two (n, r) int32
+    lists and (n, ceil(tb / BLOCK_ROWS) + 1) int32 slot offsets, from one launch."""
+    n, r = src.shape[0], src.shape[-2]
+    n_blocks = triton.cdiv(tb, BLOCK_ROWS)
+    buf = torch.empty(n, 2 * r + n_blocks + 1, device=src.device, dtype=torch.int32)  # one allocation
+    ssrc, sdst, blk = buf[:, :r], buf[:, r : 2 * r], buf[:, 2 * r :]
+    # CPU (the interpreter's tl.reduce is a Python loop per element): small tiles keep the tests fast
+    chunk, block_k = (64, 128) if src.is_cuda else (16, 16)
+    n_pair_chunks = triton.cdiv(r, chunk)
+    grid = (n_pair_chunks + triton.cdiv(n_blocks + 1, chunk), n)
+    _sources_by_dst_kernel[grid](
+        src,
+        dst,
+        ssrc,
+        sdst,
+        blk,
+        r,
+        n_blocks,
+        n_pair_chunks,
+        src.stride(0),
+        src.stride(1),
+        dst.stride(0),
+        dst.stride(1),
+        buf.stride(0),
+        buf.stride(0),
+        BLOCK_ROWS=BLOCK_ROWS,
+        CHUNK=chunk,
+        BLOCK_K=block_k,
+        KEY64=(triton.cdiv(tb, BLOCK_ROWS) + 2) * BLOCK_ROWS * r >= 2**31,
+        num_warps=4,
+    )
+    return ssrc, sdst, blk
+
+
 def merge_wavg(plan, x: torch.Tensor, size: torch.Tensor | None):
     """Fused ``merge_wavg`` for a bipartite matching plan: returns (merged x, merged size)."""
     check_same_tokens(x, plan.shape, plan.device, "x")
@@ -129,9 +253,10 @@ def merge_wavg(plan, x: torch.Tensor, size: torch.Tensor | None):
     return out.reshape(*lead, t - plan.r, c), out_size.reshape(*lead, t - plan.r, 1)
 
 
-def merge_wavg_indices(x3, size3, unm, src, dst, protected_b: int):
+def merge_wavg_indices(x3, size3, unm, src, dst, protected_b: int, sorted_sources: bool | None = None):
     """The merge kernel on (n, T, C) ``x3`` and (n, T, 1) ``size3`` (or None) with (n, U/r, 1) index lists:
-    (merged x (n, T - r, C), merged size (n, T - r, 1)), both contiguous."""
+    (merged x (n, T - r, C), merged size (n, T - r, 1)), both contiguous. ``sorted_sources`` forces the
+    sorted (True) or scan (False) path; None picks by ``use_sorted_sources``."""
     n, t, c = x3.shape
     if x3.stride(-1) != 1:
         x3 = x3.contiguous()
@@ -140,16 +265,25 @@ def merge_wavg_indices(x3, size3, unm, src, dst, protected_b: int):
     out = torch.empty(n, t - r, c, device=x3.device, dtype=x3.dtype)
     out_size = torch.empty(n, t - r, device=x3.device, dtype=x3.dtype)
     s2 = out_size if size3 is None else size3.reshape(n, t)
+    if sorted_sources is None:
+        sorted_sources = use_sorted_sources(t, r)
+    if sorted_sources and r > 0 and n > 0:
+        src, dst, blk = sources_by_dst(src, dst, tb)
+        src, dst = src[..., None], dst[..., None]
+        block_r = 32
+    else:
+        sorted_sources, blk = False, out_size
+        block_r = 16 if r <= 16 else 32
     block_c = min(128, _pow2(c))
-    block_rows = 64
-    n_unm_blocks = triton.cdiv(u, block_rows)
-    grid = (n, n_unm_blocks + triton.cdiv(tb, block_rows), triton.cdiv(c, block_c))
+    n_unm_blocks = triton.cdiv(u, BLOCK_ROWS)
+    grid = (n, n_unm_blocks + triton.cdiv(tb, BLOCK_ROWS), triton.cdiv(c, block_c))
     _merge_wavg_kernel[grid](
         x3,
         s2,
         unm,
         src,
         dst,
+        blk,
         out,
         out_size,
         c,
@@ -168,13 +302,15 @@ def merge_wavg_indices(x3, size3, unm, src, dst, protected_b: int):
         src.stride(1),
         dst.stride(0),
         dst.stride(1),
+        blk.stride(0),
         out.stride(0),
         out.stride(1),
         out_size.stride(0),
         HAS_SIZE=size3 is not None,
         SPLIT=x3.dtype == torch.float16 or (x3.dtype == torch.bfloat16 and x3.is_cuda),
-        BLOCK_ROWS=block_rows,
-        BLOCK_R=16 if r <= 16 else 32,
+        SORTED=sorted_sources,
+        BLOCK_ROWS=BLOCK_ROWS,
+        BLOCK_R=block_r,
         BLOCK_C=block_c,
         num_warps=4,
     )

@@ -100,13 +100,13 @@ def match_plan(
 
 @match_plan.register_kernel("cuda")
 def _match_plan_cuda(metric, protected_a, protected_b, r, phi, alpha, score_mode, sort_unm):
-    from . import MAX_PLAN_ROWS, _triton
+    from . import MAX_PLAN_ROWS, _rank_large, _triton
 
     a, b = metric[:, ::2], metric[:, 1::2]
     score_mod = _penalty(phi, alpha, score_mode)
-    if metric.shape[1] <= MAX_PLAN_ROWS:  # sort-free: matcher + ranking kernels (eager's rule)
+    if a.shape[1] <= MAX_PLAN_ROWS:  # sort-free: matcher + one-tile ranking (eager's rule)
         return _triton.match_plan_buffer(a, b, protected_a, protected_b, r, score_mod, sort_unm)
-    return _plan_reference(a, b, protected_a, protected_b, r, score_mod, sort_unm, _triton.best_destinations)
+    return _rank_large.match_plan_large_buffer(a, b, protected_a, protected_b, r, score_mod, sort_unm)
 
 
 @match_plan.register_fake
