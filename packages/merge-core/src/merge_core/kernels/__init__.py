@@ -12,8 +12,8 @@ Kernels (``_triton``: matcher and plan up to ``MAX_PLAN_ROWS`` rows; ``_rank_lar
 - ``fused_merge_wavg`` (``_merge``): the gather/scatter of ToMe's size-weighted merge: unmerged tokens are
   copied to their output slot, each destination sums its own and its sources' ``size * x`` (fp32
   accumulation) and divides once; one launch at ViT sizes, two at large ``r`` (sources ordered by
-  destination first, so each source row is read once). Outputs equal the torch path within the input dtype's rounding (the
-  torch path rounds ``x * size`` and the partial sums to fp16/bf16; the kernel accumulates in fp32).
+  destination first, so each source row is read once). Outputs equal the torch path within the input dtype's
+  rounding (the torch path rounds ``x * size`` and the partial sums to fp16/bf16; the kernel accumulates in fp32).
 
 Dispatch: ``auto`` (default) uses the kernels for CUDA tensors when Triton imports. ``set_mode("never")`` or
 ``MERGE_CORE_KERNELS=never`` forces the torch path; ``"always"`` also runs them on CPU tensors, which needs
