@@ -5,10 +5,11 @@
 # prepass (the head mean forced into the matcher / into its own kernel). fp16, random weights, prop_attn off and
 # on, ViT-L/16@512 bs1 r=40, ViT-B/16 bs8 r=16, ViT-L/16@224 bs8 r=8; 5 interleaved rounds (Williams orders) x 16
 # CUDA-event-timed replays, medians. Also: plans/head mean vs the torch path on the GPU (check), one layer's plan
-# per variant (micro), a torch.profiler table of one eager forward per variant (profile). Everything lands in
-# $OUT_DIR (issue9_small_batch_<step>.json/.log). Each step runs under its own timeout; Triton compiles on first
-# use and later steps reuse the cache.
-# Total wall time: ~100-150 s on an H200 (step limits 25 + 85 + 15 + 25 s = 150 s; the e2e step dominates).
+# per variant (micro), a torch.profiler table of one eager forward per variant (profile), and the GPU tests of
+# packages/merge-core/tests/test_small_batch_plan.py (gputests: compiled kernels, CUDA-graph replays, timm path).
+# Everything lands in $OUT_DIR (issue9_small_batch_<step>.json/.log). Each step runs under its own timeout;
+# Triton compiles on first use and later steps reuse the cache.
+# Total wall time: ~100-150 s on an H200 (step limits 20 + 25 + 75 + 15 + 15 s = 150 s; e2e dominates).
 # Run from the repo root with PYTHONPATH set to every member's src folder:
 #   OUT_DIR=/tmp/o bash packages/merge-bench/scripts/issue9_small_batch.sh
 # CPU smoke test (kernels under Triton's interpreter, tiny ViT):
@@ -24,15 +25,20 @@ if [ "${TINY:-0}" = "1" ]; then
   LIMITS=(check:120 e2e:240 micro:120 profile:120)
 else
   COMMON=(--rows "${ROWS:-vit_l_512:1:40,vit_b_224:8:16,vit_l_224:8:8}" --rounds "${ROUNDS:-5}" --iters 16 --warmup 3)
-  LIMITS=(check:25 e2e:${E2E_TIMEOUT:-85} micro:15 profile:25)
+  LIMITS=(check:20 gputests:25 e2e:${E2E_TIMEOUT:-75} micro:15 profile:15)
 fi
 status=0
 for item in "${LIMITS[@]}"; do
   step=${item%%:*}
   limit=${item##*:}
   echo "=== step $step (timeout ${limit}s) $(date -u +%H:%M:%S)"
-  timeout "$limit" "$PY" -m merge_bench.small_batch --steps "$step" "${COMMON[@]}" \
-    --out "$OUT_DIR/issue9_small_batch_$step.json" 2>&1 | tee "$OUT_DIR/issue9_small_batch_$step.log"
+  if [ "$step" = "gputests" ]; then  # compiled kernels vs the torch path, CUDA-graph replays, timm keys path
+    timeout "$limit" "$PY" -m pytest -q -p no:cacheprovider -m gpu packages/merge-core/tests/test_small_batch_plan.py \
+      2>&1 | tee "$OUT_DIR/issue9_small_batch_$step.log"
+  else
+    timeout "$limit" "$PY" -m merge_bench.small_batch --steps "$step" "${COMMON[@]}" \
+      --out "$OUT_DIR/issue9_small_batch_$step.json" 2>&1 | tee "$OUT_DIR/issue9_small_batch_$step.log"
+  fi
   rc=${PIPESTATUS[0]}
   echo "step $step exit $rc"
   [ "$rc" = "0" ] || status=$rc

@@ -39,10 +39,12 @@ except Exception as exc:  # pragma: no cover - depends on the environment
     _triton = None
     _TRITON_ERROR = f"triton kernels unavailable: {type(exc).__name__}: {exc}"
 
-pytestmark = pytest.mark.skipif(
+needs_interpreter = pytest.mark.skipif(
     _TRITON_ERROR is not None or os.environ.get("TRITON_INTERPRET") != "1",
     reason=_TRITON_ERROR or "CPU kernel tests need TRITON_INTERPRET=1 (set automatically when no CUDA)",
 )
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or _TRITON_ERROR is not None, reason="needs CUDA")
 
 
 def _keys(batch: int, heads: int, n: int, d: int, seed: int, exact: bool = True) -> torch.Tensor:
@@ -75,6 +77,7 @@ def fused_unm():
     _triton.FUSED_UNM = saved
 
 
+@needs_interpreter
 def test_head_mean_metric_equals_torch_mean():
     keys = _keys(2, 4, 13, 8, seed=1)
     assert torch.equal(_triton.head_mean_metric(keys), keys.mean(1))  # exact sums: bit-identical
@@ -85,6 +88,7 @@ def test_head_mean_metric_equals_torch_mean():
     torch.testing.assert_close(normed, m / m.norm(dim=-1, keepdim=True), atol=1e-6, rtol=1e-6)
 
 
+@needs_interpreter
 @pytest.mark.parametrize(
     "batch, heads, n, protected, r, head_mean, unm_fused",
     [
@@ -95,6 +99,7 @@ def test_head_mean_metric_equals_torch_mean():
         (2, 8, 33, 1, 16, "auto", True),  # r at the cap (16 of 32 unprotected tokens)
     ],
 )
+@needs_interpreter
 def test_match_plan_heads_equals_torch_path(batch, heads, n, protected, r, head_mean, unm_fused, fused_unm):
     _triton.FUSED_UNM = unm_fused
     keys = _keys(batch, heads, n, 16, seed=n + r)
@@ -105,6 +110,7 @@ def test_match_plan_heads_equals_torch_path(batch, heads, n, protected, r, head_
         assert got.dtype == torch.int64 and torch.equal(got, want), name
 
 
+@needs_interpreter
 def test_match_plan_buffer_fused_unm_equals_torch_path(fused_unm):
     """The rank + unmerged list in one launch, on the plain metric path (every split count)."""
     m = _keys(2, 1, 45, 16, seed=3, exact=False)[:, 0]
@@ -120,6 +126,7 @@ def test_match_plan_buffer_fused_unm_equals_torch_path(fused_unm):
             assert torch.equal(dst, merge.plan.dst_idx)
 
 
+@needs_interpreter
 def test_ties_rank_by_position_with_fused_unmerged_list(fused_unm):
     """All-equal keys: every score ties, so rows merge in index order onto destination 0 (hand-derived)."""
     _triton.FUSED_UNM = True
@@ -130,6 +137,7 @@ def test_ties_rank_by_position_with_fused_unmerged_list(fused_unm):
     assert unm[0, :, 0].tolist() == [0, 4, 5]  # the protected row first, then index order
 
 
+@needs_interpreter
 def test_bipartite_soft_matching_heads_merges_like_the_mean_path():
     keys = _keys(2, 4, 25, 8, seed=4)
     x = torch.randn(2, 25, 6)
@@ -148,6 +156,7 @@ def test_bipartite_soft_matching_heads_merges_like_the_mean_path():
     torch.testing.assert_close(out_un, ref_un, atol=1e-5, rtol=1e-5)
 
 
+@needs_interpreter
 def test_bipartite_soft_matching_heads_falls_back_and_checks_input():
     keys = _keys(1, 2, 9, 4, seed=5)
     with kernels.kernel_mode("never"):
@@ -174,6 +183,7 @@ def _tiny_vit():
     ).eval()
 
 
+@needs_interpreter
 @pytest.mark.parametrize("prop_attn", [False, True])
 def test_patched_timm_keys_path_equals_mean_path(prop_attn, monkeypatch):
     """The timm adapter's new path (keys into the fused plan) against the old one (``k.mean(1)`` then the plan)
@@ -195,6 +205,7 @@ def test_patched_timm_keys_path_equals_mean_path(prop_attn, monkeypatch):
     torch.testing.assert_close(new, ref, atol=1e-5, rtol=1e-5)
 
 
+@needs_interpreter
 def test_patched_timm_custom_matcher_still_gets_the_mean_key():
     model = _tiny_vit()
     seen = []
@@ -208,3 +219,79 @@ def test_patched_timm_custom_matcher_still_gets_the_mean_key():
     with torch.no_grad(), kernels.kernel_mode("always"):
         model(torch.randn(1, 3, 32, 32))
     assert seen == [(1, 17, 16), (1, 15, 16)]  # (B, N, head_dim): averaged over the two heads
+
+
+# ---------------------------------------------------------------- GPU (compiled kernels; ``pytest -m gpu``)
+
+
+def _gpu_keys(batch: int, heads: int, n: int, d: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    qkv = torch.randn(batch, n, 3, heads, d, device="cuda", dtype=dtype, generator=g)
+    return qkv.permute(2, 0, 3, 1, 4)[1]
+
+
+def _old_plan(keys: torch.Tensor, r: int) -> torch.Tensor:
+    """The previous kernel path: torch's mean, matcher, ranking, ``_unm_kernel``."""
+    saved = _triton.FUSED_UNM
+    _triton.FUSED_UNM = False
+    try:
+        m = keys.mean(1)
+        return _triton.match_plan_buffer(m[:, ::2], m[:, 1::2], 1, 0, r, None, True)
+    finally:
+        _triton.FUSED_UNM = saved
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("shape", [(1, 16, 1025, 64, 40), (8, 12, 197, 64, 16), (2, 16, 3001, 64, 100)])
+@pytest.mark.parametrize("head_mean", ["fused", "prepass"])
+def test_gpu_match_plan_heads(shape, head_mean, fused_unm):
+    """fp32: equal to the torch path; fp16: equal to the old kernel path wherever the head means agree."""
+    batch, heads, n, d, r = shape
+    if (n + 1) // 2 > _triton.MAX_PLAN_ROWS:
+        pytest.skip("longer than the sort-free plan")
+    for flag in (True, False):
+        _triton.FUSED_UNM = flag
+        keys = _gpu_keys(batch, heads, n, d, torch.float32, seed=n)
+        plan = _triton.match_plan_heads(keys, 1, 0, r, None, True, head_mean=head_mean)
+        expected = torch.cat([t[..., 0] for t in _reference_plan(keys, r, 1)], dim=-1)
+        assert torch.equal(plan, expected)
+        keys = _gpu_keys(batch, heads, n, d, torch.float16, seed=n + 1)
+        if torch.equal(_triton.head_mean_metric(keys), keys.mean(1)):
+            plan = _triton.match_plan_heads(keys, 1, 0, r, None, True, head_mean=head_mean)
+            assert torch.equal(plan, _old_plan(keys, r))
+
+
+@gpu
+@needs_cuda
+def test_gpu_plan_replays_in_cuda_graph():
+    """The ticket counter is zeroed by every replay's matcher: replays with new keys give fresh, correct plans."""
+    keys = _gpu_keys(1, 16, 1025, 64, torch.float32, seed=1)
+    static = keys.clone()
+    _triton.match_plan_heads(static, 1, 0, 40, None, True)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        plan = _triton.match_plan_heads(static, 1, 0, 40, None, True)
+    for seed in (2, 3, 4):
+        static.copy_(_gpu_keys(1, 16, 1025, 64, torch.float32, seed=seed))
+        graph.replay()
+        expected = torch.cat([t[..., 0] for t in _reference_plan(static, 40, 1)], dim=-1)
+        assert torch.equal(plan, expected)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("prop_attn", [False, True])
+def test_gpu_patched_timm_keys_path_equals_mean_path(prop_attn, monkeypatch):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_base_patch16_224").cuda().half().eval()
+    mc.patch.timm(model, prop_attn=prop_attn)
+    model.r = 16
+    x = torch.randn(4, 3, 224, 224, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        new = model(x)
+        monkeypatch.setattr(matching, "use_fused_heads", lambda keys, score_mod=None: False)
+        old = model(x)
+    torch.testing.assert_close(new.float(), old.float(), atol=2e-2, rtol=0)
