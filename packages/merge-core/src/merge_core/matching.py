@@ -147,7 +147,8 @@ def use_fused_heads(keys: torch.Tensor, score_mod: ScoreMod | None = None) -> bo
     if keys.dim() != 4 or keys.shape[1] == 0 or torch.compiler.is_compiling():
         return False
     # the plan's rule reads dtype, device and the last two dims (N, D): the same for keys as for their mean
-    return kernels.use_fused_plan(keys, score_mod) and keys.shape[-2] <= kernels.MAX_PLAN_ROWS
+    # (longer sequences: the mean + the tiled plan for Na > MAX_PLAN_ROWS)
+    return kernels.use_fused_plan(keys, score_mod) and (keys.shape[-2] + 1) // 2 <= kernels.MAX_PLAN_ROWS
 
 
 def bipartite_soft_matching_heads(
