@@ -6,6 +6,10 @@ The prop-attn section (issue 9, target 4) runs as one command with a table and a
 
 ``--parts e2e,flex`` runs only some of its parts (attention, layer, flex, e2e), e.g. the end-to-end and
 FlexAttention rows alone within about two minutes on an H200; ``--out DIR`` puts the JSON into DIR.
+
+The large-N section (issue 9, target 5: ``--section large-n``) times match+merge fused vs plain torch at the
+``LARGE_N_SHAPES`` (eager and CUDA graph), the merge alone (sorted-sources vs scan kernel vs torch, same plan),
+and checks the fused results against the torch path (plan equality, max abs diff).
 """
 
 from __future__ import annotations
@@ -30,16 +34,26 @@ from .common import DTYPES, device_slug, environment, graphed, write_json
 from .models import bench_model
 
 # (batch, tokens, metric channels, r, x channels): ViT-B 224 at batch 256 and 1, ViT-L@512 at batch 1 and 32,
-# and the long-sequence rows of issue 9 (N = 4096, 16384, 65536)
+# and the long-sequence rows of issue 9 (N = 4096, 16384, 65536; x C = 768 as the issue states)
 MATCH_MERGE_SHAPES = (
     (256, 197, 64, 16, 768),
     (1, 197, 64, 16, 768),
     (1, 1025, 64, 40, 1024),
     (32, 1025, 64, 40, 1024),
-    (8, 4096, 64, 1024, 64),
-    (8, 16384, 64, 4096, 64),
-    (2, 65536, 64, 16384, 64),
+    (8, 4096, 64, 1024, 768),
+    (8, 16384, 64, 4096, 768),
+    (2, 65536, 64, 16384, 768),
 )
+# issue 9 target 5: the long rows plus the ViT rows that must not get slower
+LARGE_N_SHAPES = (
+    (8, 16384, 64, 4096, 768),
+    (8, 4096, 64, 1024, 768),
+    (2, 65536, 64, 16384, 768),
+    (1, 1025, 64, 40, 1024),
+    (32, 1025, 64, 40, 1024),
+    (256, 197, 64, 16, 768),
+)
+LARGE_N_TINY = ((2, 69, 8, 30, 24), (1, 41, 8, 6, 16))  # --tiny (CPU check): with MAX_PLAN_ROWS = 16
 # (batch, heads, tokens, head dim): ViT-S/B/L batches of issue 3, ViT-B merged, ViT-L@512 batch 32
 ATTENTION_SHAPES = ((512, 6, 197, 64), (256, 12, 197, 64), (256, 12, 99, 64), (128, 16, 197, 64), (32, 16, 1025, 64))
 
@@ -524,10 +538,126 @@ def run_prop_attn(device, dtype, args, log=print, checkpoint=None) -> dict[str, 
     return payload
 
 
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+
+
+def bench_large_n(batch, tokens, channels, r, x_channels, device, dtype, args) -> list[dict[str, Any]]:
+    """One ``LARGE_N_SHAPES`` row: match+merge fused vs torch (eager, CUDA graph), the merge alone on one plan
+    (sorted-sources kernel, scan kernel, torch), and a correctness check of the fused path against torch."""
+    from merge_core.kernels import _merge
+
+    torch.manual_seed(0)
+    metric = torch.randn(batch, tokens, channels, device=device, dtype=dtype)
+    x = torch.randn(batch, tokens, x_channels, device=device, dtype=dtype)
+    size = torch.randint(1, 4, (batch, tokens, 1), device=device).to(dtype)
+    shape = {"batch": batch, "tokens": tokens, "metric_channels": channels, "x_channels": x_channels, "r": r}
+    shape["dtype"] = str(dtype).replace("torch.", "")
+    fused_ok = kernels.triton_available() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+    def step(m, xx, s):
+        merge, _ = bipartite_soft_matching(m, r, class_token=True)
+        return merge_wavg(merge, xx, s)
+
+    def plan_of(mode):
+        with torch.inference_mode(), kernels.kernel_mode(mode):
+            return bipartite_soft_matching(metric, r, class_token=True)[0].plan
+
+    rows: list[dict[str, Any]] = []
+    if fused_ok:  # correctness: plans, end-to-end output, and the merge alone on the torch path's plan
+        ref_plan, plan = plan_of("never"), plan_of("always")
+        with torch.inference_mode():
+            with kernels.kernel_mode("never"):
+                ref_x, ref_s = step(metric, x, size)
+            with kernels.kernel_mode("always"):
+                out_x, out_s = step(metric, x, size)
+            idx_ref = (ref_plan.unm_idx, ref_plan.src_idx, ref_plan.dst_idx, ref_plan.protected_b)
+            with kernels.kernel_mode("never"):
+                m_ref = merge_wavg(_merge_fn(ref_plan), x, size)
+            check = {"bench": "large_n_check", **shape}
+            check["plan_equal"] = all(
+                torch.equal(getattr(ref_plan, k), getattr(plan, k)) for k in ("unm_idx", "src_idx", "dst_idx")
+            )
+            check["plan_rows_differing"] = int((ref_plan.src_idx != plan.src_idx).sum().item())
+            check["e2e_max_abs_diff"] = _max_diff(out_x, ref_x) if check["plan_equal"] else None
+            check["e2e_size_equal"] = bool(torch.equal(out_s, ref_s)) if check["plan_equal"] else None
+            for name, sorted_sources in (("sorted", True), ("scan", False)):
+                mx, ms = _merge.merge_wavg_indices(x, size, *idx_ref, sorted_sources=sorted_sources)
+                check[f"merge_{name}_max_abs_diff"] = _max_diff(mx, m_ref[0])
+                check[f"merge_{name}_size_max_abs_diff"] = _max_diff(ms, m_ref[1])
+            check["merge_auto_sorted"] = _merge.use_sorted_sources(tokens, ref_plan.r)
+        rows.append(check)
+
+    paths = [("torch", "never", step)]
+    if fused_ok:
+        paths.insert(0, ("fused", "always", step))
+    if device.type == "cuda":
+        paths.append(("torch+cudagraph", "never", graphed(step, (metric, x, size))))
+        if fused_ok:
+            paths.append(("fused+cudagraph", "always", graphed(step, (metric, x, size))))
+    if fused_ok:  # the merge alone on one plan (the fused plan; index lists as the kernel gets them)
+        p = plan_of("always")
+        idx = (p.unm_idx, p.src_idx, p.dst_idx, p.protected_b)
+        for name, sorted_sources in (("merge sorted", True), ("merge scan", False)):
+            paths.append((name, "always", lambda m, xx, s, o=sorted_sources: _merge.merge_wavg_indices(xx, s, *idx, o)))
+        merge_p = _merge_fn(p)
+        paths.append(("merge torch", "never", lambda m, xx, s: merge_wavg(merge_p, xx, s)))
+    for label, mode, fn in paths:
+
+        def run(fn=fn, mode=mode):
+            with torch.inference_mode(), kernels.kernel_mode(mode):
+                return fn(metric, x, size)
+
+        try:
+            timing = measure(run, device, args.warmup, args.iters)
+        except Exception as exc:  # e.g. out of memory on the torch path: keep the other rows
+            rows.append({"bench": "large_n", "path": label, **shape, "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        rows.append({"bench": "large_n", "path": label, **shape, **timing})
+    return rows
+
+
+def _merge_fn(plan):
+    """A merge closure carrying ``plan`` (what ``merge_wavg`` dispatches on): the torch path applies it with
+    ``apply_plan``, the fused path hands the plan to the kernel."""
+    from merge_core.matching import apply_plan
+
+    def merge(x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+        return apply_plan(x, plan.unm_idx, plan.src_idx, plan.dst_idx, plan.protected_a, plan.protected_b, mode)
+
+    merge.plan = plan
+    return merge
+
+
+def run_large_n(device, dtype, args, log=print, shapes=LARGE_N_SHAPES, checkpoint=None) -> dict[str, Any]:
+    """The large-N section: rows per shape, a summary line each (fused vs torch, graph and eager)."""
+    payload: dict[str, Any] = {"environment": environment(device), "rows": [], "summary": []}
+    for b, n, c, r, xc in shapes:
+        t0 = time.perf_counter()
+        rows = bench_large_n(b, n, c, r, xc, device, dtype, args)
+        payload["rows"] += rows
+        ms = {row["path"]: row["ms_median"] for row in rows if "ms_median" in row}
+        for row in rows:
+            if row["bench"] == "large_n_check":
+                keys = [k for k in row if k.endswith(("equal", "diff", "differing", "sorted"))]
+                log(f"  check B={b} N={n}: " + ", ".join(f"{k}={row[k]}" for k in keys))
+            elif "error" in row:
+                log(f"  B={b} N={n} {row['path']}: {row['error']}")
+        line = f"B={b} N={n} C={c} xC={xc} r={r}: " + ", ".join(f"{k} {v:.4f} ms" for k, v in ms.items())
+        for fused, plain in (("fused", "torch"), ("fused+cudagraph", "torch+cudagraph")):
+            if fused in ms and plain in ms:
+                line += f" | {plain}/{fused} {ms[plain] / ms[fused]:.2f}x"
+        log(line + f"  ({time.perf_counter() - t0:.1f} s)")
+        payload["summary"].append(line)
+        if checkpoint:
+            checkpoint(payload)
+    return payload
+
+
 def main(argv=None) -> int:
-    """``python3 -m merge_bench.micro``: the prop-attn section as one command (table on stdout, JSON file)."""
+    """``python3 -m merge_bench.micro``: the prop-attn or large-N section as one command (table on stdout, JSON)."""
     p = argparse.ArgumentParser(prog="python3 -m merge_bench.micro", description=main.__doc__)
-    p.add_argument("--section", choices=["prop-attn"], default="prop-attn")
+    p.add_argument("--section", choices=["prop-attn", "large-n"], default="prop-attn")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--warmup", type=int, default=None, help="default 10 (CUDA), 1 (CPU)")
@@ -556,7 +686,14 @@ def main(argv=None) -> int:
     args.iters = args.iters if args.iters is not None else (30 if cuda else 2)
     if args.iters <= 0 or args.warmup < 0:
         p.error("--iters must be > 0 and --warmup >= 0")
-    path = args.json or f"{args.out}/merge-bench-prop-attn-{device_slug(device)}.json"
+    path = args.json or f"{args.out}/merge-bench-{args.section}-{device_slug(device)}.json"
+    if args.section == "large-n":
+        shapes = LARGE_N_SHAPES
+        if args.tiny:  # tiny shapes, and the tiled (long-sequence) plan forced so the CPU check covers it
+            shapes, kernels.MAX_PLAN_ROWS = LARGE_N_TINY, 16
+        run_large_n(device, dtype, args, shapes=shapes, checkpoint=lambda payload: write_json(path, payload, print))
+        print(f"wrote {path}")
+        return 0
     run_prop_attn(device, dtype, args, checkpoint=lambda payload: write_json(path, payload, lambda *a: None))
     print(f"wrote {path}")
     return 0
