@@ -243,13 +243,11 @@ def _old_plan(keys: torch.Tensor, r: int) -> torch.Tensor:
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("shape", [(1, 16, 1025, 64, 40), (8, 12, 197, 64, 16), (2, 16, 3001, 64, 100)])
+@pytest.mark.parametrize("shape", [(1, 16, 1025, 64, 40), (8, 12, 197, 64, 16)])
 @pytest.mark.parametrize("head_mean", ["fused", "prepass"])
 def test_gpu_match_plan_heads(shape, head_mean, fused_unm):
     """fp32: equal to the torch path; fp16: equal to the old kernel path wherever the head means agree."""
     batch, heads, n, d, r = shape
-    if (n + 1) // 2 > _triton.MAX_PLAN_ROWS:
-        pytest.skip("longer than the sort-free plan")
     for flag in (True, False):
         _triton.FUSED_UNM = flag
         keys = _gpu_keys(batch, heads, n, d, torch.float32, seed=n)
