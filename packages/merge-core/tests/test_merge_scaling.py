@@ -233,3 +233,17 @@ def test_long_sequences_dispatch_to_tiled_plan(monkeypatch):
         out_x, out_s = run()
     assert called and torch.equal(out_s, ref_s)
     torch.testing.assert_close(out_x, ref_x)
+
+
+@needs_interpreter
+def test_merge_block_r_option():
+    """``block_r`` (a benchmark knob: one loop step of 64 sources) gives the same merge; bad values fail."""
+    gen = torch.Generator().manual_seed(14)
+    x = torch.randn(1, 101, 16, generator=gen)
+    unm, src, dst = _random_plan(1, 101, 40, 1, 0, "hot", gen)
+    out, out_s = _merge.merge_wavg_indices(x, None, unm, src, dst, 0, sorted_sources=False, block_r=64)
+    ref, ref_s = _reference_merge(x, None, unm, src, dst, 1, 0)
+    torch.testing.assert_close(out.double(), ref, atol=4e-6, rtol=1e-6)
+    assert torch.equal(out_s.double(), ref_s)
+    with pytest.raises(ValueError, match="block_r must be a power of two"):
+        _merge.merge_wavg_indices(x, None, unm, src, dst, 0, block_r=24)

@@ -53,6 +53,9 @@ LARGE_N_SHAPES = (
     (32, 1025, 64, 40, 1024),
     (256, 197, 64, 16, 768),
 )
+# merge-alone variants timed per row: (name, sorted_sources, block_r); block_r = 64 (one loop step for r <= 64)
+# only where r <= 64: a candidate for the ViT rows (r = 16..40), which take 2 steps of 32 today
+MERGE_VARIANTS = (("sorted", True, None), ("scan", False, None), ("scan_r64", False, 64))
 LARGE_N_TINY = ((2, 69, 8, 30, 24), (1, 41, 8, 6, 16))  # --tiny (CPU check): with MAX_PLAN_ROWS = 16
 # (batch, heads, tokens, head dim): ViT-S/B/L batches of issue 3, ViT-B merged, ViT-L@512 batch 32
 ATTENTION_SHAPES = ((512, 6, 197, 64), (256, 12, 197, 64), (256, 12, 99, 64), (128, 16, 197, 64), (32, 16, 1025, 64))
@@ -564,29 +567,11 @@ def bench_large_n(batch, tokens, channels, r, x_channels, device, dtype, args) -
             return bipartite_soft_matching(metric, r, class_token=True)[0].plan
 
     rows: list[dict[str, Any]] = []
-    if fused_ok:  # correctness: plans, end-to-end output, and the merge alone on the torch path's plan
-        ref_plan, plan = plan_of("never"), plan_of("always")
-        with torch.inference_mode():
-            with kernels.kernel_mode("never"):
-                ref_x, ref_s = step(metric, x, size)
-            with kernels.kernel_mode("always"):
-                out_x, out_s = step(metric, x, size)
-            idx_ref = (ref_plan.unm_idx, ref_plan.src_idx, ref_plan.dst_idx, ref_plan.protected_b)
-            with kernels.kernel_mode("never"):
-                m_ref = merge_wavg(_merge_fn(ref_plan), x, size)
-            check = {"bench": "large_n_check", **shape}
-            check["plan_equal"] = all(
-                torch.equal(getattr(ref_plan, k), getattr(plan, k)) for k in ("unm_idx", "src_idx", "dst_idx")
-            )
-            check["plan_rows_differing"] = int((ref_plan.src_idx != plan.src_idx).sum().item())
-            check["e2e_max_abs_diff"] = _max_diff(out_x, ref_x) if check["plan_equal"] else None
-            check["e2e_size_equal"] = bool(torch.equal(out_s, ref_s)) if check["plan_equal"] else None
-            for name, sorted_sources in (("sorted", True), ("scan", False)):
-                mx, ms = _merge.merge_wavg_indices(x, size, *idx_ref, sorted_sources=sorted_sources)
-                check[f"merge_{name}_max_abs_diff"] = _max_diff(mx, m_ref[0])
-                check[f"merge_{name}_size_max_abs_diff"] = _max_diff(ms, m_ref[1])
-            check["merge_auto_sorted"] = _merge.use_sorted_sources(tokens, ref_plan.r)
-        rows.append(check)
+    if fused_ok:
+        try:
+            rows.append(_large_n_check(metric, x, size, r, shape, plan_of, step))
+        except Exception as exc:  # e.g. out of memory: keep the timing rows
+            rows.append({"bench": "large_n_check", **shape, "error": f"{type(exc).__name__}: {exc}"})
 
     paths = [("torch", "never", step)]
     if fused_ok:
@@ -598,8 +583,14 @@ def bench_large_n(batch, tokens, channels, r, x_channels, device, dtype, args) -
     if fused_ok:  # the merge alone on one plan (the fused plan; index lists as the kernel gets them)
         p = plan_of("always")
         idx = (p.unm_idx, p.src_idx, p.dst_idx, p.protected_b)
-        for name, sorted_sources in (("merge sorted", True), ("merge scan", False)):
-            paths.append((name, "always", lambda m, xx, s, o=sorted_sources: _merge.merge_wavg_indices(xx, s, *idx, o)))
+        for name, sorted_sources, block_r in MERGE_VARIANTS:
+            if block_r and r > block_r:
+                continue
+
+            def merge_only(m, xx, s, o=sorted_sources, br=block_r):
+                return _merge.merge_wavg_indices(xx, s, *idx, sorted_sources=o, block_r=br)
+
+            paths.append((f"merge {name}", "always", merge_only))
         merge_p = _merge_fn(p)
         paths.append(("merge torch", "never", lambda m, xx, s: merge_wavg(merge_p, xx, s)))
     for label, mode, fn in paths:
@@ -615,6 +606,39 @@ def bench_large_n(batch, tokens, channels, r, x_channels, device, dtype, args) -
             continue
         rows.append({"bench": "large_n", "path": label, **shape, **timing})
     return rows
+
+
+def _large_n_check(metric, x, size, r, shape, plan_of, step) -> dict[str, Any]:
+    """Fused vs torch on the device: plan equality, end-to-end max abs diff (when the plans agree), and each
+    merge kernel variant on the torch path's plan against the torch merge (fp16) and an fp32 torch merge."""
+    from merge_core.kernels import _merge
+
+    tokens = metric.shape[-2]
+    ref_plan, plan = plan_of("never"), plan_of("always")
+    check: dict[str, Any] = {"bench": "large_n_check", **shape}
+    with torch.inference_mode():
+        with kernels.kernel_mode("never"):
+            ref_x, ref_s = step(metric, x, size)
+            m_ref = merge_wavg(_merge_fn(ref_plan), x, size)
+            m_ref32 = merge_wavg(_merge_fn(ref_plan), x.float(), size.float())
+        with kernels.kernel_mode("always"):
+            out_x, out_s = step(metric, x, size)
+        names = ("unm_idx", "src_idx", "dst_idx")
+        check["plan_equal"] = all(torch.equal(getattr(ref_plan, k), getattr(plan, k)) for k in names)
+        check["plan_rows_differing"] = int((ref_plan.src_idx != plan.src_idx).sum().item())
+        check["e2e_max_abs_diff"] = _max_diff(out_x, ref_x) if check["plan_equal"] else None
+        check["e2e_size_equal"] = bool(torch.equal(out_s, ref_s)) if check["plan_equal"] else None
+        check["merge_torch_vs_fp32_max_abs_diff"] = _max_diff(m_ref[0], m_ref32[0])
+        idx_ref = (ref_plan.unm_idx, ref_plan.src_idx, ref_plan.dst_idx, ref_plan.protected_b)
+        for name, sorted_sources, block_r in MERGE_VARIANTS:
+            if block_r and r > block_r:
+                continue
+            mx, ms = _merge.merge_wavg_indices(x, size, *idx_ref, sorted_sources=sorted_sources, block_r=block_r)
+            check[f"merge_{name}_max_abs_diff"] = _max_diff(mx, m_ref[0])
+            check[f"merge_{name}_vs_fp32_max_abs_diff"] = _max_diff(mx, m_ref32[0])
+            check[f"merge_{name}_size_max_abs_diff"] = _max_diff(ms, m_ref[1])
+        check["merge_auto_sorted"] = _merge.use_sorted_sources(tokens, ref_plan.r)
+    return check
 
 
 def _merge_fn(plan):

@@ -165,16 +165,16 @@ def _sources_by_dst_kernel(
     BLOCK_K: tl.constexpr,
     KEY64: tl.constexpr,
 ):
-    """Order the plan's (src, dst) pairs by destination, without a sort; one batch row per ``program_id(1)``.
+    """Order the plan's (src, dst) pairs by destination, without a sort; one batch row per ``program_id(0)``.
 
-    Programs < n_pair_chunks: CHUNK pairs each; pair j goes to slot #{k: key_k < key_j} with the unique key
+    Programs (axis 1) < n_pair_chunks: CHUNK pairs each; pair j goes to slot #{k: key_k < key_j} with the unique key
     dst * R + j (a stable counting sort: equal destinations keep plan order). The others: CHUNK block bounds
     each, blk[m] = #{k: dst_k < m * BLOCK_ROWS} = first slot of destination block m (m = 0..n_blocks).
     Counts accumulate in a (CHUNK, BLOCK_K) tile and are reduced once at the end.
     """
     KEY: tl.constexpr = tl.int64 if KEY64 else tl.int32
-    pid = tl.program_id(0)
-    bid = tl.program_id(1).to(tl.int64)
+    bid = tl.program_id(0).to(tl.int64)  # batch rows on axis 0 (up to 2**31 - 1 of them)
+    pid = tl.program_id(1)
     dst_base = dst_ptr + bid * stride_dstb
     # no divergent branches: both roles compute the same tensors, masks pick the role
     j = pid * CHUNK + tl.arange(0, CHUNK)  # >= R in bound programs (pid >= n_pair_chunks)
@@ -218,7 +218,7 @@ def sources_by_dst(src: torch.Tensor, dst: torch.Tensor, tb: int):
     # CPU (the interpreter's tl.reduce is a Python loop per element): small tiles keep the tests fast
     chunk, block_k = (64, 128) if src.is_cuda else (16, 16)
     n_pair_chunks = triton.cdiv(r, chunk)
-    grid = (n_pair_chunks + triton.cdiv(n_blocks + 1, chunk), n)
+    grid = (n, n_pair_chunks + triton.cdiv(n_blocks + 1, chunk))
     _sources_by_dst_kernel[grid](
         src,
         dst,
@@ -253,10 +253,13 @@ def merge_wavg(plan, x: torch.Tensor, size: torch.Tensor | None):
     return out.reshape(*lead, t - plan.r, c), out_size.reshape(*lead, t - plan.r, 1)
 
 
-def merge_wavg_indices(x3, size3, unm, src, dst, protected_b: int, sorted_sources: bool | None = None):
+def merge_wavg_indices(
+    x3, size3, unm, src, dst, protected_b: int, sorted_sources: bool | None = None, block_r: int | None = None
+):
     """The merge kernel on (n, T, C) ``x3`` and (n, T, 1) ``size3`` (or None) with (n, U/r, 1) index lists:
     (merged x (n, T - r, C), merged size (n, T - r, 1)), both contiguous. ``sorted_sources`` forces the
-    sorted (True) or scan (False) path; None picks by ``use_sorted_sources``."""
+    sorted (True) or scan (False) path; None picks by ``use_sorted_sources``. ``block_r`` (benchmarks):
+    sources per loop step instead of the default (16 for r <= 16, else 32)."""
     n, t, c = x3.shape
     if x3.stride(-1) != 1:
         x3 = x3.contiguous()
@@ -270,10 +273,12 @@ def merge_wavg_indices(x3, size3, unm, src, dst, protected_b: int, sorted_source
     if sorted_sources and r > 0 and n > 0:
         src, dst, blk = sources_by_dst(src, dst, tb)
         src, dst = src[..., None], dst[..., None]
-        block_r = 32
     else:
         sorted_sources, blk = False, out_size
-        block_r = 16 if r <= 16 else 32
+    if block_r is None:
+        block_r = 16 if r <= 16 and not sorted_sources else 32
+    elif block_r < 16 or block_r & (block_r - 1):
+        raise ValueError(f"block_r must be a power of two >= 16, got {block_r}")
     block_c = min(128, _pow2(c))
     n_unm_blocks = triton.cdiv(u, BLOCK_ROWS)
     grid = (n, n_unm_blocks + triton.cdiv(tb, BLOCK_ROWS), triton.cdiv(c, block_c))
