@@ -161,8 +161,11 @@ def _split_plan(plan, na, r):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("sort_unm", [True, False])
-def test_plan_from_partials_ties_signed_zero_and_splits(sort_unm):
+@pytest.mark.parametrize(
+    "sort_unm, score_dtype",
+    [(True, torch.float32), (False, torch.float32), (True, torch.float16), (False, torch.bfloat16)],
+)
+def test_plan_from_partials_ties_signed_zero_and_splits(sort_unm, score_dtype):
     """Hand-made split partials: many exact ties (equal scores rank by row index), -0.0 == 0.0, -inf rows
     (protected), and a later split that only wins where strictly better (earlier split keeps ties)."""
     gen = torch.Generator().manual_seed(11)
@@ -176,25 +179,34 @@ def test_plan_from_partials_ties_signed_zero_and_splits(sort_unm):
     idx = pidx.gather(1, split[:, None]).squeeze(1).long()
     for r in (1, 40, 149, 150):
         expected = _sort_plan(best, idx, r, sort_unm)
-        got = _split_plan(_rank_large.plan_from_partials(pbest, pidx, r, sort_unm), na, r)
+        got = _split_plan(_rank_large.plan_from_partials(pbest, pidx, r, sort_unm, score_dtype), na, r)
         for e, g, name in zip(expected, got, ("unm", "src", "dst"), strict=True):
             assert g.dtype == torch.int64 and torch.equal(g, e), (r, name)
 
 
 def test_score_key_orders_like_a_descending_stable_sort():
-    """The integer key of ``_score_key`` (computed here with torch) orders floats like torch does."""
-    vals = torch.tensor([float("-inf"), -3.5, -1e-30, -0.0, 0.0, 1e-30, 0.25, 7.0, float("inf")])
-    bits = vals.view(torch.int32).long()
-    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    ordered = torch.where(vals == 0, 0, ordered)
-    assert torch.equal(ordered.argsort(stable=True), vals.argsort(stable=True))
+    """The integer image of ``_score_key`` (computed here with torch) orders floats like torch does, for the
+    fp32 bits (int64 key) and the fp16 / bf16 bits (int32 key)."""
+    vals = torch.tensor([float("-inf"), -3.5, -1e-3, -0.0, 0.0, 1e-3, 0.25, 7.0, float("inf")])
+    for dtype, view, flip in ((torch.float32, torch.int32, 0x7FFFFFFF), (torch.float16, torch.int16, 0x7FFF)):
+        v = vals.to(dtype)
+        bits = v.view(view).long()
+        ordered = torch.where(v == 0, 0, torch.where(bits >= 0, bits, bits ^ flip))
+        assert torch.equal(ordered.argsort(stable=True), v.float().argsort(stable=True)), dtype
+    v = vals.to(torch.bfloat16)
+    bits = v.view(torch.int16).long()
+    ordered = torch.where(v == 0, 0, torch.where(bits >= 0, bits, bits ^ 0x7FFF))
+    assert torch.equal(ordered.argsort(stable=True), v.float().argsort(stable=True))
 
 
 @needs_interpreter
-@pytest.mark.parametrize("protected, splits, sort_unm", [(0, 1, False), (1, 3, True), (3, None, True)])
-def test_match_plan_large_equals_sort_path(protected, splits, sort_unm):
+@pytest.mark.parametrize(
+    "protected, splits, sort_unm, dtype",
+    [(0, 1, False, torch.float32), (1, 3, True, torch.float32), (3, None, True, torch.float16)],
+)
+def test_match_plan_large_equals_sort_path(protected, splits, sort_unm, dtype):
     gen = torch.Generator().manual_seed(12 + protected)
-    m = torch.randint(-2, 3, (2, 181, 8), generator=gen).float()  # coarse values: many tied best scores
+    m = torch.randint(-2, 3, (2, 181, 8), generator=gen).to(dtype)  # coarse values: many tied best scores
     a, b = m[:, ::2], m[:, 1::2]
     pa, pb = (protected + 1) // 2, protected // 2
     with kernels.kernel_mode("never"):

@@ -7,8 +7,8 @@ Here the ranking is tiled over the other rows instead, so any length works and n
 - launch 2: ``_rank_tiled_kernel``: every row's rank among all Na rows by counting, as torch's stable
   descending sort orders them: rank(i) = #{j: key_j > key_i} with the unique integer key
   ``(order-preserving bits of score) * 2**32 + (2**32 - 1 - i)`` (higher score first, then lower index), so
-  each pair costs one int64 compare; rows of rank < r write src/dst; each chunk also writes its count of
-  unmerged rows;
+  each pair costs one int64 compare (fp16/bf16 scores, Na < 65536: 16 + 16 bits, one int32 compare); rows
+  of rank < r write src/dst; each chunk also writes its count of unmerged rows;
 - launch 3 (``sort_unm``): unmerged rows in index order: chunk c starts at the sum of the counts of chunks
   before it, and places its rows by a prefix scan (O(Na) work, no O(Na * r) search).
 
@@ -47,13 +47,24 @@ def _split_best(pbest_ptr, pidx_ptr, rows, rmask, S, stride_ps):
 
 
 @triton.jit
-def _score_key(score, rows):
-    """Unique int64 key, larger = earlier in torch's stable descending sort: order-preserving integer image of
-    the fp32 score in the high word, the inverted row index in the low word."""
+def _score_key(score, rows, KEY16: tl.constexpr):
+    """Unique integer key, larger = earlier in torch's stable descending sort: order-preserving integer image of
+    the score in the high bits, the inverted row index in the low bits. KEY16 = 0: int64 key of the fp32 score;
+    1 / 2: the score is an fp16 / bf16 value (the matcher rounds to the input dtype), its 16 bits and a 16-bit
+    index make an int32 key (Na < 65536): one 32-bit compare per pair instead of a 64-bit one."""
     score = tl.where(score == 0.0, 0.0, score)  # -0.0 == 0.0 for torch: one key
-    bits = score.to(tl.int32, bitcast=True)
-    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # negative floats: flip magnitude bits
-    return ordered.to(tl.int64) * 4294967296 + (4294967295 - rows.to(tl.int64))
+    if KEY16 == 0:
+        bits = score.to(tl.int32, bitcast=True)
+        ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # negative floats: flip magnitude bits
+        key = ordered.to(tl.int64) * 4294967296 + (4294967295 - rows.to(tl.int64))
+    else:
+        if KEY16 == 1:
+            bits = score.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)  # exact: an fp16 value
+        else:
+            bits = score.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32)  # exact: a bf16 value
+        ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFF)
+        key = ordered * 65536 + (65535 - rows)
+    return key
 
 
 @triton.jit
@@ -73,6 +84,7 @@ def _rank_tiled_kernel(
     stride_cb,  # row stride of the rank and count buffers
     stride_plan,
     SORT_UNM: tl.constexpr,
+    KEY16: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
@@ -88,12 +100,12 @@ def _rank_tiled_kernel(
     i = pid * CHUNK + tl.arange(0, CHUNK)
     imask = i < Na
     si, di = _split_best(pb, pi, i, imask, S, stride_ps)
-    ki = _score_key(si, i)
+    ki = _score_key(si, i, KEY16)
     ahead = tl.full([CHUNK, BLOCK_J], 0, tl.int32)
     for j0 in range(0, Na, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J)
         sj, _ = _split_best(pb, pi, j, j < Na, S, stride_ps)
-        ahead += (_score_key(sj, j)[None, :] > ki[:, None]).to(tl.int32)
+        ahead += (_score_key(sj, j, KEY16)[None, :] > ki[:, None]).to(tl.int32)
     rank = tl.reduce(ahead, 1, _add)
     is_src = (rank < R) & imask
     plan = bid * stride_plan
@@ -157,12 +169,18 @@ def match_plan_large_buffer(
     pbest, pidx = scratch[:, :n_splits].view(torch.float32), scratch[:, n_splits:]
     grid = (row_blocks, n_splits, batch)
     _launch_match(a, b, protected_a, protected_b, score_mod, pbest, pidx, block_m, block_n, block_c, grid, split_cols)
-    return plan_from_partials(pbest, pidx, r, sort_unm)
+    return plan_from_partials(pbest, pidx, r, sort_unm, a.dtype)
 
 
-def plan_from_partials(pbest: torch.Tensor, pidx: torch.Tensor, r: int, sort_unm: bool = True) -> torch.Tensor:
+_KEY16 = {torch.float16: 1, torch.bfloat16: 2}
+
+
+def plan_from_partials(
+    pbest: torch.Tensor, pidx: torch.Tensor, r: int, sort_unm: bool = True, score_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """``[unm | src | dst]`` (B, Na + r) int64 from (B, S, Na) fp32 split bests and int32 destinations, as
-    ``matching.plan_from_scores`` orders them for the reduced (best, index) (earlier split wins ties)."""
+    ``matching.plan_from_scores`` orders them for the reduced (best, index) (earlier split wins ties).
+    ``score_dtype`` fp16 / bf16: every score is a value of that dtype (int32 keys while Na + 128 <= 65536)."""
     batch, n_splits, na = pbest.shape
     if pbest.dtype != torch.float32 or pidx.dtype != torch.int32 or pidx.shape != pbest.shape:
         raise ValueError(f"pbest, pidx must be (B, S, Na) float32 and int32, got {pbest.dtype}, {pidx.dtype}")
@@ -171,6 +189,7 @@ def plan_from_partials(pbest: torch.Tensor, pidx: torch.Tensor, r: int, sort_unm
     if not 0 < r <= na:
         raise ValueError(f"r must be in 1..Na={na}, got {r}")
     chunk, block_j, scan_block = (CHUNK, BLOCK_J, SCAN_BLOCK) if pbest.is_cuda else CPU_TILES
+    key16 = _KEY16.get(score_dtype, 0) if na + max(block_j, BLOCK_J) <= 65536 else 0
     n_chunks = triton.cdiv(na, chunk)
     ranks = torch.empty(batch, na + n_chunks, device=pbest.device, dtype=torch.int32)  # ranks, unmerged counts
     rank, counts = ranks[:, :na], ranks[:, na:]
@@ -192,6 +211,7 @@ def plan_from_partials(pbest: torch.Tensor, pidx: torch.Tensor, r: int, sort_unm
         ranks.stride(0),
         plan.stride(0),
         SORT_UNM=sort_unm,
+        KEY16=key16,
         CHUNK=chunk,
         BLOCK_J=block_j,
         num_warps=4,
