@@ -5,9 +5,11 @@
 # eager and CUDA graph, CUDA-event medians of 30 calls after 10 warm-up calls; the merge alone on one plan
 # (sorted-sources kernel vs the scan kernel vs torch); and a correctness check against the torch path on the GPU
 # (plan equality, max abs diff of the output; the merge alone against torch on the torch path's plan).
-# Total wall time: ~60-120 s on an H200 (first Triton compiles included; limit TIMEOUT, default 300 s).
+# Total wall time: ~60-120 s on an H200 (first Triton compiles included; limit TIMEOUT, default 150 s; the JSON
+# is rewritten after every shape, so a cut run keeps the rows done, target row first).
 # Run from the repo root with PYTHONPATH set to every member's src folder:
 #   OUT_DIR=/tmp/o bash packages/merge-bench/scripts/issue9_large_n.sh
+# GPU_TESTS=1 also runs the GPU tests of packages/merge-core/tests/test_merge_scaling.py (needs pytest; ~30 s).
 # CPU smoke test (Triton interpreter, tiny shapes, the tiled plan forced):
 #   TINY=1 OUT_DIR=/tmp/o bash packages/merge-bench/scripts/issue9_large_n.sh
 set -u
@@ -21,6 +23,11 @@ else
   ARGS=(--device cuda --dtype fp16 --warmup 10 --iters 30)
 fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv > "$OUT_DIR/gpu.txt" 2>&1 || true
-timeout "${TIMEOUT:-300}" "$PY" -m merge_bench.micro --section large-n "${ARGS[@]}" \
+timeout "${TIMEOUT:-150}" "$PY" -m merge_bench.micro --section large-n "${ARGS[@]}" \
   --json "$OUT_DIR/issue9_large_n.json" 2>&1 | tee "$OUT_DIR/issue9_large_n.log"
 echo "exit ${PIPESTATUS[0]}"
+if [ "${GPU_TESTS:-0}" = "1" ] && [ "${TINY:-0}" != "1" ]; then
+  timeout 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider packages/merge-core/tests/test_merge_scaling.py 2>&1 \
+    | tee "$OUT_DIR/gpu_tests.log"
+  echo "gpu tests exit ${PIPESTATUS[0]}"
+fi
