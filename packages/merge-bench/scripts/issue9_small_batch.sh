@@ -2,7 +2,7 @@
 # Issue 9 target 2 on one GPU: the per-layer matching cost at batch 1-8 under CUDA graphs. Graphed plain timm vs
 # graphed forced merging (merge_core.kernels.graph.cuda_graph) in four plan variants: old (torch k.mean(1) +
 # matcher + rank + unm kernels), new (defaults: head mean inside the plan, rank + unm in one launch), fused /
-# prepass (the head mean forced into the matcher / into its own kernel). fp16, random weights, prop_attn off and
+# onestep (the head mean forced into the matcher / the merge scanning r <= 64 sources in one step). fp16, random weights, prop_attn off and
 # on, ViT-L/16@512 bs1 r=40, ViT-B/16 bs8 r=16, ViT-L/16@224 bs8 r=8; 5 interleaved rounds (Williams orders) x 16
 # CUDA-event-timed replays, medians. Also: plans/head mean vs the torch path on the GPU (check), one layer's plan
 # per variant (micro), a torch.profiler table of one eager forward per variant (profile), and the GPU tests of
@@ -26,7 +26,7 @@ if [ "${TINY:-0}" = "1" ]; then
 else
   COMMON=(--rows "${ROWS:-vit_l_512:1:40,vit_b_224:8:16,vit_l_224:8:8}" --rounds "${ROUNDS:-5}" --iters 16 --warmup 3)
   # e2e first (the issue's numbers; it pays most Triton compiles, later steps reuse the cache)
-  LIMITS=(e2e:${E2E_TIMEOUT:-70} check:15 micro:15 profile:15 gputests:35)
+  LIMITS=(e2e:${E2E_TIMEOUT:-70} check:15 micro:15 profile:${PROFILE_TIMEOUT:-40} gputests:35)
 fi
 status=0
 for item in "${LIMITS[@]}"; do

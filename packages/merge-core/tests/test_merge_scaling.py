@@ -261,6 +261,30 @@ def test_merge_block_r_option():
         _merge.merge_wavg_indices(x, None, unm, src, dst, 0, block_r=24)
 
 
+@needs_interpreter
+def test_scan_one_step_knob(monkeypatch):
+    """``SCAN_ONE_STEP``: r = 40 runs one 64-source step (the same merge as the fp64 reference); r above it does not."""
+    gen = torch.Generator().manual_seed(15)
+    x = torch.randn(2, 121, 16, generator=gen)
+    size = torch.randint(1, 4, (2, 121, 1), generator=gen).float()
+    monkeypatch.setattr(_merge, "SCAN_ONE_STEP", 64)
+    for r in (40, 60):
+        _check_merge(x, size, *_random_plan(2, 121, r, 1, 0, "hot", gen), 1, 0, False)
+    launched = []
+    real = _merge._merge_wavg_kernel
+    monkeypatch.setattr(
+        _merge,
+        "_merge_wavg_kernel",
+        type(
+            "K", (), {"__getitem__": lambda self, g: lambda *a, **k: (launched.append(k["BLOCK_R"]), real[g](*a, **k))}
+        )(),
+    )
+    _merge.merge_wavg_indices(x, size, *_random_plan(2, 121, 40, 1, 0, "hot", gen), 0, sorted_sources=False)
+    monkeypatch.setattr(_merge, "SCAN_ONE_STEP", 0)
+    _merge.merge_wavg_indices(x, size, *_random_plan(2, 121, 40, 1, 0, "hot", gen), 0, sorted_sources=False)
+    assert launched == [64, 32]
+
+
 # ------------------------------------------------------------------------------------------------------ GPU
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or _TRITON_ERROR is not None, reason="needs CUDA")

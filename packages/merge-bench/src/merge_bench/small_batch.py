@@ -4,9 +4,11 @@ Variants of the merged model (captured separately; the plan's launch sequence is
 switches below only have to hold while capturing):
 
 - ``old``: the metric ``k.mean(1)`` as a torch reduce, matcher, ranking, ``_unm_kernel`` (four launches);
-- ``new``: the defaults: head mean inside the plan (``_triton.HEAD_MEAN = "auto"``), rank + unmerged list in one
+- ``new``: the defaults: head mean inside the plan (``_triton.HEAD_MEAN``, "prepass"), rank + unmerged list in one
   launch (``_triton.FUSED_UNM``);
-- ``fused`` / ``prepass``: ``new`` with the head mean forced into the matcher / into ``_metric_kernel``.
+- ``fused``: ``new`` with the head mean forced into the matcher (the default, ``prepass``, writes it with
+  ``_metric_kernel``: faster at every measured shape);
+- ``onestep``: ``new`` with the merge scanning r <= 64 sources in one loop step (``_merge.SCAN_ONE_STEP = 64``).
 
 Steps (``--steps``): ``check`` (head mean and plans against the torch path on the GPU, counts of differing
 entries), ``e2e`` (interleaved rounds over Williams orders, CUDA events, median of round medians, plain/merged
@@ -39,27 +41,29 @@ MODELS = {  # name -> (timm model, kwargs)
     "vit_l_224": ("vit_large_patch16_224", {}),
     "tiny": ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 4, "embed_dim": 32, "num_heads": 2}),
 }
-VARIANTS = ("plain", "old", "new", "fused", "prepass")
+VARIANTS = ("plain", "old", "new", "fused", "onestep")
 TARGETS = {("vit_l_512", 1): 1.2, ("vit_b_224", 8): 1.1}  # issue 9 target 2: graphed plain / graphed merged
 
 
 @contextlib.contextmanager
 def settings(variant: str) -> Iterator[None]:
     """The plan configuration of a merged variant (restored afterwards)."""
-    from merge_core.kernels import _triton
+    from merge_core.kernels import _merge, _triton
 
-    saved = (_triton.HEAD_MEAN, _triton.FUSED_UNM, matching.use_fused_heads)
+    saved = (_triton.HEAD_MEAN, _triton.FUSED_UNM, matching.use_fused_heads, _merge.SCAN_ONE_STEP)
     try:
         if variant == "old":
             _triton.FUSED_UNM = False
             matching.use_fused_heads = lambda keys, score_mod=None: False
         elif variant in ("fused", "prepass"):
             _triton.HEAD_MEAN = variant
+        elif variant == "onestep":
+            _merge.SCAN_ONE_STEP = 64
         elif variant != "new":
             raise ValueError(f"variant must be one of {VARIANTS[1:]}, got {variant!r}")
         yield
     finally:
-        _triton.HEAD_MEAN, _triton.FUSED_UNM, matching.use_fused_heads = saved
+        _triton.HEAD_MEAN, _triton.FUSED_UNM, matching.use_fused_heads, _merge.SCAN_ONE_STEP = saved
 
 
 def _runner(model: torch.nn.Module, x: torch.Tensor, variant: str) -> Callable[[], Any]:

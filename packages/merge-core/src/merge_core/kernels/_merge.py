@@ -253,6 +253,12 @@ def merge_wavg(plan, x: torch.Tensor, size: torch.Tensor | None):
     return out.reshape(*lead, t - plan.r, c), out_size.reshape(*lead, t - plan.r, 1)
 
 
+# The scan path runs r <= SCAN_ONE_STEP sources in one loop step (a next-power-of-two block) instead of 32 per
+# step: fewer dependent iterations per destination block at batch 1 (r = 40: one step instead of two). 0 = off;
+# module-level so benchmarks can A/B it (merge_bench.small_batch's "onestep" variant).
+SCAN_ONE_STEP = 0
+
+
 def merge_wavg_indices(
     x3, size3, unm, src, dst, protected_b: int, sorted_sources: bool | None = None, block_r: int | None = None
 ):
@@ -277,6 +283,8 @@ def merge_wavg_indices(
         sorted_sources, blk = False, out_size
     if block_r is None:
         block_r = 16 if r <= 16 and not sorted_sources else 32
+        if not sorted_sources and 16 < r <= SCAN_ONE_STEP:
+            block_r = _pow2(r)
     elif block_r < 16 or block_r & (block_r - 1):
         raise ValueError(f"block_r must be a power of two >= 16, got {block_r}")
     block_c = min(128, _pow2(c))

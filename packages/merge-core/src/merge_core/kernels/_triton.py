@@ -447,7 +447,10 @@ def match_plan(a, b, protected_a: int, protected_b: int, r: int, score_mod=None,
 
 FUSED_UNM = True  # rank + unmerged list in one launch (ticket counter); False: the third ``_unm_kernel`` launch
 HEAD_MODES = ("auto", "fused", "prepass")
-HEAD_MEAN = "auto"  # ``match_plan_heads``' default head-mean placement (module-level so benchmarks can A/B it)
+# ``match_plan_heads``' default head-mean placement (module-level so benchmarks can A/B it). "prepass": on an H200
+# (2026-12-03 10:15 UTC, results/merge-bench-small-batch-NVIDIA-H200.*) it was the fastest plan at every shape measured
+# (B=1 N=1025 H=16: 14.7 us vs fused 29.2; B=8 N=197: 10.2-10.5 vs 11.6-12.3) and end to end in all six graphed rows.
+HEAD_MEAN = "prepass"
 FUSE_MAX_REUSE = 8  # "auto" fuses the head mean while (row blocks + splits) x the key bytes stays this small
 
 
@@ -625,6 +628,8 @@ def match_plan_heads(
     _penalty_args(score_mod, batch, na, nb, keys[:, 0])
     grid = _match_grid(batch, na, nb, d, keys.device, splits, heads=True)
     fuse = mode == "fused" or (mode == "auto" and grid[3] + grid[4] <= FUSE_MAX_REUSE)
+    # fp32 keys: H tiles of 32-bit rows in flight overflow shared memory on an H200 (278 KiB needed at D=64, H=16)
+    fuse = fuse and keys.dtype in (torch.float16, torch.bfloat16)
     if not fuse or prenormalise(batch, na, nb):
         metric = head_mean_metric(keys, normalise=True)
         a, b = metric[:, ::2], metric[:, 1::2]
